@@ -1,0 +1,37 @@
+"""resnet_jax: Deep Residual Learning (He et al., 2015) in JAX/Flax."""
+import setuptools
+
+# Versions that install and pass the tests together: jax 0.10.x on Python 3.11
+# (measured here) and jax 0.11 on Python 3.12 (the GPU images).
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.12",
+    "flax>=0.12.8,<0.14",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "chex>=0.1.92,<0.2",
+    "ml_collections>=1.1.0,<2",
+    "absl-py>=2.1",
+    "etils[epath]>=1.7",
+    "clu>=0.0.12",
+    "numpy>=1.26",
+    "tensorflow-cpu>=2.21.0,<2.22",
+    "tensorflow-datasets>=4.9.10,<5",
+]
+
+setuptools.setup(
+    name="resnet_jax",
+    version="0.1.0",
+    description="Deep Residual Learning for Image Recognition, reproduced in JAX/Flax.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["resnet_jax", "resnet_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "matplotlib>=3.8"],
+        # PyTorch is only ever the benchmark's baseline, never a dependency of the package.
+        "benchmark": ["torch==2.13.0"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
+        "cuda13": ["jax[cuda13]>=0.10.2,<0.12"],
+    },
+)

@@ -1,0 +1,26 @@
+"""Shared test set-up: 8 simulated CPU devices and the shared CIFAR-10 folder."""
+import os
+
+# Must precede the first `import jax` anywhere in the test session: every test
+# then runs on 8 real (host-simulated) devices, so sharding is exercised.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow must never see a GPU.
+
+import pathlib
+
+import pytest
+
+SHARED_CIFAR10 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir() -> pathlib.Path:
+  """The shared CIFAR-10 JPEG folder; CI (RESNET_JAX_REQUIRE_DATA=1) fails instead of skipping."""
+  root = pathlib.Path(os.environ.get("RESNET_JAX_CIFAR10_DIR", SHARED_CIFAR10))
+  if not (root / "train").is_dir():
+    message = f"CIFAR-10 JPEG folder not found at {root} (set RESNET_JAX_CIFAR10_DIR)"
+    if os.environ.get("RESNET_JAX_REQUIRE_DATA") == "1":
+      pytest.fail(message)
+    pytest.skip(message)
+  return root

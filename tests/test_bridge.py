@@ -1,0 +1,79 @@
+"""Our NNX ResNet inside a Linen model, through `resnet_jax.linen.to_linen`."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen, nnx
+
+from resnet_jax import linen as resnet_linen
+from resnet_jax import models
+
+MODEL = "cifar_resnet8"
+
+
+class Classifier(linen.Module):
+  """A Linen project's model with our network as a submodule."""
+
+  def setup(self):
+    self.resnet = resnet_linen.to_linen(MODEL, num_classes=10)
+
+  def __call__(self, x, train: bool):
+    return self.resnet(x, train=train)
+
+
+def _nnx_model():
+  model = models.create(MODEL, num_classes=10, rngs=nnx.Rngs(1))
+  # Non-trivial running statistics, so eval mode differs from train mode.
+  keys = iter(jax.random.split(jax.random.key(2), 64))
+  for path, stat in nnx.iter_graph(model):
+    if isinstance(stat, nnx.BatchStat):
+      noise = jax.random.uniform(next(keys), stat.shape, minval=0.5, maxval=1.5)
+      stat.set_value(noise if path[-1] == "var" else noise - 1.0)
+  return model
+
+
+def _variables(model):
+  """The NNX model's state as Linen collections of `Classifier`."""
+  return {"params": {"resnet": nnx.to_pure_dict(nnx.state(model, nnx.Param))},
+          "batch_stats": {"resnet": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}}
+
+
+def _inputs():
+  return jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
+
+
+def test_linen_variables_mirror_nnx_state():
+  linen_vars = Classifier().init(jax.random.key(0), _inputs(), train=False)
+  assert set(linen_vars) == {"params", "batch_stats"}
+  shapes = jax.tree.map(jnp.shape, _variables(_nnx_model()))
+  assert jax.tree.map(jnp.shape, dict(linen_vars)) == shapes
+
+
+def test_linen_eval_matches_nnx():
+  model = _nnx_model()
+  model.eval()
+  expected = model(_inputs())
+  apply = jax.jit(lambda variables, x: Classifier().apply(variables, x, train=False))
+  logits = apply(_variables(model), _inputs())
+  # Same weights, same ops: only XLA fusion differences remain.
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  # Sanity: the running statistics are in use (batch statistics give other logits).
+  model.train()
+  assert np.abs(np.asarray(model(_inputs()) - expected)).max() > 1e-2
+
+
+def test_linen_train_updates_batch_stats_like_nnx():
+  model = _nnx_model()
+  variables = _variables(model)
+  apply = jax.jit(lambda variables, x: Classifier().apply(
+      variables, x, train=True, mutable=["batch_stats"]))
+  logits, updates = apply(variables, _inputs())
+  model.train()
+  expected = model(_inputs())  # Updates the NNX model's running statistics.
+
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  assert set(updates) == {"batch_stats"}
+  before = jax.tree.leaves(variables["batch_stats"])
+  after = jax.tree.leaves(updates["batch_stats"])
+  assert all(np.abs(np.asarray(a - b)).max() > 1e-4 for a, b in zip(after, before))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               updates["batch_stats"], _variables(model)["batch_stats"])
