@@ -1,0 +1,7 @@
+"""Table 6: CIFAR-10 ResNet-56 (option A)."""
+from configs import cifar_base
+
+
+def get_config(arg=None):
+  config = cifar_base.get_config("cifar_resnet56", arg)
+  return config

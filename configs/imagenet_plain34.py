@@ -1,0 +1,6 @@
+"""Table 2 / Fig. 4 (left): the plain 34-layer ImageNet net."""
+from configs import imagenet_base
+
+
+def get_config(arg=None):
+  return imagenet_base.get_config("plain34", arg)

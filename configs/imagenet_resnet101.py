@@ -1,0 +1,6 @@
+"""Tables 2-4: ImageNet ResNet-101 (option B)."""
+from configs import imagenet_base
+
+
+def get_config(arg=None):
+  return imagenet_base.get_config("resnet101", arg)

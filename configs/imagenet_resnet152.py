@@ -1,0 +1,6 @@
+"""Tables 2-4: ImageNet ResNet-152 (option B)."""
+from configs import imagenet_base
+
+
+def get_config(arg=None):
+  return imagenet_base.get_config("resnet152", arg)

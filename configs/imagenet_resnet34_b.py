@@ -1,0 +1,8 @@
+"""Table 3: ResNet-34 with shortcut option B (Sec. 3.3)."""
+from configs import imagenet_base
+
+
+def get_config(arg=None):
+  config = imagenet_base.get_config("resnet34", arg)
+  config.model_overrides.shortcut = "B"
+  return config

@@ -1,0 +1,111 @@
+"""Types shared by every input pipeline, and how batches map onto devices and hosts.
+
+Layout used everywhere: the mesh axis "data" has D devices. A global batch of B
+examples is split into D equal rows-blocks, one per device; each process builds
+only the blocks of the devices it can address (`local_rows`) and
+`jax.make_array_from_process_local_data` assembles the global array.
+"""
+import dataclasses
+
+import flax
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+
+
+class DatasetNotFoundError(ValueError):
+  """A dataset is not available locally; the message says where we looked and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  train_size: int
+  eval_size: int
+  synthetic: bool = False
+
+
+@flax.struct.dataclass
+class Batch:
+  """`images`: float32 [B, H, W, C], mean-subtracted; for multi-view evaluation a tuple of such
+  arrays, one per view. `labels`: int32 [B]. `mask`: bool [B], False on padding rows."""
+  images: jax.Array | tuple[jax.Array, ...]
+  labels: jax.Array
+  mask: jax.Array
+
+
+def views(batch: Batch) -> tuple[jax.Array, ...]:
+  """The batch's views as a tuple (one view for single-view batches)."""
+  return batch.images if isinstance(batch.images, tuple) else (batch.images,)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def num_data_devices(mesh: Mesh) -> int:
+  if DATA_AXIS not in mesh.shape:
+    raise ValueError(f"the mesh needs an axis named {DATA_AXIS!r}; it has axes {tuple(mesh.shape)}")
+  return mesh.shape[DATA_AXIS]
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """Returns the per-device batch size; a clear error when `batch_size` does not split evenly."""
+  devices = num_data_devices(mesh)
+  if batch_size <= 0 or batch_size % devices:
+    fix = max(devices, round(batch_size / devices) * devices)
+    raise ValueError(
+        f"global batch size {batch_size} is not divisible by the {devices} devices on the mesh's "
+        f"{DATA_AXIS!r} axis; use a multiple of {devices} (e.g. {fix}).")
+  return batch_size // devices
+
+
+def local_devices_range(mesh: Mesh) -> tuple[int, int]:
+  """[first, last) positions on the "data" axis whose blocks this process builds."""
+  devices = num_data_devices(mesh)
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((devices,))
+  positions = sorted({index[0].start or 0 for index in index_map.values()})
+  if positions != list(range(positions[0], positions[-1] + 1)):
+    raise ValueError(f"this process's devices are not contiguous on the {DATA_AXIS!r} axis: "
+                     f"{positions}; build the mesh with jax.make_mesh")
+  return positions[0], positions[-1] + 1
+
+
+def local_rows(mesh: Mesh, num_rows: int) -> slice:
+  """Rows of a [num_rows, ...] array sharded over "data" that this process supplies."""
+  per_device = num_rows // num_data_devices(mesh)
+  first, last = local_devices_range(mesh)
+  return slice(first * per_device, last * per_device)
+
+
+def to_global(mesh: Mesh, local_array: np.ndarray, global_rows: int) -> jax.Array:
+  """Assembles process-local rows into one global array sharded on the "data" axis."""
+  return jax.make_array_from_process_local_data(
+      batch_sharding(mesh), local_array, (global_rows,) + local_array.shape[1:])
+
+
+def eval_chunks(num_examples: int, num_devices: int) -> list[np.ndarray]:
+  """Splits example ids 0..N-1 into one contiguous chunk per device (sizes differ by at most 1)."""
+  return np.array_split(np.arange(num_examples), num_devices)
+
+
+def eval_row_ids(chunks: list[np.ndarray], per_device: int) -> tuple[np.ndarray, np.ndarray]:
+  """Example id and validity of every row of every evaluation batch, in batch order.
+
+  Each device walks its own chunk `per_device` examples at a time; the last batch is padded
+  (id of the chunk's first example, valid=False), so every example appears exactly once.
+  Returns (ids, valid), each [num_batches, len(chunks) * per_device].
+  """
+  longest = max(len(chunk) for chunk in chunks)
+  num_batches = max(1, -(-longest // per_device))
+  ids, valid = [], []
+  for chunk in chunks:
+    padded = np.full(num_batches * per_device, chunk[0] if len(chunk) else 0, np.int64)
+    padded[:len(chunk)] = chunk
+    ids.append(padded.reshape(num_batches, per_device))
+    valid.append((np.arange(num_batches * per_device) < len(chunk)).reshape(num_batches, per_device))
+  return np.concatenate(ids, axis=1), np.concatenate(valid, axis=1)

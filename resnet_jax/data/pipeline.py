@@ -1,0 +1,78 @@
+"""`create(config, mesh)`: picks the source and the pipeline (on-device or streaming) for a config."""
+import os
+
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from resnet_jax.data import config as config_lib
+from resnet_jax.data import core
+from resnet_jax.data import mean_cache
+from resnet_jax.data import on_device
+
+# Datasets of images no larger than this (CIFAR-sized) that also fit in this many bytes per
+# device are held on the devices; anything larger streams from the host.
+ON_DEVICE_MAX_SIDE = 64
+ON_DEVICE_MAX_BYTES_PER_DEVICE = 4 << 30
+
+
+def synthetic_name(image_size: int, num_classes: int) -> str:
+  return f"synthetic({image_size}x{image_size}x3,{num_classes} classes)"
+
+
+def create(config: ml_collections.ConfigDict, mesh: Mesh):
+  """An `OnDeviceDataset` or a `StreamingDataset` for `config` (the trainer's `config.dataset`).
+
+  Raises ValueError for an invalid config and `DatasetNotFoundError` when the data is missing,
+  both before anything is compiled.
+  """
+  config = config_lib.resolve(config)
+  core.num_data_devices(mesh)
+  if config.name == "synthetic":
+    return _synthetic(config, mesh)
+  from resnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+  if config.name == "imagenet2012":
+    from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
+    train = sources.tfds_random_access(config.name, config.data_dir, config.train_split)
+    evaluation = sources.tfds_random_access(config.name, config.data_dir, config.eval_split)
+    return streaming.from_records(config, mesh, train, evaluation, name=config.name, num_classes=1000)
+  if config.name == "image_folder":
+    root = os.path.abspath(config.data_dir)
+    train = sources.folder_records(root, config.train_split)
+    evaluation = sources.folder_records(root, config.eval_split)
+    name = f"image_folder({root})"
+    num_classes = len(sources.folder_classes(root))
+    cache_key = f"image_folder-{root}-{config.train_split}-{len(train)}"
+  else:
+    train = sources.tfds_records(config.name, config.data_dir, config.train_split)
+    evaluation = sources.tfds_records(config.name, config.data_dir, config.eval_split)
+    name, num_classes = config.name, config_lib.NUM_CLASSES[config.name]
+    cache_key = f"{config.name}-{config.data_dir or 'default'}-{config.train_split}-{len(train)}"
+  shape = sources.peek_shape(train)
+  fits = len(train) * int(np.prod(shape)) <= ON_DEVICE_MAX_BYTES_PER_DEVICE * core.num_data_devices(mesh)
+  if max(shape[:2]) > ON_DEVICE_MAX_SIDE or not fits:
+    from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.from_records(config, mesh, train, evaluation, name=name, num_classes=num_classes)
+  mean = lambda train_images: mean_cache.load_or_compute(
+      cache_key, lambda: on_device.per_pixel_mean(train_images), config.cache_dir)
+  return on_device.build(
+      mesh, train.labels, lambda ids: sources.decode_all(train, ids), evaluation.labels,
+      lambda ids: sources.decode_all(evaluation, ids), name=name, num_classes=num_classes,
+      seed=config.seed, augment=config.augment, mean=mean)
+
+
+def _synthetic(config: ml_collections.ConfigDict, mesh: Mesh):
+  """Uniform-noise images with random labels: for benchmarks and smoke runs only."""
+  name = synthetic_name(config.image_size, config.num_classes)
+  if config.image_size > ON_DEVICE_MAX_SIDE:
+    from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.synthetic(config, mesh, name=name)
+  rng = np.random.default_rng(config.seed)
+  shape = (config.image_size, config.image_size, 3)
+  make = lambda size: (rng.integers(0, 256, (size,) + shape, np.uint8),
+                       rng.integers(0, config.num_classes, size, np.int32))
+  train_images, train_labels = make(config.synthetic_train_size)
+  eval_images, eval_labels = make(config.synthetic_eval_size)
+  return on_device.from_arrays(mesh, train_images, train_labels, eval_images, eval_labels, name=name,
+                               num_classes=config.num_classes, seed=config.seed, augment=config.augment,
+                               synthetic=True)

@@ -1,0 +1,197 @@
+"""Where examples come from: TFDS datasets, image folders, and the 45k/5k CIFAR split.
+
+A source is a list of examples known before any pixel is decoded (`Records`: labels plus
+either file paths or encoded image bytes), so every process can pick its own examples and
+decode only those. TensorFlow is imported lazily, through `tensorflow()`, so that in-memory
+and synthetic pipelines run on machines without TensorFlow.
+"""
+import dataclasses
+import functools
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from resnet_jax.data.core import DatasetNotFoundError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+VAL5K_SIZE = 5000
+# Fixed for every run (independent of the training seed) so all runs validate on the same 5k.
+VAL5K_SEED = 0
+
+
+@functools.cache
+def tensorflow() -> Any:
+  """The `tensorflow` module, with GPUs hidden so TF never takes accelerator memory."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+  return tf
+
+
+@functools.cache
+def tensorflow_datasets() -> Any:
+  tensorflow()
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+  """Examples of one split. Exactly one of `paths` (file names) and `encoded` (image bytes),
+  or `data_source` (a TFDS random-access source yielding {"image": bytes, "label": int})."""
+  labels: np.ndarray
+  paths: np.ndarray | None = None
+  encoded: np.ndarray | None = None
+  data_source: Any = None
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def subset(self, ids: np.ndarray) -> "Records":
+    if self.data_source is not None:
+      raise ValueError("subset() of a TFDS data source: index it with ids instead")
+    pick = lambda array: None if array is None else array[ids]
+    return Records(self.labels[ids], pick(self.paths), pick(self.encoded))
+
+
+def train_val_split(labels: np.ndarray, val_size: int = VAL5K_SIZE, seed: int = VAL5K_SEED):
+  """The paper's 45k/5k split (section 4.2) of a training set: returns sorted (train_ids, val_ids).
+
+  Stratified: examples are grouped by class in a seeded random order and every (N/val_size)-th
+  one goes to validation, so each class gives the same share (500 per CIFAR-10 class).
+  """
+  order = np.random.default_rng(seed).permutation(len(labels))
+  order = order[np.argsort(labels[order], kind="stable")]
+  picks = np.floor(np.arange(val_size) * len(labels) / val_size).astype(np.int64)
+  val_ids = np.sort(order[picks])
+  train_ids = np.setdiff1d(np.arange(len(labels)), val_ids)
+  return train_ids, val_ids
+
+
+def _derived_split(split: str) -> tuple[str, int] | None:
+  """`train45k` / `val5k` are carved out of `train`: returns (base split, part index)."""
+  return {"train45k": ("train", 0), "val5k": ("train", 1)}.get(split)
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def folder_classes(root: str | os.PathLike) -> list[str]:
+  """Class names (sorted sub-folders of root/train, or of the first split found)."""
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    raise DatasetNotFoundError(
+        f"image folder {root} does not exist; expected the layout {root}/<split>/<class>/<image>")
+  splits = sorted(p for p in root.iterdir() if p.is_dir())
+  base = root / "train" if (root / "train").is_dir() else (splits[0] if splits else None)
+  if base is None:
+    raise DatasetNotFoundError(f"image folder {root} has no split folders; expected {root}/<split>/<class>/<image>")
+  return sorted(p.name for p in base.iterdir() if p.is_dir())
+
+
+def folder_records(root: str | os.PathLike, split: str) -> Records:
+  """Lists root/<split>/<class>/<image> without decoding; labels index `folder_classes(root)`."""
+  derived = _derived_split(split)
+  if derived:
+    base = folder_records(root, derived[0])
+    return base.subset(train_val_split(base.labels)[derived[1]])
+  split_dir = pathlib.Path(root) / split
+  if not split_dir.is_dir():
+    available = sorted(p.name for p in pathlib.Path(root).iterdir() if p.is_dir())
+    raise DatasetNotFoundError(
+        f"image folder {root} has no split {split!r} (found {available}); set dataset.train_split "
+        "and dataset.eval_split to folder names, or 'train45k'/'val5k' to carve them from 'train'")
+  classes = folder_classes(root)
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    class_dir = split_dir / name
+    if not class_dir.is_dir():
+      continue
+    names = sorted(entry.name for entry in os.scandir(class_dir)
+                   if entry.name.lower().endswith(IMAGE_EXTENSIONS))
+    paths.extend(str(class_dir / file_name) for file_name in names)
+    labels.extend([label] * len(names))
+  if not paths:
+    raise DatasetNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {split_dir}/<class>/")
+  return Records(labels=np.asarray(labels, np.int32), paths=np.asarray(paths))
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def tfds_builder(name: str, data_dir: str | None) -> Any:
+  """The TFDS builder of a prepared dataset; `DatasetNotFoundError` otherwise (never downloads)."""
+  tfds = tensorflow_datasets()
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    manual = (f" (imagenet2012 is prepared from the ILSVRC2012 tar files placed in "
+              f"{pathlib.Path(builder.data_dir).parents[1]}/downloads/manual)") if name == "imagenet2012" else ""
+    raise DatasetNotFoundError(
+        f"TFDS dataset {name!r} is not prepared in {builder.data_dir} "
+        f"(dataset.data_dir={data_dir!r}), and this pipeline never downloads. Fix it by one of: "
+        f"(1) preparing it: `tfds build {name} --data_dir=<dir>`{manual}; "
+        f"(2) pointing dataset.data_dir at a directory where it is prepared; "
+        f"(3) using dataset.name='image_folder' with dataset.data_dir=<root>/<split>/<class>/<image>.")
+  return builder
+
+
+def tfds_records(name: str, data_dir: str | None, split: str) -> Records:
+  """Encoded images and labels of a small TFDS split, read without decoding."""
+  derived = _derived_split(split)
+  if derived:
+    base = tfds_records(name, data_dir, derived[0])
+    return base.subset(train_val_split(base.labels)[derived[1]])
+  tfds = tensorflow_datasets()
+  builder = tfds_builder(name, data_dir)
+  dataset = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False,
+                               decoders={"image": tfds.decode.SkipDecoding()})
+  arrays = tfds.as_numpy(dataset)
+  return Records(labels=arrays["label"].astype(np.int32), encoded=arrays["image"])
+
+
+def tfds_random_access(name: str, data_dir: str | None, split: str) -> Records:
+  """A large TFDS split as a random-access source (needs the array_record file format)."""
+  tfds = tensorflow_datasets()
+  builder = tfds_builder(name, data_dir)
+  formats = {str(builder.info.file_format)} | {str(f) for f in builder.info.alternative_file_formats}
+  if not any("array_record" in f.lower() for f in formats):
+    raise DatasetNotFoundError(
+        f"TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}; the streaming "
+        "pipeline reads examples by index (resumable, step-indexed) and needs array_record. Fix: "
+        f"`tfds convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record`, "
+        f"or prepare with `tfds build {name} --file_format=array_record`, or use an image folder.")
+  source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()},
+                                  file_format="array_record")
+  labels = np.asarray([example["label"] for example in source], np.int32)  # Cheap: no decoding.
+  return Records(labels=labels, data_source=source)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def peek_shape(records: Records) -> tuple[int, int, int]:
+  """Shape of the first image, decoded on its own."""
+  tf = tensorflow()
+  if records.data_source is not None:
+    contents = records.data_source[0]["image"]
+  elif records.encoded is not None:
+    contents = records.encoded[0]
+  else:
+    contents = tf.io.read_file(records.paths[0])
+  return tuple(tf.io.decode_image(contents, channels=3, expand_animations=False).shape)
+
+
+def decode_all(records: Records, ids: np.ndarray) -> np.ndarray:
+  """uint8 [len(ids), H, W, 3]: the images `ids` of same-sized records, decoded in parallel."""
+  tf = tensorflow()
+  if records.paths is not None:
+    contents = tf.data.Dataset.from_tensor_slices(records.paths[ids]).map(tf.io.read_file)
+  else:
+    contents = tf.data.Dataset.from_tensor_slices(records.encoded[ids])
+  decode = lambda x: tf.io.decode_image(x, channels=3, expand_animations=False)
+  dataset = contents.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  chunks = [chunk.numpy() for chunk in dataset.batch(4096).prefetch(1)]
+  if not chunks:
+    return np.zeros((0, 0, 0, 3), np.uint8)
+  return np.concatenate(chunks)

@@ -1,0 +1,283 @@
+"""Streaming input pipelines for data too large for the accelerators (ImageNet, section 3.4).
+
+Why tf.data and not Grain: TFDS, which prepares ImageNet, ships with tf.data, whose C++ runtime
+decodes and crops JPEGs in parallel outside Python's GIL (`decode_and_crop_jpeg` decodes only the
+crop window); Grain would add a dependency whose per-example work runs in Python worker
+processes. We keep Grain's good idea: the pipeline is step-indexed. The examples of step s are a
+pure function of (seed, s): each epoch reads a seeded permutation of this process's examples, and
+each example's augmentation uses a stateless seed (run seed, position in the run). So an
+iterator's whole state is the next step (`get_state()` -> {"step": ...}), and a resumed run
+continues exactly where it stopped, with no shuffle buffers to save.
+
+Multi-host: examples are dealt, by a fixed seeded permutation, into one block per device of the
+mesh axis "data"; each process reads and decodes only the blocks of its own devices and supplies
+their rows of every global batch. A background thread keeps two batches on the devices ahead of
+the training loop. Pixels travel as uint8; the device adds the per-image RGB offset (lighting
+noise minus mean) and produces float32.
+"""
+import functools
+import queue
+import threading
+import weakref
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from resnet_jax.data import core
+from resnet_jax.data.sources import Records
+
+PREFETCH_BATCHES = 2
+SYNTHETIC_POOL = 64  # Distinct synthetic images; examples cycle over them.
+SYNTHETIC_MEAN = 127.5
+
+
+@jax.jit
+def _normalize(images, offsets):
+  return images.astype(jnp.float32) + offsets[:, None, None, :]
+
+
+def _to_device(mesh: Mesh, local: dict, global_batch: int) -> core.Batch:
+  put = lambda array: core.to_global(mesh, np.asarray(array), global_batch)
+  offsets = put(local["offsets"])
+  if isinstance(local["images"], tuple):
+    images = tuple(_normalize(put(view), offsets) for view in local["images"])
+  else:
+    images = _normalize(put(local["images"]), offsets)
+  return core.Batch(images=images, labels=put(local["labels"].astype(np.int32)), mask=put(local["mask"]))
+
+
+class TrainIterator:
+  """Yields global training batches, prefetched to the devices by a background thread.
+
+  Checkpointing: `get_state()` returns {"step": int64}; `set_state(state)` (or
+  `train_iterator(batch_size, start_step=step)`) continues from that step.
+  """
+
+  def __init__(self, make_batches: Callable[[int], Iterator[dict]], to_device: Callable[[dict], core.Batch],
+               start_step: int = 0):
+    self._make_batches = make_batches
+    self._to_device = to_device
+    self._step = start_step
+    self._thread = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> core.Batch:
+    if self._thread is None:
+      self._start()
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      self.close()
+      raise item
+    self._step += 1
+    return item
+
+  def get_state(self) -> dict:
+    return {"step": np.int64(self._step)}
+
+  def set_state(self, state: dict) -> None:
+    self.close()
+    self._step = int(state["step"])
+
+  def close(self) -> None:
+    if self._thread is not None:
+      self._stop_thread()
+      self._thread = None
+
+  def _start(self) -> None:
+    self._queue, stop = queue.Queue(PREFETCH_BATCHES), threading.Event()
+    self._thread = threading.Thread(target=self._work, args=(self._queue, stop, self._step), daemon=True)
+    self._thread.start()
+    # Also stops the thread at interpreter exit: a thread still inside JAX then aborts the process.
+    self._stop_thread = weakref.finalize(self, _stop, stop, self._thread)
+
+  def _work(self, out: queue.Queue, stop: threading.Event, start_step: int) -> None:
+    def put(item) -> bool:
+      while not stop.is_set():
+        try:
+          out.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          pass
+      return False
+
+    try:
+      for local in self._make_batches(start_step):
+        if not put(self._to_device(local)):
+          return
+    except BaseException as error:  # pylint: disable=broad-except
+      put(error)
+
+
+def _stop(stop: threading.Event, thread: threading.Thread) -> None:
+  stop.set()
+  thread.join()
+
+
+class StreamingDataset:
+  """A dataset streamed from the host: `train_iterator` and `eval_batches`."""
+
+  def __init__(self, info: core.DatasetInfo, mesh: Mesh, train_batches, eval_batches, protocols):
+    self.info = info
+    self.mesh = mesh
+    self._train_batches = train_batches  # (per_device, start_step) -> this process's rows, as dicts
+    self._eval_batches = eval_batches  # (per_device, protocol) -> this process's rows, as dicts
+    self._protocols = protocols
+    self._train_block = info.train_size // core.num_data_devices(mesh)
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    return self._train_block // core.check_batch_size(batch_size, self.mesh)
+
+  def train_iterator(self, batch_size: int, start_step: int = 0) -> TrainIterator:
+    per_device = core.check_batch_size(batch_size, self.mesh)
+    if per_device > self._train_block:
+      raise ValueError(f"batch size {batch_size} exceeds the {self.info.train_size} training examples")
+    make = functools.partial(self._train_batches, per_device)
+    return TrainIterator(make, lambda local: _to_device(self.mesh, local, batch_size), start_step)
+
+  def eval_batches(self, batch_size: int, protocol: str = "center") -> Iterator[core.Batch]:
+    """Every evaluation example once, padded and masked. "10crop" and "multiscale" give
+    `images` as a tuple of views (10 of [B, 224, 224, 3]; 5 of [B, s, s, 3]); average the
+    softmax scores over the views."""
+    if protocol not in self._protocols:
+      raise ValueError(f"evaluation protocol {protocol!r} is not available for {self.info.name}; "
+                       f"choose one of {self._protocols}")
+    per_device = core.check_batch_size(batch_size, self.mesh)
+    for local in self._eval_batches(per_device, protocol):
+      yield _to_device(self.mesh, local, batch_size)
+
+
+def _train_ids(num_examples: int, mesh: Mesh, seed: int) -> np.ndarray:
+  """This process's training examples: its devices' blocks of a fixed seeded deal."""
+  devices = core.num_data_devices(mesh)
+  block = num_examples // devices
+  first, last = core.local_devices_range(mesh)
+  order = np.random.default_rng([seed, 1]).permutation(num_examples)
+  return order[first * block:last * block]
+
+
+def _epoch_orders(ids: np.ndarray, mesh: Mesh, per_device: int, seed: int, start_step: int):
+  """(step, example ids of this process's rows of that step), from `start_step` on, forever."""
+  first_device, last_device = core.local_devices_range(mesh)
+  local_batch = per_device * (last_device - first_device)
+  steps_per_epoch = len(ids) // local_batch
+  step, epoch_cached, order = start_step, None, None
+  while True:
+    epoch, position = divmod(step, steps_per_epoch)
+    if epoch != epoch_cached:
+      order = ids[np.random.default_rng([seed, 2, first_device, epoch]).permutation(len(ids))]
+      epoch_cached = epoch
+    yield step, order[position * local_batch:(position + 1) * local_batch]
+    step += 1
+
+
+def _eval_local_rows(num_examples: int, mesh: Mesh, per_device: int):
+  """(ids, valid) [num_batches, local rows] of this process's rows of every evaluation batch."""
+  ids, valid = core.eval_row_ids(core.eval_chunks(num_examples, core.num_data_devices(mesh)), per_device)
+  first, last = core.local_devices_range(mesh)
+  rows = slice(first * per_device, last * per_device)
+  return ids[:, rows], valid[:, rows]
+
+
+def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, evaluation: Records, *,
+                 name: str, num_classes: int) -> StreamingDataset:
+  """A tf.data pipeline over encoded images with ImageNet's transforms (section 3.4)."""
+  from resnet_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+  from resnet_jax.data.sources import tensorflow  # pylint: disable=g-import-not-at-top
+  tf = tensorflow()
+  if config.image_size != imagenet.CROP:
+    raise ValueError(f"streaming ImageNet-style pipelines crop {imagenet.CROP}x{imagenet.CROP} (section 3.4); "
+                     f"got dataset.image_size={config.image_size}")
+  train_ids = _train_ids(len(train), mesh, config.seed)
+  seed = config.seed
+
+  def train_batches(per_device, start_step):
+    global_batch = per_device * core.num_data_devices(mesh)
+    first_device, last_device = core.local_devices_range(mesh)
+    local_batch = per_device * (last_device - first_device)
+
+    def steps():  # Example ids and stateless augmentation seeds (run seed, position in the run).
+      for step, ids in _epoch_orders(train_ids, mesh, per_device, seed, start_step):
+        positions = step * global_batch + first_device * per_device + np.arange(local_batch)
+        yield ids, np.stack([np.full(local_batch, seed), positions], axis=1)
+
+    signature = (tf.TensorSpec([local_batch], tf.int64), tf.TensorSpec([local_batch, 2], tf.int64))
+    examples = tf.data.Dataset.from_generator(steps, output_signature=signature).unbatch()
+    fetch = _fetcher(train)
+    labels = tf.constant(train.labels)
+
+    def load(index, element_seed):
+      image, offset = imagenet.train_view_from_bytes(fetch(index), element_seed, config.augment)
+      return {"images": image, "offsets": offset, "labels": tf.gather(labels, index), "mask": True}
+
+    dataset = examples.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    yield from dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+  def eval_batches(per_device, protocol):
+    ids, valid = _eval_local_rows(len(evaluation), mesh, per_device)
+    fetch = _fetcher(evaluation)
+    labels = tf.constant(evaluation.labels)
+    transform = imagenet.EVAL_PROTOCOLS[protocol]
+
+    def load(index, is_valid):
+      views, offset = transform(tf.io.decode_image(fetch(index), channels=3, expand_animations=False))
+      if protocol == "10crop":
+        views = tuple(tf.unstack(views))
+      return {"images": views, "offsets": offset, "labels": tf.gather(labels, index), "mask": is_valid}
+
+    dataset = tf.data.Dataset.from_tensor_slices((ids.reshape(-1), valid.reshape(-1)))
+    dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    yield from dataset.batch(ids.shape[1]).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+  info = core.DatasetInfo(name=name, num_classes=num_classes, image_shape=(imagenet.CROP, imagenet.CROP, 3),
+                          train_size=len(train), eval_size=len(evaluation))
+  return StreamingDataset(info, mesh, train_batches, eval_batches, tuple(imagenet.EVAL_PROTOCOLS))
+
+
+def _fetcher(records: Records):
+  """A tf function: example id -> encoded image bytes."""
+  from resnet_jax.data.sources import tensorflow  # pylint: disable=g-import-not-at-top
+  tf = tensorflow()
+  if records.paths is not None:
+    paths = tf.constant(records.paths)
+    return lambda index: tf.io.read_file(tf.gather(paths, index))
+  if records.encoded is not None:
+    encoded = tf.constant(records.encoded)
+    return lambda index: tf.gather(encoded, index)
+  read = lambda index: np.bytes_(records.data_source[int(index)]["image"])
+  return lambda index: tf.ensure_shape(tf.numpy_function(read, [index], tf.string, stateful=False), [])
+
+
+def synthetic(config: ml_collections.ConfigDict, mesh: Mesh, *, name: str) -> StreamingDataset:
+  """Large synthetic images (benchmarks, smoke runs): pure NumPy, no TensorFlow.
+
+  Example i shows noise image i mod 64 and carries a random label; nothing is augmented.
+  """
+  rng = np.random.default_rng(config.seed)
+  shape = (config.image_size, config.image_size, 3)
+  pool = rng.integers(0, 256, (SYNTHETIC_POOL,) + shape, np.uint8)
+  train_labels = rng.integers(0, config.num_classes, config.synthetic_train_size, np.int32)
+  eval_labels = rng.integers(0, config.num_classes, config.synthetic_eval_size, np.int32)
+  train_ids = _train_ids(len(train_labels), mesh, config.seed)
+
+  def local_batch_of(ids, labels, mask):
+    offsets = np.full((len(ids), 3), -SYNTHETIC_MEAN, np.float32)
+    return {"images": pool[ids % SYNTHETIC_POOL], "offsets": offsets, "labels": labels[ids], "mask": mask}
+
+  def train_batches(per_device, start_step):
+    for _, ids in _epoch_orders(train_ids, mesh, per_device, config.seed, start_step):
+      yield local_batch_of(ids, train_labels, np.ones(len(ids), bool))
+
+  def eval_batches(per_device, protocol):
+    del protocol  # Only "center".
+    for ids, valid in zip(*_eval_local_rows(len(eval_labels), mesh, per_device)):
+      yield local_batch_of(ids, eval_labels, valid)
+
+  info = core.DatasetInfo(name=name, num_classes=config.num_classes, image_shape=shape,
+                          train_size=len(train_labels), eval_size=len(eval_labels), synthetic=True)
+  return StreamingDataset(info, mesh, train_batches, eval_batches, ("center",))

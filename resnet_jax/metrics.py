@@ -1,0 +1,95 @@
+"""What a run reports: a console progress line, TensorBoard scalars, a JSON-lines log and a summary.
+
+Files in the workdir (written by process 0 only):
+  metrics.jsonl   one JSON object per train log or evaluation: {"step", "kind", ...}
+  events.out.*    TensorBoard event files (tensorboardX: no TensorFlow needed)
+  config.json     the run's full config
+  summary.json    the final evaluation, parameter count and dataset
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Writer:
+  """Writes a run's metrics; a no-op on every process but the first."""
+
+  def __init__(self, workdir: epath.Path, *, total_steps: int, batch_size: int, train_size: int,
+               dataset_name: str):
+    self.workdir = workdir
+    self.total_steps, self.batch_size, self.train_size = total_steps, batch_size, train_size
+    self.dataset_name = dataset_name
+    self.active = jax.process_index() == 0
+    self._tensorboard = None
+    if self.active:
+      from tensorboardX import SummaryWriter
+      self._tensorboard = SummaryWriter(str(workdir))
+    self._last_step, self._last_time = 0, time.time()
+
+  def start_timer(self, step: int) -> None:
+    self._last_step, self._last_time = step, time.time()
+
+  def _append(self, record: dict[str, Any]) -> None:
+    with (self.workdir / "metrics.jsonl").open("a") as log:
+      log.write(json.dumps(record) + "\n")
+
+  def write_config(self, config: ml_collections.ConfigDict) -> None:
+    if self.active:
+      (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  def write_train(self, step: int, step_metrics: Sequence[dict[str, np.ndarray]]) -> None:
+    """Averages the metrics of the steps since the last call and reports them."""
+    now = time.time()
+    images_per_second = (step - self._last_step) * self.batch_size / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    if not self.active:
+      return
+    means = {key: float(np.mean([m[key] for m in step_metrics])) for key in step_metrics[0]}
+    means["learning_rate"] = float(step_metrics[-1]["learning_rate"])  # The current rate.
+    record = {"step": step, "kind": "train", "epoch": step * self.batch_size / self.train_size,
+              "images_per_second": images_per_second, **means}
+    eta = (self.total_steps - step) * self.batch_size / max(images_per_second, 1e-9)
+    logging.info("[%s] step %d/%d  epoch %.2f  loss %.4f  train error %.2f%%  lr %.4g  "
+                 "%.0f img/s  ETA %s", self.dataset_name, step, self.total_steps, record["epoch"],
+                 means["loss"], 100 * means["train_error"], means["learning_rate"],
+                 images_per_second, _duration(eta))
+    self._append(record)
+    for key in ("loss", "train_error", "learning_rate", "images_per_second"):
+      self._tensorboard.add_scalar(f"train/{key}", record[key], step)
+
+  def write_eval(self, step: int, result: dict[str, float], split: str = "eval") -> None:
+    if not self.active:
+      return
+    logging.info("[%s] step %d  %s: top-1 error %.2f%%  top-5 error %.2f%%  loss %.4f  (%d examples)",
+                 self.dataset_name, step, split, result["top1_error"], result["top5_error"],
+                 result["loss"], result["examples"])
+    self._append({"step": step, "kind": split, **result})
+    for key in ("top1_error", "top5_error", "loss"):
+      self._tensorboard.add_scalar(f"{split}/{key}", result[key], step)
+    self._tensorboard.flush()
+
+  def write_summary(self, config: ml_collections.ConfigDict, result: dict[str, float],
+                    num_params: int) -> None:
+    if self.active:
+      summary = {"model": config.model, "dataset": self.dataset_name, "steps": self.total_steps,
+                 "num_params": num_params, **result}
+      (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+  def close(self) -> None:
+    if self._tensorboard is not None:
+      self._tensorboard.close()

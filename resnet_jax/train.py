@@ -1,0 +1,284 @@
+"""The training loop: data-parallel SGD over a device mesh, evaluation and checkpoints.
+
+`train_and_evaluate(config, workdir)` reads as the algorithm: check the config,
+build the mesh, data, model and optimizer, resume from the newest checkpoint,
+then step, log, evaluate and save until `num_train_steps`.
+
+Data parallelism is `jax.jit` over a one-axis mesh ("data"): batches are sharded
+on it, parameters, BN statistics and optimizer state replicated. Batch norm
+therefore normalises over the global batch (XLA inserts the all-reduce); the
+paper's Caffe runs normalised per GPU (64 images each for CIFAR's batch of 128
+on 2 GPUs), a difference the paper does not measure and BN is robust to.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from resnet_jax import checkpoints, data, metrics, models, optim
+
+# Exit status of a run stopped by SIGTERM (a preemption notice) after saving:
+# EX_TEMPFAIL, "try again", so schedulers and scripts can tell it from a failure.
+PREEMPTED_EXIT_CODE = 75
+
+
+class StartupError(Exception):
+  """The run cannot start: a bad config, a missing dataset, an unusable workdir."""
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a non-finite loss or gradient."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32: the number of updates applied so far.
+  params: nnx.State
+  batch_stats: nnx.State
+  opt_state: optax.OptState
+  warmed_up: jax.Array  # bool: the ResNet-110 warm-up is over (Sec. 4.2).
+  train_error_ema: jax.Array  # smoothed training error that ends the warm-up.
+  nonfinite_step: jax.Array  # int32: first step with a non-finite loss or gradient, else -1.
+  graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+
+
+def dtype_for(config: ml_collections.ConfigDict) -> Any:
+  """The compute dtype: the config's, else bfloat16 on TPU and float32 elsewhere."""
+  name = config.dtype or ("bfloat16" if jax.default_backend() == "tpu" else "float32")
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {name!r}.")
+  return jnp.dtype(name)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> models.ResNet:
+  return models.create(config.model, num_classes=num_classes, rngs=nnx.Rngs(seed),
+                       dtype=dtype_for(config), **config.model_overrides)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
+                       tx: optax.GradientTransformation) -> TrainState:
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+      opt_state=tx.init(params), warmed_up=jnp.asarray(not config.warmup_learning_rate),
+      train_error_ema=jnp.ones((), jnp.float32), nonfinite_step=-jnp.ones((), jnp.int32),
+      graphdef=graphdef)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def topk_errors(scores: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+  """Counts (not rates) of top-1 and top-5 mistakes over the unmasked rows."""
+  k = min(5, scores.shape[-1])
+  ranks = jnp.sum(scores > jnp.take_along_axis(scores, labels[:, None], axis=-1), axis=-1)
+  return {"top1_errors": jnp.sum(mask & (ranks >= 1)), "top5_errors": jnp.sum(mask & (ranks >= k)),
+          "count": jnp.sum(mask)}
+
+
+def train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+               state: TrainState, batch: data.Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD update on a global batch."""
+
+  def loss_fn(params, batch_stats):
+    # Merging from (copied) arguments lets BatchNorm update its statistics under grad.
+    model = nnx.merge(state.graphdef, params, batch_stats, copy=True)
+    model.train()
+    logits = model(batch.images)
+    return cross_entropy(logits, batch.labels, batch.mask), (logits, nnx.state(model, nnx.BatchStat))
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, state.batch_stats)
+  rate = optim.learning_rate(config, state.step, state.warmed_up)
+  opt_state = optim.set_learning_rate(state.opt_state, rate)
+  updates, opt_state = tx.update(grads, opt_state, state.params, value=loss)
+  errors = topk_errors(logits, batch.labels, batch.mask)
+  train_error = errors["top1_errors"] / errors["count"]
+  error_ema = 0.9 * state.train_error_ema + 0.1 * train_error
+  new_state = state.replace(
+      step=state.step + 1, params=optax.apply_updates(state.params, updates),
+      batch_stats=batch_stats, opt_state=opt_state,
+      warmed_up=state.warmed_up | (error_ema < config.warmup_until_train_error),
+      train_error_ema=error_ema)
+  # A non-finite loss or gradient leaves the state as it was and records the
+  # step; the host stops at its next check, so no NaN ever reaches a checkpoint.
+  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  new_state = new_state.replace(nonfinite_step=jnp.where(
+      finite | (state.nonfinite_step >= 0), state.nonfinite_step, state.step))
+  step_metrics = {"loss": loss, "train_error": train_error,
+                  "learning_rate": rate * optim.plateau_scale(config, opt_state)}
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: data.Batch) -> dict[str, jax.Array]:
+  """Error counts of one (padded, masked) batch; multi-view batches average softmax scores."""
+  model = nnx.merge(state.graphdef, state.params, state.batch_stats)
+  model.eval()
+  scores = [jax.nn.softmax(model(view)) for view in data.views(batch)]
+  mean_scores = sum(scores) / len(scores)
+  sums = topk_errors(mean_scores, batch.labels, batch.mask)
+  sums["loss_sum"] = jnp.sum(jnp.where(
+      batch.mask, -jnp.log(jnp.take_along_axis(mean_scores, batch.labels[:, None], 1)[:, 0]
+                           + 1e-12), 0.0))
+  return sums
+
+
+def evaluate(eval_fn, state: TrainState, batches) -> dict[str, float]:
+  """Top-1/top-5 error (%) and loss over every example of the evaluation split."""
+  totals = None
+  for batch in batches:
+    sums = eval_fn(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = int(totals["count"])
+  return {"top1_error": 100.0 * float(totals["top1_errors"]) / count,
+          "top5_error": 100.0 * float(totals["top5_errors"]) / count,
+          "loss": float(totals["loss_sum"]) / count, "examples": count}
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls; on many hosts they agree on the step."""
+
+  def __init__(self):
+    self.requested = False
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      # jax.distributed's preemption service catches SIGTERM on every host and
+      # makes all of them answer True at the same step.
+      from jax.experimental import multihost_utils
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def validate(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+  """Every start-up check that needs no compilation; raises ValueError naming the fix."""
+  optim.validate(config)
+  if config.batch_size <= 0 or config.batch_size % jax.device_count():
+    raise ValueError(
+        f"batch_size {config.batch_size} does not divide across {jax.device_count()} devices; "
+        f"use a multiple of {jax.device_count()} (e.g. --config.batch_size="
+        f"{max(1, round(config.batch_size / jax.device_count())) * jax.device_count()}).")
+  for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                "eval_batch_size", "keep_checkpoints"):
+    if config[field] <= 0:
+      raise ValueError(f"{field} must be positive, got {config[field]}.")
+  checkpoints.check_writable(workdir)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config.model` by the config's recipe; returns the final evaluation."""
+  workdir = epath.Path(workdir)
+  try:  # Everything that can fail on a bad config fails here, before any compilation.
+    validate(config, workdir)
+    mesh = jax.make_mesh((jax.device_count(),), (data.core.DATA_AXIS,))
+    dataset = data.create(config.dataset, mesh)
+    model = create_model(config, dataset.info.num_classes, config.seed)
+    manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints)
+  except ValueError as error:
+    raise StartupError(str(error)) from error
+  info = dataset.info
+  replicated = NamedSharding(mesh, PartitionSpec())
+  tx = optim.create(config)
+  state = jax.device_put(create_train_state(config, model, tx), replicated)
+  try:
+    state, data_state = manager.restore_latest(state)
+  except ValueError as error:
+    raise StartupError(str(error)) from error
+  start_step = int(state.step)
+
+  on_device = isinstance(dataset, data.OnDeviceDataset)
+  step_fn = lambda state, batch: train_step(config, tx, state, batch)
+  if on_device:
+    # Sampling and augmentation run inside the step: no host work between steps.
+    fused = lambda state, ds: step_fn(state, ds.train_batch(state.step, config.batch_size))
+    train_fn = jax.jit(fused, out_shardings=replicated, donate_argnums=0)
+    next_input = lambda: dataset
+  else:
+    train_fn = jax.jit(step_fn, out_shardings=replicated, donate_argnums=0)
+    train_iter = dataset.train_iterator(config.batch_size, start_step=start_step)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    next_input = lambda: next(train_iter)
+  eval_fn = jax.jit(eval_step)
+
+  def eval_batches():
+    if on_device:
+      return dataset.eval_batches(config.eval_batch_size)
+    return dataset.eval_batches(config.eval_batch_size, protocol=config.eval_protocol)
+
+  writer = metrics.Writer(workdir, total_steps=config.num_train_steps,
+                          batch_size=config.batch_size, train_size=info.train_size,
+                          dataset_name=info.name)
+  writer.write_config(config)
+  preemption = _Preemption()
+  pending, eval_result = [], None
+  logging.info("Training %s on %s for %d steps from step %d (%d devices, batch %d).",
+               config.model, info.name, config.num_train_steps, start_step,
+               jax.device_count(), config.batch_size)
+  writer.start_timer(start_step)
+  for step in range(start_step + 1, config.num_train_steps + 1):
+    batch = next_input()
+    with jax.transfer_guard("disallow"):  # Nothing may move between host and device here.
+      state, step_metrics = train_fn(state, batch)
+    pending.append(step_metrics)
+    is_last = step == config.num_train_steps
+    preempted = preemption.reached(step)
+    if step % config.log_every_steps == 0 or is_last or preempted:
+      _check_finite(state)
+      writer.write_train(step, jax.device_get(pending))
+      pending = []
+    if step % config.eval_every_steps == 0 or is_last:
+      eval_result = evaluate(eval_fn, state, eval_batches())
+      writer.write_eval(step, eval_result)
+    if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+      _check_finite(state)
+      manager.save(step, state, None if on_device else train_iter.get_state(),
+                   eval_result if step % config.eval_every_steps == 0 or is_last else None)
+    if preempted:
+      manager.wait()
+      writer.close()
+      logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
+                      step, workdir)
+      raise SystemExit(PREEMPTED_EXIT_CODE)
+  manager.wait()
+  # One compilation of the step for the whole run: a second would mean a shape
+  # or sharding drifted between steps.
+  compilations = train_fn._cache_size()  # pylint: disable=protected-access
+  if compilations > 1:
+    logging.warning("The train step compiled %d times; expected once.", compilations)
+  if eval_result is None:  # Resumed at the final step: evaluate what was restored.
+    eval_result = evaluate(eval_fn, state, eval_batches())
+  eval_result["train_step_compilations"] = compilations
+  writer.write_summary(config, eval_result, num_params=models.count_params(model))
+  writer.close()
+  return eval_result
+
+
+def _check_finite(state: TrainState) -> None:
+  bad_step = int(state.nonfinite_step)
+  if bad_step >= 0:
+    raise NonFiniteError(
+        f"non-finite loss or gradient at step {bad_step + 1}; the last finite state was not "
+        "saved over. Lower the learning rate, check the input data, or use float32.")

@@ -1,0 +1,259 @@
+"""Tests of the CIFAR / on-device input pipeline, the splits, the config and the error paths."""
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import data
+from resnet_jax.data import core, mean_cache, on_device, sources
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_MEAN = np.array([125.3, 123.0, 113.9])
+
+
+def mesh_of(num_devices: int, axis_type=jax.sharding.AxisType.Explicit):
+  return jax.make_mesh((num_devices,), ("data",), axis_types=(axis_type,), devices=jax.devices()[:num_devices])
+
+
+@pytest.fixture(scope="module")
+def cifar_records(cifar10_dir):
+  return sources.folder_records(cifar10_dir, "train"), sources.folder_records(cifar10_dir, "test")
+
+
+@pytest.fixture(scope="module")
+def cifar_ds(cifar10_dir, tmp_path_factory):
+  config = data.default_config("image_folder")
+  config.data_dir = str(cifar10_dir)
+  config.cache_dir = str(tmp_path_factory.mktemp("cache"))
+  return data.create(config, mesh_of(8)), config
+
+
+@pytest.fixture(scope="module")
+def cifar_test_images(cifar_records):
+  test = cifar_records[1]
+  return sources.decode_all(test, np.arange(len(test)))
+
+
+def id_coded_dataset(mesh, num_train=800, num_eval=203, **kwargs):
+  """Images whose pixels encode their example id (pixel [0, 0] = id // 256, id % 256, 0)."""
+  def images(count):
+    array = np.zeros((count, 8, 8, 3), np.uint8)
+    array[:, 0, 0, 0], array[:, 0, 0, 1] = np.arange(count) // 256, np.arange(count) % 256
+    return array
+  return on_device.from_arrays(mesh, images(num_train), np.arange(num_train) % 10, images(num_eval),
+                               np.arange(num_eval) % 10, name="ids", num_classes=10, mean=np.zeros((8, 8, 3)),
+                               **kwargs)
+
+
+def decode_ids(images) -> np.ndarray:
+  pixels = np.rint(np.asarray(images)[:, 0, 0]).astype(np.int64)
+  return pixels[:, 0] * 256 + pixels[:, 1]
+
+
+def test_cifar10_folder_sizes_and_label_order(cifar10_dir, cifar_records):
+  train, test = cifar_records
+  assert sources.folder_classes(cifar10_dir) == CLASSES
+  assert (len(train), len(test)) == (50_000, 10_000)
+  np.testing.assert_array_equal(np.bincount(train.labels), [5000] * 10)
+  np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
+  assert all(f"/{CLASSES[label]}/" in path for path, label in zip(train.paths[::997], train.labels[::997]))
+
+
+def test_cifar10_dataset_and_cached_mean(cifar_ds):
+  ds, config = cifar_ds
+  assert isinstance(ds, data.OnDeviceDataset)
+  assert ds.info == data.DatasetInfo("image_folder(" + str(pathlib.Path(config.data_dir).resolve()) + ")",
+                                     10, (32, 32, 3), 50_000, 10_000, False)
+  mean = np.asarray(ds.mean)
+  assert mean.shape == (32, 32, 3)
+  np.testing.assert_allclose(mean.mean(axis=(0, 1)), CIFAR10_MEAN, atol=1.5)
+  cached = list(pathlib.Path(config.cache_dir).glob("mean_*.npy"))
+  assert len(cached) == 1
+  np.testing.assert_array_equal(np.load(cached[0]), mean)
+
+
+def test_mean_cache_survives_unwritable_dir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  calls = []
+  compute = lambda: calls.append(1) or np.ones((2, 2, 3))
+  unwritable = str(blocker / "cache")
+  np.testing.assert_array_equal(mean_cache.load_or_compute("k", compute, unwritable), np.ones((2, 2, 3)))
+  assert mean_cache.load_or_compute("k", compute, str(tmp_path)) is not None
+  mean_cache.load_or_compute("k", compute, str(tmp_path))
+  assert len(calls) == 2  # Computed for the unwritable dir and once for tmp_path, then read back.
+
+
+def test_evaluation_is_the_unaugmented_original(cifar_ds, cifar_test_images):
+  ds, _ = cifar_ds
+  batch = next(ds.eval_batches(80))
+  chunks = core.eval_chunks(10_000, 8)
+  expected_ids = np.concatenate([chunk[:10] for chunk in chunks])
+  expected = cifar_test_images[expected_ids].astype(np.float32) - np.asarray(ds.mean)
+  np.testing.assert_allclose(np.asarray(batch.images), expected, atol=1e-4)
+  assert batch.mask.all()
+
+
+def test_training_samples_are_real_examples_with_their_labels(cifar_ds, cifar_records):
+  ds, _ = cifar_ds
+  train = cifar_records[0]
+  plain = ds.replace(augment=False)
+  batch = jax.jit(lambda d, s: d.train_batch(s, 64))(plain, 7)
+  images = np.rint(np.asarray(batch.images) + np.asarray(ds.mean)).astype(np.uint8)
+  decoded = sources.decode_all(train, np.arange(50_000))
+  index = {image.tobytes(): label for image, label in zip(decoded, train.labels)}
+  assert [index[image.tobytes()] for image in images] == list(np.asarray(batch.labels))
+
+
+def test_crops_lie_inside_the_padded_image_and_flips_are_fair(cifar_test_images):
+  images = cifar_test_images[:256].astype(np.float32) - 120.0
+  augmented = np.asarray(jax.jit(on_device.augment)(jax.random.key(3), images))
+  padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+  flips, offsets = [], set()
+  for image, out in zip(padded, augmented):
+    matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+               if np.array_equal((image[:, ::-1] if flip else image)[dy:dy + 32, dx:dx + 32], out)]
+    assert matches, "augmented image is not a crop of the padded image or of its mirror"
+    flips.append(matches[0][2])
+    offsets.add(matches[0][:2])
+  assert 0.38 < np.mean(flips) < 0.62
+  assert len(offsets) > 40  # Crop positions spread over the 9x9 choices.
+
+
+def test_train_batch_is_a_pure_function_of_seed_and_step():
+  ds = id_coded_dataset(mesh_of(8))
+  step_fn = jax.jit(lambda d, s: d.train_batch(s, 32))
+  first, again, other = step_fn(ds, 5), step_fn(ds, 5), step_fn(ds, 6)
+  np.testing.assert_array_equal(first.images, again.images)
+  assert not np.array_equal(first.images, other.images)
+  np.testing.assert_array_equal(first.images, ds.train_batch(5, 32).images)  # Eager == jitted.
+  reseeded = id_coded_dataset(mesh_of(8), seed=1)
+  assert not np.array_equal(first.images, step_fn(reseeded, 5).images)
+  auto = id_coded_dataset(mesh_of(8, jax.sharding.AxisType.Auto))
+  np.testing.assert_array_equal(first.images, step_fn(auto, 5).images)
+  assert first.images.sharding.spec[0] == "data"
+
+
+def test_each_training_epoch_visits_examples_without_repeats():
+  ds = id_coded_dataset(mesh_of(8), augment=False)
+  steps = ds.steps_per_epoch(32)
+  assert steps == 800 // 32
+  step_fn = jax.jit(lambda d, s: d.train_batch(s, 32))
+  epoch = np.concatenate([decode_ids(step_fn(ds, s).images) for s in range(steps)])
+  assert len(set(epoch)) == len(epoch) == 800
+  next_epoch = np.concatenate([decode_ids(step_fn(ds, s).images) for s in range(steps, 2 * steps)])
+  assert not np.array_equal(epoch, next_epoch) and set(next_epoch) == set(epoch)
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+@pytest.mark.parametrize("batch_size", [8, 24, 200, 256])
+def test_eval_visits_every_example_exactly_once(num_devices, batch_size):
+  if batch_size % num_devices:
+    pytest.skip("not divisible")
+  ds = id_coded_dataset(mesh_of(num_devices), num_eval=203)
+  seen, labels = [], []
+  for batch in ds.eval_batches(batch_size):
+    assert batch.images.shape[0] == batch_size
+    mask = np.asarray(batch.mask)
+    seen.extend(decode_ids(batch.images)[mask])
+    labels.extend(np.asarray(batch.labels)[mask])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(203))
+  np.testing.assert_array_equal(np.asarray(labels), np.asarray(seen) % 10)
+
+
+def test_eval_row_ids_cover_every_example_once():
+  for num_examples, devices, per_device in [(10, 8, 1), (1000, 8, 3), (7, 1, 4), (50_000, 4, 128)]:
+    ids, valid = core.eval_row_ids(core.eval_chunks(num_examples, devices), per_device)
+    assert ids.shape[1] == devices * per_device
+    np.testing.assert_array_equal(np.sort(ids[valid]), np.arange(num_examples))
+
+
+def test_batch_size_not_divisible_by_devices_is_a_clear_error():
+  ds = id_coded_dataset(mesh_of(8))
+  with pytest.raises(ValueError, match=r"global batch size 30 .* 8 devices .* multiple of 8"):
+    ds.train_batch(0, 30)
+  with pytest.raises(ValueError, match="multiple of 8"):
+    next(ds.eval_batches(12))
+
+
+def test_train45k_val5k_split(cifar10_dir, cifar_records):
+  labels = cifar_records[0].labels
+  train_ids, val_ids = sources.train_val_split(labels)
+  assert (len(train_ids), len(val_ids)) == (45_000, 5_000)
+  assert not set(train_ids) & set(val_ids)
+  np.testing.assert_array_equal(np.sort(np.concatenate([train_ids, val_ids])), np.arange(50_000))
+  np.testing.assert_array_equal(np.bincount(labels[val_ids]), [500] * 10)
+  again = sources.train_val_split(labels)
+  np.testing.assert_array_equal(again[1], val_ids)
+  train45k = sources.folder_records(cifar10_dir, "train45k")
+  val5k = sources.folder_records(cifar10_dir, "val5k")
+  assert (len(train45k), len(val5k)) == (45_000, 5_000)
+  assert not set(train45k.paths) & set(val5k.paths)
+
+
+def test_missing_tfds_dataset_is_one_clear_error(tmp_path):
+  config = data.default_config("cifar10")
+  config.data_dir = str(tmp_path)
+  start = time.time()
+  with pytest.raises(data.DatasetNotFoundError) as error:
+    data.create(config, mesh_of(8))
+  assert time.time() - start < 30
+  message = str(error.value)
+  assert str(tmp_path) in message and "tfds build cifar10" in message and "image_folder" in message
+  assert isinstance(error.value, ValueError)
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="valid names: cifar10, cifar100, imagenet2012, image_folder, synthetic"):
+    data.default_config("mnist")
+  config = data.default_config("cifar10")
+  config.batch = 3
+  with pytest.raises(ValueError, match=r"unknown dataset config field\(s\) \['batch'\]"):
+    data.create(config, mesh_of(8))
+  config = data.default_config("cifar10")
+  config.train_split = "train45k"
+  with pytest.raises(ValueError, match="train45k and val5k go together"):
+    data.create(config, mesh_of(8))
+
+
+def test_synthetic_is_labelled():
+  config = data.default_config("synthetic")
+  config.synthetic_train_size, config.synthetic_eval_size, config.num_classes = 256, 64, 7
+  ds = data.create(config, mesh_of(8))
+  assert ds.info.synthetic and ds.info.name == "synthetic(32x32x3,7 classes)"
+  batch = jax.jit(lambda d: d.train_batch(0, 64))(ds)
+  assert batch.images.shape == (64, 32, 32, 3) and int(batch.labels.max()) < 7
+
+
+NO_TENSORFLOW = """
+import sys
+sys.modules["tensorflow"] = None  # Any import of TensorFlow now fails.
+sys.modules["tensorflow_datasets"] = None
+import jax, numpy as np
+from resnet_jax import data
+mesh = jax.make_mesh((8,), ("data",))
+config = data.default_config("synthetic")
+config.synthetic_train_size, config.synthetic_eval_size = 512, 100
+ds = data.create(config, mesh)
+batch = jax.jit(lambda d, s: d.train_batch(s, 64))(ds, 3)
+assert batch.images.shape == (64, 32, 32, 3)
+assert sum(int(b.mask.sum()) for b in ds.eval_batches(16)) == 100
+images = np.zeros((64, 32, 32, 3), np.uint8)
+own = data.from_arrays(mesh, images, np.zeros(64), images, np.zeros(64), name="mine", num_classes=2)
+own.train_batch(0, 8)
+config.image_size, config.synthetic_train_size = 224, 64
+big = data.create(config, mesh)
+assert next(big.train_iterator(16)).images.shape == (16, 224, 224, 3)
+print("no tensorflow: ok")
+"""
+
+
+def test_in_memory_and_synthetic_paths_never_import_tensorflow():
+  result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW], capture_output=True, text=True, timeout=120,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "no tensorflow: ok" in result.stdout
