@@ -1,4 +1,140 @@
-"""Convolution used by every model layer (work in progress: experiment switch)."""
-import sys
-sys.path.insert(0, "/tmp/perf")
-from ops_exp import conv_general_dilated
+"""The models' convolution: `lax.conv_general_dilated` with a faster weight gradient on CPU.
+
+Every `nnx.Conv` of `resnet_jax.models` calls `conv_general_dilated` (a drop-in
+for lax's). On CPU, plain NHWC/HWIO convolutions without dilation or groups take
+a `jax.custom_vjp` whose weight gradient XLA's CPU backend runs faster; all
+other cases, and every other backend, are lax's own convolution.
+
+Why: XLA computes the weight gradient dW[kh, kw, ci, co] = sum_{n,h,w}
+x[n, h + kh, w + kw, ci] dy[n, h, w, co] as a convolution whose input is x with
+its batch and feature dimensions swapped, (ci, h, w, n). That is a transposing
+copy of x, and x is usually not in memory: XLA fuses its producers (batch norm,
+ReLU and the residual adds of every earlier block, since identity shortcuts
+never pass a convolution) into the copy and recomputes them all while reading
+in transposed order. Profiled on a ResNet-20 step, one such copy took 140 ms on
+a core, about 15% of the step; the others 2-20 ms each.
+
+The weight gradient here is the same sum as a convolution of dy, read as
+(co, h, w, n), with x as its kernel, read as (h, w, n, ci). The transposing copy
+moves to dy, whose producer (the batch norm backward) reaches back only to the
+previous convolution, and x is read in rows of ci. Strided convolutions become
+one such stride-1 convolution per phase of the stride. Measured on one core
+(AMD EPYC, jax 0.10.2): see BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Pads = tuple[tuple[int, int], tuple[int, int]]
+
+_NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
+                                 out_spec=(0, 3, 1, 2))
+
+
+def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
+                         lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None,
+                         dimension_numbers=None, feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision=None,
+                         preferred_element_type=None, out_sharding=None) -> jax.Array:
+  """`jax.lax.conv_general_dilated`, with the CPU weight gradient of the module doc."""
+  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
+           and feature_group_count == 1 and batch_group_count == 1 and out_sharding is None
+           and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+           and dimension_numbers is not None
+           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == _NHWC)
+  if not plain:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  pads = tuple((int(low), int(high)) for low, high in padding)
+  return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision,
+               preferred_element_type)
+
+
+def _forward(x, w, strides, pads, precision, preferred_element_type):
+  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
+                                  precision=precision,
+                                  preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, strides, pads, precision, preferred_element_type):
+  return _forward(x, w, strides, pads, precision, preferred_element_type)
+
+
+def _conv_fwd(x, w, strides, pads, precision, preferred_element_type):
+  return _forward(x, w, strides, pads, precision, preferred_element_type), (x, w)
+
+
+def _conv_bwd(strides, pads, precision, preferred_element_type, residuals, dy):
+  x, w = residuals
+  # The input gradient is lax's own (a convolution of dy with the flipped kernel).
+  forward_in_x = lambda x: _forward(x, w, strides, pads, precision, preferred_element_type)
+  (dx,) = jax.linear_transpose(forward_in_x, jax.ShapeDtypeStruct(x.shape, x.dtype))(dy)
+  return dx, weight_gradient(x, dy, w.shape, strides, pads, precision).astype(w.dtype)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
+                    strides: tuple[int, int], pads: Pads, precision=None) -> jax.Array:
+  """dW (HWIO, float32 or wider) of the NHWC convolution of `x` that gave gradient `dy`.
+
+  Stride s: kernel row kh = s * a + r reads x row s * (h + a) + r, so each phase
+  (r, c) of the stride is a stride-1 weight gradient over x[:, r::s, c::s] for
+  the taps kh = r, r + s, ... and kw = c, c + s, ...
+  """
+  kh, kw = kernel_shape[:2]
+  sh, sw = strides
+  if (sh, sw) == (1, 1):
+    return _stride1_weight_gradient(x, dy, (kh, kw), pads, precision)
+  _, ho, wo, _ = dy.shape
+  padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+  dw = jnp.zeros((kh, kw, x.shape[3], dy.shape[3]), jnp.promote_types(dy.dtype, jnp.float32))
+  for r, c in itertools.product(range(min(sh, kh)), range(min(sw, kw))):
+    taps = (len(range(r, kh, sh)), len(range(c, kw, sw)))
+    # Exactly the rows and columns this phase's taps read: ho + taps - 1 of them.
+    phase = padded[:, r:r + sh * (ho + taps[0] - 2) + 1:sh,
+                   c:c + sw * (wo + taps[1] - 2) + 1:sw]
+    piece = _stride1_weight_gradient(phase, dy, taps, ((0, 0), (0, 0)), precision)
+    dw = dw.at[r::sh, c::sw].set(piece)
+  return dw
+
+
+def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, precision):
+  """Stride-1 dW as a convolution of dy (batch co, feature n) with x as kernel (in n, out ci).
+
+  That convolution's output row a holds kernel row kh = k - 1 - a (it runs the
+  window the other way), hence the flip. dy is padded so that every dW tap sees
+  all of x: p_low = k - 1 - pad_low on the low side, whatever is left on the high.
+  """
+  _, ho, wo, _ = dy.shape
+  dy_pads = []
+  for k, (pad_low, _), size, out_size in zip(kernel_hw, pads, x.shape[1:3], (ho, wo)):
+    low = k - 1 - pad_low
+    dy_pads.append((low, k - 1 + size - low - out_size))
+  # Explicit padding keeps dy at least as large as its "kernel" x, which XLA's
+  # fast CPU convolution (YNNPACK) requires.
+  # lax.pad: a padding larger than k - 1 makes `low` negative, which crops.
+  dy = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in dy_pads),
+                                             (0, 0, 0)))
+  dw = lax.conv_general_dilated(dy, x, (1, 1), ((0, 0), (0, 0)),
+                                dimension_numbers=("CHWN", "IHWO", "HWCN"),
+                                precision=precision,
+                                preferred_element_type=jnp.promote_types(dy.dtype, jnp.float32))
+  return dw[::-1, ::-1]
+

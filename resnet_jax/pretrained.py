@@ -31,7 +31,7 @@ def _stage_sizes(keras_model: Any) -> tuple[int, ...]:
   names = [layer.name for layer in getattr(keras_model, "layers", ())]
   if any(name.endswith("_preact_bn") for name in names):
     raise _unsupported("it is a ResNetV2 (pre-activation, stride in the last block of "
-                       "a stage), whose layers have no counterpart here")
+                       "a stage), a layout our models do not have")
   blocks = {}
   for name in names:
     if match := _BLOCK_CONV.fullmatch(name):
@@ -87,10 +87,11 @@ def from_keras(keras_model: Any, *, dtype: Any = jnp.float32) -> models.ResNet:
     model = pretrained.from_keras(keras_model)
     logits = model(keras.applications.resnet.preprocess_input(images_rgb_0_255))
 
-  Those ImageNet weights expect Caffe-style input: RGB 0..255 images converted to
-  BGR with the ImageNet channel means subtracted, which is what
-  `keras.applications.resnet.preprocess_input` does; our data pipeline's
-  normalisation does not match them.
+  Those ImageNet weights expect Caffe-style input: 0..255 images in BGR channel
+  order with the ImageNet channel means subtracted, as made from RGB images by
+  `keras.applications.resnet.preprocess_input`. Our ImageNet pipeline
+  (`resnet_jax.data.imagenet`: 0..255 RGB minus the RGB mean) differs only in
+  channel order, so feed its images as `images[..., ::-1]`.
 
   The depth comes from the Keras layer names, the class count from its Dense.
   Keras's architecture is the paper's with option B shortcuts and the stride in
@@ -143,7 +144,8 @@ def from_keras(keras_model: Any, *, dtype: Any = jnp.float32) -> models.ResNet:
   _assign(model.head.kernel, kernel, "predictions")
   _assign(model.head.bias, bias, "predictions")
 
-  leftover = [path for path, leaf in jax.tree.leaves_with_path(nnx.state(model))
+  leftover = [jax.tree_util.keystr(path)
+              for path, leaf in jax.tree.leaves_with_path(nnx.state(model))
               if isinstance(leaf, jax.ShapeDtypeStruct)]
   assert not leftover, f"Unassigned variables: {leftover}"
   model.eval()

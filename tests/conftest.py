@@ -3,7 +3,11 @@ import os
 
 # Must precede the first `import jax` anywhere in the test session: every test
 # then runs on 8 real (host-simulated) devices, so sharding is exercised.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# On 2 loaded cores a simulated device can reach a collective long after the
+# others; XLA's default 40 s rendezvous limit would abort the process.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
+                      "--xla_cpu_collective_call_warn_stuck_timeout_seconds=300")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow must never see a GPU.
 

@@ -20,14 +20,15 @@ class Classifier(linen.Module):
     return self.resnet(x, train=train)
 
 
-@nnx.jit  # One compilation instead of one per eager op: seconds on CPU.
+@nnx.jit  # One compilation instead of one per eager op.
 def _nnx_model():
-  model = models.create(MODEL, num_classes=10, rngs=nnx.Rngs(1))
+  # rbg keys: XLA takes many seconds to compile threefry's random bits on CPU.
+  rngs = nnx.Rngs(jax.random.key(1, impl="rbg"))
+  model = models.create(MODEL, num_classes=10, rngs=rngs)
   # Non-trivial running statistics, so eval mode differs from train mode.
-  keys = iter(jax.random.split(jax.random.key(2), 64))
   for path, stat in nnx.iter_graph(model):
     if isinstance(stat, nnx.BatchStat):
-      noise = jax.random.uniform(next(keys), stat.shape, minval=0.5, maxval=1.5)
+      noise = jax.random.uniform(rngs(), stat.shape, minval=0.5, maxval=1.5)
       stat.set_value(noise if path[-1] == "var" else noise - 1.0)
   return model
 

@@ -38,6 +38,7 @@ def _randomize(keras_model, rng):
     pytest.param("ResNet152", marks=pytest.mark.slow),
 ])
 def test_logits_match_keras(constructor):
+  keras.utils.set_random_seed(0)  # Keras's own kernel initialisation.
   keras_model = getattr(keras.applications, constructor)(
       weights=None, input_shape=(SIZE, SIZE, 3), classes=10, classifier_activation=None)
   rng = np.random.default_rng(0)

@@ -40,3 +40,7 @@ from resnet_jax.data.config import DATASETS, default_config
 from resnet_jax.data.core import Batch, DatasetInfo, DatasetNotFoundError, views
 from resnet_jax.data.on_device import OnDeviceDataset, from_arrays
 from resnet_jax.data.pipeline import create
+from resnet_jax.data.streaming import StreamingDataset, TrainIterator
+
+__all__ = ["DATASETS", "Batch", "DatasetInfo", "DatasetNotFoundError", "OnDeviceDataset", "StreamingDataset",
+           "TrainIterator", "create", "default_config", "from_arrays", "views"]

@@ -1,0 +1,198 @@
+"""PyTorch eager baseline of the paper's networks, side by side with resnet_jax.
+
+    python benchmarks/torch_baseline.py --model=cifar_resnet20 --batch=128            # PyTorch only
+    python benchmarks/torch_baseline.py --model=cifar_resnet20 --batch=128 --compare  # both + ratio
+
+The networks match resnet_jax.models: CIFAR nets with option-A shortcuts
+(stride-2 subsampling, zero-padded channels), ImageNet nets with option-B
+projections and the stride in the bottleneck's first 1x1 conv (the paper;
+torchvision's v1.5 moves it to the 3x3, so torchvision is not used). Batch norm
+momentum 0.1 in torch terms (0.9 in Flax terms), eps 1e-5. A training step is
+the same as resnet_jax's: cross-entropy, backward, SGD with momentum 0.9 and
+weight decay 1e-4. Evaluation is an inference-mode forward pass plus the top-1
+error count. PyTorch uses as many threads as the machine has cores.
+
+With --compare, the JAX and PyTorch steps are timed in alternating repeats, so
+both see the same background load. PyTorch is a benchmark-only extra
+(`pip install -e .[benchmark]`); the resnet_jax package never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+IMAGENET_STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
+                   50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3)),
+                   152: ("bottleneck", (3, 8, 36, 3))}
+
+
+def conv_bn(c_in: int, c_out: int, kernel: int, stride: int) -> list[nn.Module]:
+  return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False),
+          nn.BatchNorm2d(c_out, eps=1e-5, momentum=0.1)]
+
+
+class Block(nn.Module):
+  """A basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1) residual unit."""
+
+  def __init__(self, c_in: int, layers: list[tuple[int, int, int]], shortcut: str):
+    super().__init__()
+    modules, features = [], c_in
+    for kernel, c_out, stride in layers:
+      modules += conv_bn(features, c_out, kernel, stride)
+      features = c_out
+    self.layers = nn.ModuleList(modules)
+    self.stride = max(stride for _, _, stride in layers)
+    self.extra = features - c_in
+    reshapes = self.stride != 1 or self.extra
+    self.projection = (nn.Sequential(*conv_bn(c_in, features, 1, self.stride))
+                       if shortcut == "B" and reshapes else None)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = x
+    for i in range(0, len(self.layers), 2):
+      y = self.layers[i + 1](self.layers[i](y))
+      if i + 2 < len(self.layers):
+        y = F.relu(y)
+    if self.projection is not None:
+      shortcut = self.projection(x)
+    else:  # Option A: subsample, then zero-pad the new channels.
+      shortcut = x[:, :, ::self.stride, ::self.stride]
+      if self.extra:
+        shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra))
+    return F.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+
+  def __init__(self, name: str, num_classes: int):
+    super().__init__()
+    match = re.fullmatch(r"(cifar_)?resnet(\d+)", name)
+    if not match:
+      raise ValueError(f"unknown model {name!r}: cifar_resnet{{6n+2}} or resnet{{18..152}}")
+    depth = int(match.group(2))
+    if match.group(1):
+      if (depth - 2) % 6:
+        raise ValueError(f"CIFAR depth must be 6n+2, got {depth}")
+      kind, sizes, widths, stem, shortcut = "basic", ((depth - 2) // 6,) * 3, (16, 32, 64), 16, "A"
+      self.stem = nn.Sequential(*conv_bn(3, stem, 3, 1), nn.ReLU())
+    else:
+      kind, sizes = IMAGENET_STAGES[depth]
+      widths, stem, shortcut = (64, 128, 256, 512), 64, "B"
+      self.stem = nn.Sequential(*conv_bn(3, stem, 7, 2), nn.ReLU(),
+                                nn.MaxPool2d(3, stride=2, padding=1))
+    blocks, features = [], stem
+    for stage, (num_blocks, width) in enumerate(zip(sizes, widths)):
+      for index in range(num_blocks):
+        stride = 2 if stage > 0 and index == 0 else 1
+        layers = ([(3, width, stride), (3, width, 1)] if kind == "basic"
+                  else [(1, width, stride), (3, width, 1), (1, 4 * width, 1)])
+        blocks.append(Block(features, layers, shortcut))
+        features = layers[-1][1]
+    self.blocks = nn.Sequential(*blocks)
+    self.head = nn.Linear(features, num_classes)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class TorchRunner:
+  """The `resnet_jax.benchmark.Runner` interface for a PyTorch eager step."""
+
+  def __init__(self, step, warmup: int = 2):
+    self._step = step
+    self.compile_s = 0.0  # Eager: nothing is compiled.
+    for _ in range(warmup):  # oneDNN picks and caches its kernels on the first calls.
+      step()
+
+  def run(self, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      self._step()
+    return (time.perf_counter() - start) / steps
+
+
+def torch_runners(model_name: str, batch: int, dtype: str,
+                  channels_last: bool) -> dict[str, TorchRunner]:
+  torch.manual_seed(0)
+  size, classes = (32, 10) if model_name.startswith("cifar_") else (224, 1000)
+  memory_format = torch.channels_last if channels_last else torch.contiguous_format
+  model = ResNet(model_name, classes).to(memory_format=memory_format)
+  images = torch.randn(batch, 3, size, size).to(memory_format=memory_format)
+  labels = torch.randint(0, classes, (batch,))
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+  autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+  def train_step():
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+      loss = F.cross_entropy(model(images).float(), labels)
+    loss.backward()
+    optimizer.step()
+
+  errors = torch.zeros((), dtype=torch.int64)
+
+  def eval_step():
+    model.eval()
+    with torch.inference_mode(), autocast:
+      scores = torch.softmax(model(images).float(), -1)
+      errors.add_((scores.argmax(-1) != labels).sum())
+
+  return {"train": TorchRunner(train_step), "eval": TorchRunner(eval_step)}
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description="PyTorch eager baseline (and --compare).")
+  parser.add_argument("--model", default="cifar_resnet20")
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
+                      help="NHWC tensors (oneDNN's fast layout on CPU; as resnet_jax)")
+  parser.add_argument("--compare", action="store_true", help="also time resnet_jax; print ratios")
+  args = parser.parse_args(argv)
+  torch.set_num_threads(args.threads)
+
+  runners = {f"torch {name}": runner for name, runner in
+             torch_runners(args.model, args.batch, args.dtype, args.channels_last).items()}
+  if args.compare:
+    import jax  # pylint: disable=g-import-not-at-top
+    from resnet_jax import benchmark  # pylint: disable=g-import-not-at-top
+    config = benchmark.make_config(args.model, args.batch, args.dtype)
+    jax_runners, _ = benchmark.build_runners(config, input_pipeline=False)
+    runners.update({f"jax {name}": runner for name, runner in jax_runners.items()})
+    print(f"JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}")
+  print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"channels_last={args.channels_last}; {args.model}, batch {args.batch}, {args.dtype}; "
+        f"{args.repeats} alternating repeats of {args.steps} steps")
+
+  times = {name: [] for name in runners}
+  for _ in range(args.repeats):
+    for name, runner in runners.items():
+      times[name].append(runner.run(args.steps))
+  speed = {}
+  for name, step_s in times.items():
+    median = statistics.median(step_s)
+    speed[name] = args.batch / median
+    print(f"{name:<11} median {median * 1e3:9.2f} ms  (min {min(step_s) * 1e3:.1f}, max "
+          f"{max(step_s) * 1e3:.1f})  {speed[name]:9.1f} images/s")
+  if args.compare:
+    for mode in ("train", "eval"):
+      print(f"{mode}: jax/torch images/s = {speed[f'jax {mode}'] / speed[f'torch {mode}']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

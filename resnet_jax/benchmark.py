@@ -1,0 +1,206 @@
+"""Training and evaluation throughput: `python -m resnet_jax.benchmark --model=cifar_resnet20`.
+
+Times the trainer's own jitted steps (`train.train_step`, `train.eval_step`) in
+steady state: each step is compiled and run once before timing, and every timed
+repeat ends in `block_until_ready`. Reports compile time, the median step time
+with its spread over repeats, images per second and model FLOP utilisation
+(MFU): FLOPs = 2 x `models.count_macs`, a training step counts 3 x the forward
+pass (forward, input gradient, weight gradient).
+
+By default the batch is already on the device ("model alone"); with
+`--input_pipeline` the training step also samples and augments its batch from a
+synthetic dataset of `resnet_jax.data` (the full input-to-update path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from resnet_jax import data, models, optim, train
+
+# Dense (no sparsity) peak TFLOP/s of one chip: NVIDIA H100/H200 SXM datasheets
+# (float32 is the non-tensor-core rate) and the Cloud TPU system architecture
+# pages. Matched as substrings of `device.device_kind`, first match wins.
+PEAK_TFLOPS = (
+    ("H200", {"bfloat16": 989.0, "float32": 67.0}),
+    ("H100", {"bfloat16": 989.0, "float32": 67.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),
+    ("TPU v5e", {"bfloat16": 197.0}),
+    ("TPU v5p", {"bfloat16": 459.0}),
+    ("TPU v5", {"bfloat16": 459.0}),  # v5p reports itself as "TPU v5".
+    ("TPU v4", {"bfloat16": 275.0}),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+  """The known dense peak of `device_kind` at `dtype`, or None."""
+  for pattern, peaks in PEAK_TFLOPS:
+    if pattern in device_kind:
+      return peaks.get(dtype)
+  return None
+
+
+@dataclasses.dataclass
+class Result:
+  """Timings of one jitted step; `step_s` holds the mean step time of each repeat."""
+  name: str
+  batch_size: int
+  flops_per_step: float
+  compile_s: float
+  step_s: list[float]
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.step_s)
+
+  @property
+  def images_per_s(self) -> float:
+    return self.batch_size / self.median_s
+
+  def mfu(self, peak: float | None) -> float | None:
+    return None if not peak else self.flops_per_step / self.median_s / (peak * 1e12)
+
+
+class Runner:
+  """Runs `steps` chained calls of a compiled step and returns the seconds per step.
+
+  `step` maps a carry to a new carry; the carry is threaded from call to call,
+  so every timed step does the real work of the loop it stands for.
+  """
+
+  def __init__(self, step: Callable, carry, *args):
+    start = time.perf_counter()
+    self._step = step.lower(carry, *args).compile()
+    self.compile_s = time.perf_counter() - start
+    self._carry, self._args = carry, args
+    self.run(1)  # Warm-up: first-run allocations and thread-pool start stay out of the timings.
+
+  def run(self, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      self._carry = self._step(self._carry, *self._args)
+    jax.block_until_ready(self._carry)
+    return (time.perf_counter() - start) / steps
+
+
+def measure(runners: dict[str, object], repeats: int, steps: int) -> dict[str, list[float]]:
+  """Per-repeat step times of each runner, interleaved so that all see the same machine load."""
+  times = {name: [] for name in runners}
+  for _ in range(repeats):
+    for name, runner in runners.items():
+      times[name].append(runner.run(steps))
+  return times
+
+
+def make_config(model: str, batch_size: int, dtype: str):
+  """The model's training recipe (configs/), with synthetic data of the right shape."""
+  from configs import cifar_base, imagenet_base  # pylint: disable=g-import-not-at-top
+  base = cifar_base if model.startswith("cifar_") else imagenet_base
+  config = base.get_config(model)
+  num_classes, image_size = config.dataset.num_classes, config.dataset.image_size
+  config.dataset = data.default_config("synthetic")
+  # Enough distinct images that sampling is real work, few enough to stay small in memory.
+  config.dataset.update(num_classes=num_classes, image_size=image_size,
+                        synthetic_train_size=4 * batch_size, synthetic_eval_size=batch_size)
+  config.batch_size = config.eval_batch_size = batch_size
+  config.dtype = dtype
+  return config
+
+
+def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], int]:
+  """Runners for "train", "eval" (and "train+input"); also returns the forward MACs per batch."""
+  mesh = jax.make_mesh((jax.device_count(),), (data.core.DATA_AXIS,))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = NamedSharding(mesh, PartitionSpec(data.core.DATA_AXIS))
+  size, classes = config.dataset.image_size, config.dataset.num_classes
+  model = train.create_model(config, classes, config.seed)
+  macs = models.count_macs(model, (config.batch_size, size, size, 3))
+  tx = optim.create(config)
+  state = jax.device_put(train.create_train_state(config, model, tx), replicated)
+  # Training steps donate their state: each runner gets its own copy.
+  copy_state = lambda: jax.tree.map(jnp.copy, state)
+
+  rng = np.random.default_rng(0)
+  batch = jax.device_put(data.Batch(
+      images=rng.standard_normal((config.batch_size, size, size, 3), np.float32),
+      labels=rng.integers(0, classes, config.batch_size, dtype=np.int32),
+      mask=np.ones(config.batch_size, bool)), batch_sharding)
+
+  train_step = lambda state, batch: train.train_step(config, tx, state, batch)[0]
+  # Evaluation carries a running error count, so no call is dead code.
+  eval_step = lambda total, state, batch: total + train.eval_step(state, batch)["top1_errors"]
+  runners = {
+      "train": Runner(jax.jit(train_step, donate_argnums=0), copy_state(), batch),
+      "eval": Runner(jax.jit(eval_step), jnp.zeros((), jnp.int32), state, batch),
+  }
+  if input_pipeline:
+    dataset = data.create(config.dataset, mesh)
+    if not isinstance(dataset, data.OnDeviceDataset):
+      raise ValueError(f"--input_pipeline needs an on-device dataset; {config.model} at "
+                       f"{size}x{size} gets a {type(dataset).__name__}.")
+    fused = lambda state, ds: train_step(state, ds.train_batch(state.step, config.batch_size))
+    runners["train+input"] = Runner(jax.jit(fused, donate_argnums=0), copy_state(), dataset)
+  return runners, macs
+
+
+def results(runners: dict[str, Runner], times: dict[str, list[float]], macs: int,
+            batch_size: int) -> list[Result]:
+  forward_flops = 2 * macs
+  return [Result(name, batch_size, (forward_flops if name == "eval" else 3 * forward_flops),
+                 runner.compile_s, times[name]) for name, runner in runners.items()]
+
+
+def format_table(rows: Sequence[Result], peak: float | None) -> str:
+  lines = [f"{'step':<12} {'compile s':>9} {'median ms':>10} {'min-max ms':>15} "
+           f"{'images/s':>9} {'GFLOP/step':>10} {'MFU':>7}"]
+  for r in rows:
+    mfu = r.mfu(peak)
+    lines.append(
+        f"{r.name:<12} {r.compile_s:9.2f} {r.median_s * 1e3:10.2f} "
+        f"{min(r.step_s) * 1e3:7.1f}-{max(r.step_s) * 1e3:<7.1f} {r.images_per_s:9.1f} "
+        f"{r.flops_per_step / 1e9:10.2f} {'n/a' if mfu is None else f'{100 * mfu:6.2f}%':>7}")
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="cifar_resnet20", help="a models.create name")
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--input_pipeline", action="store_true",
+                      help="also time the full input-to-update step on synthetic data")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="device peak for MFU (default: looked up for known devices)")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Result]:
+  args = parse_args(argv)
+  config = make_config(args.model, args.batch, args.dtype)
+  device = jax.devices()[0]
+  peak = args.peak_tflops or peak_tflops(device.device_kind, args.dtype)
+  runners, macs = build_runners(config, input_pipeline=args.input_pipeline)
+  rows = results(runners, measure(runners, args.repeats, args.steps), macs, args.batch)
+  print(f"{args.model}, batch {args.batch}, {args.dtype}, {jax.device_count()} x "
+        f"{device.device_kind} ({jax.default_backend()}), peak "
+        f"{'unknown' if peak is None else f'{peak} TFLOP/s'}; {args.repeats} repeats of "
+        f"{args.steps} steps")
+  print(format_table(rows, peak))
+  by_name = {r.name: r for r in rows}
+  print(f"eval/train throughput: {by_name['eval'].images_per_s / by_name['train'].images_per_s:.2f}x")
+  return rows
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,75 @@
+"""Every experiment config loads, states the paper's recipe, and trains for a step."""
+import functools
+import importlib
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from resnet_jax import data, models, optim, train
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
+                     if p.stem not in ("__init__", "common", "cifar_base", "imagenet_base"))
+# Deep ImageNet nets and ResNet-1202 take a minute or more to compile on 2 CPU cores.
+SLOW = {"cifar_resnet1202", "imagenet_resnet50", "imagenet_resnet101", "imagenet_resnet152"}
+
+
+def load(name, arg=None):
+  return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def expected_model(name):
+  if name.startswith("cifar_"):
+    return name
+  return name.removeprefix("imagenet_").split("_")[0]
+
+
+def test_all_paper_experiments_have_a_config():
+  expected = ({f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110, 1202)}
+              | {f"cifar_plain{d}" for d in (20, 32, 44, 56, 110)}
+              | {f"imagenet_resnet{d}" for d in (18, 34, 50, 101, 152)}
+              | {"imagenet_plain18", "imagenet_plain34"}
+              | {f"imagenet_resnet34_{o}" for o in "abc"})
+  assert set(EXPERIMENTS) == expected
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_config_states_the_papers_recipe(name):
+  config = load(name)
+  optim.validate(config)
+  assert config.model == expected_model(name)
+  assert (config.learning_rate, config.momentum, config.weight_decay) == (0.1, 0.9, 1e-4)
+  if name.startswith("cifar_"):
+    # Sec. 4.2: batch 128, 0.1 divided by 10 at 32k and 48k, stop at 64k.
+    assert config.dataset.name == "cifar10" and config.batch_size == 128
+    assert config.lr_schedule == "piecewise" and tuple(config.lr_boundaries) == (32_000, 48_000)
+    assert config.num_train_steps == 64_000
+    warm = name in ("cifar_resnet110", "cifar_resnet1202")
+    assert config.warmup_learning_rate == (0.01 if warm else 0.0)
+  else:
+    # Sec. 3.4: batch 256, 0.1 divided by 10 on plateaus, up to 60e4 iterations.
+    assert config.dataset.name == "imagenet2012" and config.batch_size == 256
+    assert config.lr_schedule == "plateau" and config.num_train_steps == 600_000
+  option = name[-1].upper() if name.startswith("imagenet_resnet34_") else None
+  assert config.model_overrides.shortcut == option
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in EXPERIMENTS])
+def test_config_trains_a_step_on_synthetic_data(name):
+  config = load(name, "smoke")
+  assert config.dataset.name == "synthetic"
+  model = train.create_model(config, config.dataset.num_classes, seed=0)
+  tx = optim.create(config)
+  state = train.create_train_state(config, model, tx)
+  batch = data.Batch(images=jax.random.normal(jax.random.key(0), (8, 32, 32, 3)),
+                     labels=jnp.arange(8) % config.dataset.num_classes,
+                     mask=jnp.ones((8,), bool))
+  step = jax.jit(functools.partial(train.train_step, config, tx))
+  state, metrics = step(state, batch)
+  state, metrics = step(state, batch)
+  assert int(state.step) == 2 and int(state.nonfinite_step) == -1
+  assert jnp.isfinite(metrics["loss"])
+  assert models.count_params(model) > 0

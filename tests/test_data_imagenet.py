@@ -1,0 +1,157 @@
+"""Tests of the ImageNet transforms (section 3.4) and the streaming tf.data pipeline."""
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import data
+from resnet_jax.data import imagenet
+from resnet_jax.data.sources import tensorflow
+
+tf = tensorflow()
+SIZES = [(300, 500), (500, 300), (256, 256), (1000, 200), (180, 240), (480, 640)]
+
+
+def mesh_of(num_devices: int):
+  return jax.make_mesh((num_devices,), ("data",), devices=jax.devices()[:num_devices])
+
+
+def random_image(height, width, seed=0):
+  return tf.constant(np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8))
+
+
+@pytest.mark.parametrize("height,width", SIZES)
+def test_train_view_shapes_and_window_geometry(height, width):
+  image = random_image(height, width)
+  view, offset = imagenet.train_view(image, tf.constant([0, 1], tf.int64))
+  assert view.shape == (224, 224, 3) and view.dtype == tf.uint8 and offset.shape == (3,)
+  shorter = min(height, width)
+  implied_scales = []
+  for position in range(200):
+    y, x, side = (int(v) for v in imagenet.train_window(height, width, tf.constant([7, position], tf.int64)))
+    assert 0 <= y <= height - side and 0 <= x <= width - side
+    implied_scales.append(224 * shorter / side)  # The shorter side the crop corresponds to.
+  assert min(implied_scales) >= 256 * 0.97 and max(implied_scales) <= 480 * 1.03
+  assert min(implied_scales) < 290 and max(implied_scales) > 440  # The whole [256, 480] range is used.
+
+
+def test_train_view_from_jpeg_bytes_matches_geometry():
+  jpeg = tf.io.encode_jpeg(random_image(375, 500))
+  view, _ = imagenet.train_view_from_bytes(jpeg, tf.constant([3, 4], tf.int64))
+  assert view.shape == (224, 224, 3)
+  png = tf.io.encode_png(random_image(375, 500))
+  assert imagenet.train_view_from_bytes(png, tf.constant([3, 4], tf.int64))[0].shape == (224, 224, 3)
+
+
+def test_lighting_noise_statistics():
+  offsets = np.stack([imagenet.lighting_offset(tf.constant([0, i], tf.int64)).numpy() for i in range(400)])
+  expected_std = np.sqrt((imagenet.EIGVEC ** 2) @ (imagenet.EIGVAL * 0.1) ** 2) * 255
+  np.testing.assert_allclose(offsets.std(axis=0), expected_std, rtol=0.2)
+  assert np.all(np.abs(offsets.mean(axis=0)) < expected_std * 0.3)
+
+
+def test_center_view_of_a_256_square_is_its_middle():
+  image = random_image(256, 256)
+  view, offset = imagenet.center_view(image)
+  np.testing.assert_array_equal(view.numpy(), image.numpy()[16:240, 16:240])
+  np.testing.assert_allclose(offset.numpy(), -imagenet.MEAN_RGB)
+
+
+def test_ten_crops_are_corners_centre_and_mirrors():
+  image = random_image(256, 340).numpy()  # Shorter side already 256: no resampling.
+  views, _ = imagenet.ten_crop_views(tf.constant(image))
+  views = views.numpy()
+  assert views.shape == (10, 224, 224, 3)
+  expected = [image[:224, :224], image[:224, -224:], image[-224:, :224], image[-224:, -224:],
+              image[16:240, 58:282]]
+  for index, crop in enumerate(expected):
+    np.testing.assert_array_equal(views[index], crop)
+    np.testing.assert_array_equal(views[index + 5], crop[:, ::-1])
+
+
+@pytest.mark.parametrize("height,width", SIZES)
+def test_eval_views_shapes(height, width):
+  image = random_image(height, width)
+  assert imagenet.center_view(image)[0].shape == (224, 224, 3)
+  assert imagenet.ten_crop_views(image)[0].shape == (10, 224, 224, 3)
+  assert [tuple(v.shape) for v in imagenet.multiscale_views(image)[0]] == [(s, s, 3) for s in (224, 256, 384, 480, 640)]
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+  """train: 2 classes x 12 JPEGs of assorted sizes; val: 11 flat-colour JPEGs, colour = 20 * id."""
+  root = tmp_path_factory.mktemp("folder")
+  rng = np.random.default_rng(0)
+  for label in ("a", "b"):
+    (root / "train" / label).mkdir(parents=True)
+    for index in range(12):
+      height, width = rng.integers(200, 520, 2)
+      (root / "train" / label / f"{index}.jpg").write_bytes(tf.io.encode_jpeg(random_image(height, width, index)).numpy())
+  (root / "val" / "a").mkdir(parents=True)
+  (root / "val" / "b").mkdir(parents=True)
+  for index in range(11):
+    height, width = rng.integers(230, 400, 2)
+    flat = tf.fill([height, width, 3], tf.constant(20 * index, tf.uint8))
+    (root / "val" / "a" / f"{index:02d}.png").write_bytes(tf.io.encode_png(flat).numpy())
+  return root
+
+
+def folder_dataset(root, mesh):
+  config = data.default_config("image_folder")
+  config.data_dir, config.eval_split, config.image_size = str(root), "val", 224
+  return data.create(config, mesh)
+
+
+def test_streaming_folder_train_is_deterministic_and_resumable(jpeg_folder):
+  ds = folder_dataset(jpeg_folder, mesh_of(8))
+  assert ds.info.train_size == 24 and ds.info.image_shape == (224, 224, 3) and not ds.info.synthetic
+  iterator = ds.train_iterator(8)
+  first = [next(iterator) for _ in range(4)]  # Crosses into the second epoch (3 steps per epoch).
+  state = iterator.get_state()
+  assert int(state["step"]) == 4
+  following = next(iterator)
+  iterator.close()
+  assert first[0].images.shape == (8, 224, 224, 3) and first[0].images.dtype == np.float32
+  assert first[0].images.sharding.spec[0] == "data"
+  resumed = ds.train_iterator(8)
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed).images, following.images)
+  resumed.close()
+  fresh = ds.train_iterator(8)
+  np.testing.assert_array_equal(next(fresh).images, first[0].images)
+  assert not np.array_equal(first[1].images, first[0].images)
+  fresh.close()
+
+
+@pytest.mark.parametrize("num_devices,batch_size,protocol", [
+    (1, 4, "center"), (1, 16, "center"), (8, 8, "center"), (8, 16, "center"), (8, 8, "10crop"),
+    (8, 8, "multiscale")])
+def test_streaming_eval_visits_every_example_once(jpeg_folder, num_devices, batch_size, protocol):
+  ds = folder_dataset(jpeg_folder, mesh_of(num_devices))
+  seen = []
+  for batch in ds.eval_batches(batch_size, protocol):
+    views = data.views(batch)
+    assert len(views) == {"center": 1, "10crop": 10, "multiscale": 5}[protocol]
+    colours = np.asarray(views[-1])[:, 100, 100] + imagenet.MEAN_RGB
+    seen.extend(np.rint(colours[np.asarray(batch.mask), 0] / 20).astype(int))
+  assert sorted(seen) == list(range(11))
+
+
+def test_unknown_protocol_and_synthetic_streaming():
+  config = data.default_config("synthetic")
+  config.image_size, config.synthetic_train_size, config.synthetic_eval_size = 224, 64, 20
+  ds = data.create(config, mesh_of(8))
+  assert isinstance(ds, data.StreamingDataset)
+  assert ds.info.synthetic and ds.info.name == "synthetic(224x224x3,10 classes)"
+  iterator = ds.train_iterator(16)
+  assert next(iterator).images.shape == (16, 224, 224, 3)
+  iterator.close()
+  assert sum(int(b.mask.sum()) for b in ds.eval_batches(16)) == 20
+  with pytest.raises(ValueError, match="'10crop' is not available"):
+    next(ds.eval_batches(16, "10crop"))
+
+
+def test_imagenet_missing_is_a_clear_error(tmp_path):
+  config = data.default_config("imagenet2012")
+  config.data_dir = str(tmp_path)
+  with pytest.raises(data.DatasetNotFoundError, match="downloads/manual"):
+    data.create(config, mesh_of(8))

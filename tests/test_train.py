@@ -1,0 +1,191 @@
+"""The training loop: resume equality, preemption, start-up errors, one compilation, real data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jax.sharding import NamedSharding, PartitionSpec
+
+from configs import cifar_resnet20
+from resnet_jax import data, optim, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**overrides):
+  config = cifar_resnet20.get_config("smoke")
+  config.model = "cifar_resnet8"
+  config.update(overrides)
+  return config
+
+
+def final_state(workdir):
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                                  item_names=("state", "data", "identity"))
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return step, restored.state
+
+
+def test_stop_and_resume_gives_bitwise_the_same_parameters(tmp_path, monkeypatch):
+  assert jax.device_count() == 8
+  config = smoke_config(num_train_steps=8, lr_boundaries=(4, 6), log_every_steps=2,
+                        eval_every_steps=4, checkpoint_every_steps=4)
+  result = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert result["train_step_compilations"] == 1
+
+  # Preempted after step 3 (between checkpoints), then resumed with the same command.
+  monkeypatch.setattr(train._Preemption, "reached", lambda self, step: step == 3)
+  with pytest.raises(SystemExit) as exit_info:
+    train.train_and_evaluate(config, str(tmp_path / "stopped"))
+  assert exit_info.value.code == train.PREEMPTED_EXIT_CODE
+  assert final_state(str(tmp_path / "stopped"))[0] == 3
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(config, str(tmp_path / "stopped"))
+
+  step_a, state_a = final_state(str(tmp_path / "straight"))
+  step_b, state_b = final_state(str(tmp_path / "stopped"))
+  assert step_a == step_b == 8
+  leaves_a, leaves_b = jax.tree.leaves(state_a), jax.tree.leaves(state_b)
+  assert len(leaves_a) == len(leaves_b) > 50
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["top1_error"] == result["top1_error"]
+
+
+def test_run_writes_metrics_tensorboard_and_summary(tmp_path):
+  config = smoke_config(num_train_steps=4, lr_boundaries=(2,), log_every_steps=2,
+                        eval_every_steps=2, checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  kinds = [(r["step"], r["kind"]) for r in records]
+  assert kinds == [(2, "train"), (2, "eval"), (4, "train"), (4, "eval")]
+  assert records[0]["learning_rate"] == pytest.approx(0.1)
+  assert records[2]["learning_rate"] == pytest.approx(0.01)
+  assert records[1]["examples"] == 200  # every synthetic eval example, once
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["model"] == "cifar_resnet8" and summary["num_params"] == 75_290  # ResNet-20 less 2 x 97,216
+  assert "synthetic" in summary["dataset"]
+  assert list(tmp_path.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model": "cifar_resnet9"}, "Unknown model 'cifar_resnet9'"),
+    ({"batch_size": 12}, "does not divide across 8 devices"),
+    ({"num_train_steps": 12}, "ends before it starts"),
+    ({"lr_schedule": "cosine"}, "unknown lr_schedule"),
+    ({"eval_every_steps": 0}, "eval_every_steps must be positive"),
+])
+def test_bad_configs_fail_at_start_up(tmp_path, overrides, message):
+  with pytest.raises(train.StartupError, match=message):
+    train.train_and_evaluate(smoke_config(**overrides), str(tmp_path))
+
+
+def test_unknown_dataset_and_unwritable_workdir_fail_at_start_up(tmp_path):
+  config = smoke_config()
+  config.dataset.name = "mnist"
+  with pytest.raises(train.StartupError, match="unknown dataset name 'mnist'"):
+    train.train_and_evaluate(config, str(tmp_path))
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  with pytest.raises(train.StartupError, match="is not writable"):
+    train.train_and_evaluate(smoke_config(), str(blocker / "workdir"))
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+  config = smoke_config(num_train_steps=2, lr_boundaries=(1,), checkpoint_every_steps=2,
+                        eval_every_steps=2, log_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  config.model = "cifar_plain8"
+  with pytest.raises(train.StartupError, match="different run"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_main_reports_one_line_and_exit_status_2(tmp_path):
+  completed = subprocess.run(
+      [sys.executable, "-m", "resnet_jax.main", f"--config={REPO}/configs/cifar_resnet20.py:smoke",
+       "--config.batch_size=12", f"--workdir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert completed.returncode == 2
+  assert "error: batch_size 12 does not divide across 8 devices" in completed.stderr
+  assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_and_exits_75(tmp_path):
+  command = [sys.executable, "-m", "resnet_jax.main",
+             f"--config={REPO}/configs/cifar_resnet20.py:smoke", "--config.model=cifar_resnet8",
+             "--config.num_train_steps=400", "--config.lr_boundaries=(200,)",
+             "--config.log_every_steps=1", "--config.checkpoint_every_steps=1000",
+             "--config.eval_every_steps=1000", f"--workdir={tmp_path}"]
+  process = subprocess.Popen(command, cwd=REPO, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  for line in process.stderr:
+    if "step 3/400" in line:
+      process.send_signal(signal.SIGTERM)
+      break
+    assert time.time() < deadline, "training never reached step 3"
+  remaining = process.communicate(timeout=300)[1]
+  assert process.returncode == train.PREEMPTED_EXIT_CODE, remaining[-2000:]
+  step, _ = final_state(str(tmp_path))
+  assert 3 < step < 400
+
+
+@pytest.mark.slow
+def test_trains_on_real_cifar10_far_above_chance(cifar10_dir, tmp_path):
+  # The command a user runs, on one CPU device (the other tests cover sharding).
+  env = dict(os.environ, XLA_FLAGS="")
+  completed = subprocess.run(
+      [sys.executable, "-m", "resnet_jax.main", f"--config={REPO}/configs/cifar_resnet20.py",
+       "--config.model=cifar_resnet8", "--config.dataset.name=image_folder",
+       f"--config.dataset.data_dir={cifar10_dir}", "--config.batch_size=64",
+       "--config.num_train_steps=400", "--config.lr_boundaries=(300,)",
+       "--config.log_every_steps=100", "--config.eval_every_steps=400",
+       "--config.checkpoint_every_steps=400", f"--workdir={tmp_path}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  print("cifar_resnet8, 400 steps of 64 on the shared CIFAR-10:", summary)
+  assert summary["examples"] == 10_000
+  assert summary["top1_error"] < 60.0  # chance is 90%
+
+
+@pytest.mark.slow
+def test_multi_view_protocols_average_softmax_scores_over_every_example(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for split, count in [("train", 8), ("test", 12)]:
+    for index in range(count):
+      folder = tmp_path / split / f"class{index % 2}"
+      folder.mkdir(parents=True, exist_ok=True)
+      pixels = rng.integers(0, 256, (260 + 10 * index, 300, 3), np.uint8)
+      Image.fromarray(pixels).save(folder / f"{index}.jpg")
+  mesh = jax.make_mesh((8,), ("data",))
+  dataset_config = data.default_config("image_folder")
+  dataset_config.update(data_dir=str(tmp_path), image_size=224)
+  dataset = data.create(dataset_config, mesh)
+  config = smoke_config()
+  model = train.create_model(config, 2, seed=0)
+  state = jax.device_put(train.create_train_state(config, model, optim.create(config)),
+                         NamedSharding(mesh, PartitionSpec()))
+  eval_fn = jax.jit(train.eval_step)
+  for protocol, num_views in [("center", 1), ("10crop", 10), ("multiscale", 5)]:
+    batch = next(iter(dataset.eval_batches(8, protocol=protocol)))
+    assert len(data.views(batch)) == num_views
+    result = train.evaluate(eval_fn, state, dataset.eval_batches(8, protocol=protocol))
+    assert result["examples"] == 12, protocol
+  # The 10-crop score is the mean of the views' softmax scores.
+  batch = next(iter(dataset.eval_batches(8, protocol="10crop")))
+  model.eval()
+  scores = np.mean([jax.nn.softmax(model(view)) for view in data.views(batch)], axis=0)
+  expected = train.topk_errors(scores, batch.labels, batch.mask)
+  got = eval_fn(state, batch)
+  assert int(got["top1_errors"]) == int(expected["top1_errors"])
+  assert int(got["count"]) == int(np.sum(batch.mask))
