@@ -1,25 +1,25 @@
-"""The models' convolution: `lax.conv_general_dilated` with a faster weight gradient on CPU.
+"""The models' convolution: `lax.conv_general_dilated`, made faster on XLA's CPU backend.
 
 Every `nnx.Conv` of `resnet_jax.models` calls `conv_general_dilated` (a drop-in
 for lax's). On CPU, plain NHWC/HWIO convolutions without dilation or groups take
-a `jax.custom_vjp` whose weight gradient XLA's CPU backend runs faster; all
-other cases, and every other backend, are lax's own convolution.
+a `jax.custom_vjp` with a faster weight gradient; all other cases, and every
+other backend, are lax's own convolution. The forward pass and the input
+gradient are lax's in every case.
 
-Why: XLA computes the weight gradient dW[kh, kw, ci, co] = sum_{n,h,w}
-x[n, h + kh, w + kw, ci] dy[n, h, w, co] as a convolution whose input is x with
-its batch and feature dimensions swapped, (ci, h, w, n). That is a transposing
-copy of x, and x is usually not in memory: XLA fuses its producers (batch norm,
-ReLU and the residual adds of every earlier block, since identity shortcuts
-never pass a convolution) into the copy and recomputes them all while reading
-in transposed order. Profiled on a ResNet-20 step, one such copy took 140 ms on
-a core, about 15% of the step; the others 2-20 ms each.
+XLA computes the weight gradient dW[kh, kw, ci, co] = sum_{n,h,w}
+x[n, h + kh, w + kw, ci] dy[n, h, w, co] as a convolution of x with its batch and
+feature dimensions swapped, (ci, h, w, n): a transposing copy of x. And x is
+usually not in memory: XLA fuses its producers (batch norm, ReLU and the
+residual adds of every earlier block, as identity shortcuts never pass a
+convolution) into that copy and recomputes them all in transposed order. In a
+ResNet-20 step one such copy took 140 ms on one core, 15% of the step.
 
-The weight gradient here is the same sum as a convolution of dy, read as
-(co, h, w, n), with x as its kernel, read as (h, w, n, ci). The transposing copy
-moves to dy, whose producer (the batch norm backward) reaches back only to the
-previous convolution, and x is read in rows of ci. Strided convolutions become
-one such stride-1 convolution per phase of the stride. Measured on one core
-(AMD EPYC, jax 0.10.2): see BENCHMARKS.md.
+Here the same sum is a convolution of dy, read as (co, h, w, n), with x as its
+kernel, read as (h, w, n, ci): the transposing copy moves to dy, whose producer
+(the batch norm backward) reaches back only to the previous convolution, and x
+is read in whole rows of ci. A strided convolution's weight gradient is one such
+stride-1 convolution per phase of the stride. It is an exact reformulation
+(tests/test_ops.py); timings in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -64,6 +64,12 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                preferred_element_type)
 
 
+def _explicit_sharding(array: jax.Array):
+  """The array's sharding where its mesh has explicit axes (which ops must then be told)."""
+  sharding = jax.typeof(array).sharding
+  return sharding if jax.sharding.AxisType.Explicit in sharding.mesh.axis_types else None
+
+
 def _forward(x, w, strides, pads, precision, preferred_element_type):
   return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC,
                                   precision=precision,
@@ -81,17 +87,22 @@ def _conv_fwd(x, w, strides, pads, precision, preferred_element_type):
 
 def _conv_bwd(strides, pads, precision, preferred_element_type, residuals, dy):
   x, w = residuals
-  # The input gradient is lax's own (a convolution of dy with the flipped kernel).
+  # The input gradient is lax's own: a convolution of dy with the flipped kernel.
   forward_in_x = lambda x: _forward(x, w, strides, pads, precision, preferred_element_type)
-  (dx,) = jax.linear_transpose(forward_in_x, jax.ShapeDtypeStruct(x.shape, x.dtype))(dy)
-  return dx, weight_gradient(x, dy, w.shape, strides, pads, precision).astype(w.dtype)
+  x_type = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_explicit_sharding(x))
+  (dx,) = jax.linear_transpose(forward_in_x, x_type)(dy)
+  # Under explicit sharding the weight gradient sums over a sharded batch: it is laid out as w.
+  dw = weight_gradient(x, dy, w.shape, strides, pads, precision,
+                       out_sharding=_explicit_sharding(w))
+  return dx, dw.astype(w.dtype)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
-                    strides: tuple[int, int], pads: Pads, precision=None) -> jax.Array:
+                    strides: tuple[int, int], pads: Pads, precision=None,
+                    out_sharding=None) -> jax.Array:
   """dW (HWIO, float32 or wider) of the NHWC convolution of `x` that gave gradient `dy`.
 
   Stride s: kernel row kh = s * a + r reads x row s * (h + a) + r, so each phase
@@ -101,21 +112,23 @@ def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
   kh, kw = kernel_shape[:2]
   sh, sw = strides
   if (sh, sw) == (1, 1):
-    return _stride1_weight_gradient(x, dy, (kh, kw), pads, precision)
+    return _stride1_weight_gradient(x, dy, (kh, kw), pads, precision, out_sharding)
   _, ho, wo, _ = dy.shape
   padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-  dw = jnp.zeros((kh, kw, x.shape[3], dy.shape[3]), jnp.promote_types(dy.dtype, jnp.float32))
+  dw = jnp.zeros((kh, kw, x.shape[3], dy.shape[3]), jnp.promote_types(dy.dtype, jnp.float32),
+                 out_sharding=out_sharding)
   for r, c in itertools.product(range(min(sh, kh)), range(min(sw, kw))):
     taps = (len(range(r, kh, sh)), len(range(c, kw, sw)))
     # Exactly the rows and columns this phase's taps read: ho + taps - 1 of them.
     phase = padded[:, r:r + sh * (ho + taps[0] - 2) + 1:sh,
                    c:c + sw * (wo + taps[1] - 2) + 1:sw]
-    piece = _stride1_weight_gradient(phase, dy, taps, ((0, 0), (0, 0)), precision)
+    piece = _stride1_weight_gradient(phase, dy, taps, ((0, 0), (0, 0)), precision, out_sharding)
     dw = dw.at[r::sh, c::sw].set(piece)
   return dw
 
 
-def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, precision):
+def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, precision,
+                             out_sharding):
   """Stride-1 dW as a convolution of dy (batch co, feature n) with x as kernel (in n, out ci).
 
   That convolution's output row a holds kernel row kh = k - 1 - a (it runs the
@@ -127,14 +140,15 @@ def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, prec
   for k, (pad_low, _), size, out_size in zip(kernel_hw, pads, x.shape[1:3], (ho, wo)):
     low = k - 1 - pad_low
     dy_pads.append((low, k - 1 + size - low - out_size))
-  # Explicit padding keeps dy at least as large as its "kernel" x, which XLA's
-  # fast CPU convolution (YNNPACK) requires.
-  # lax.pad: a padding larger than k - 1 makes `low` negative, which crops.
-  dy = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in dy_pads),
-                                             (0, 0, 0)))
-  dw = lax.conv_general_dilated(dy, x, (1, 1), ((0, 0), (0, 0)),
+  if any(out_size < size for out_size, size in zip((ho, wo), x.shape[1:3])):
+    # XLA's fast CPU convolution (YNNPACK) needs the input at least as large as
+    # the kernel, here x: pad dy explicitly (slower than padding in the convolution).
+    dy = lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), *((lo, hi, 0) for lo, hi in dy_pads),
+                                               (0, 0, 0)))
+    dy_pads = ((0, 0), (0, 0))
+  dw = lax.conv_general_dilated(dy, x, (1, 1), dy_pads,
                                 dimension_numbers=("CHWN", "IHWO", "HWCN"),
-                                precision=precision,
+                                precision=precision, out_sharding=out_sharding,
                                 preferred_element_type=jnp.promote_types(dy.dtype, jnp.float32))
   return dw[::-1, ::-1]
 

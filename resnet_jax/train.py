@@ -115,8 +115,9 @@ def train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
       train_error_ema=error_ema)
   # A non-finite loss or gradient leaves the state as it was and records the
   # step; the host stops at its next check, so no NaN ever reaches a checkpoint.
-  finite = jnp.isfinite(loss) & jnp.all(jnp.asarray(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  # (One global norm, not a test per leaf: per-leaf tests made XLA's CPU
+  # compile of a ResNet-56 step 5x slower.)
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   new_state = new_state.replace(nonfinite_step=jnp.where(
       finite | (state.nonfinite_step >= 0), state.nonfinite_step, state.step))

@@ -1,5 +1,4 @@
 """Every experiment config loads, states the paper's recipe, and trains for a step."""
-import functools
 import importlib
 import pathlib
 
@@ -67,9 +66,10 @@ def test_config_trains_a_step_on_synthetic_data(name):
   batch = data.Batch(images=jax.random.normal(jax.random.key(0), (8, 32, 32, 3)),
                      labels=jnp.arange(8) % config.dataset.num_classes,
                      mask=jnp.ones((8,), bool))
-  step = jax.jit(functools.partial(train.train_step, config, tx))
-  state, metrics = step(state, batch)
-  state, metrics = step(state, batch)
-  assert int(state.step) == 2 and int(state.nonfinite_step) == -1
+  # Op by op: XLA's CPU compile of a whole ResNet-152 or ResNet-1202 step takes
+  # many minutes; the jitted step itself is exercised by tests/test_train.py.
+  with jax.disable_jit():
+    state, metrics = train.train_step(config, tx, state, batch)
+  assert int(state.step) == 1 and int(state.nonfinite_step) == -1
   assert jnp.isfinite(metrics["loss"])
   assert models.count_params(model) > 0

@@ -1,0 +1,118 @@
+"""resnet_jax.ops: the CPU convolution has exactly lax's values and gradients."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+
+from resnet_jax import models, ops
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def conv_grads(conv, x, w, strides, padding, dimension_numbers=NHWC, jit=True):
+  """Output and (dx, dw) of a non-linear loss of `conv`, so dy differs at every position."""
+  def loss(x, w):
+    y = conv(x, w, strides, padding, dimension_numbers=dimension_numbers)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+  grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+  (dx, dw), y = (jax.jit(grad) if jit else grad)(x, w)
+  return y, dx, dw
+
+
+def random_inputs(shape_x, shape_w, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(shape_x, np.float32), dtype)
+  w = jnp.asarray(rng.standard_normal(shape_w, np.float32), dtype)
+  return x, w
+
+
+def assert_close(actual, expected, rtol):
+  # Relative to the largest entry: sums of products cancel, so entry-wise
+  # relative error is meaningless near zero.
+  scale = float(jnp.max(jnp.abs(expected.astype(jnp.float32))))
+  np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
+                             rtol=0, atol=rtol * scale)
+
+
+CASES = [
+    # (kernel, stride, padding, spatial size, c_in, c_out)
+    *[(k, s, ((p, p), (p, p)), size, 5, 6)
+      for k, s, p, size in itertools.product((1, 3, 7), (1, 2), (0, 1, 3), (8, 9))
+      if size + 2 * p >= k],
+    (3, 1, ((1, 1), (1, 1)), 32, 16, 16),  # CIFAR stage 1.
+    (3, 2, ((1, 1), (1, 1)), 32, 16, 32),  # CIFAR downsampling conv.
+    (1, 2, ((0, 0), (0, 0)), 16, 32, 64),  # ImageNet projection shortcut.
+    (7, 2, ((3, 3), (3, 3)), 20, 3, 8),  # ImageNet stem.
+    (3, 1, ((1, 0), (0, 2)), 7, 4, 3),  # Asymmetric padding.
+    (3, 2, "SAME", 9, 4, 3),
+    (3, 1, "VALID", 9, 4, 3),
+]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size,c_in,c_out", CASES)
+def test_gradients_equal_lax(kernel, stride, padding, size, c_in, c_out):
+  x, w = random_inputs((3, size, size, c_in), (kernel, kernel, c_in, c_out))
+  strides = (stride, stride)
+  y_ref, dx_ref, dw_ref = conv_grads(lax.conv_general_dilated, x, w, strides, padding)
+  y, dx, dw = conv_grads(ops.conv_general_dilated, x, w, strides, padding)
+  assert y.shape == y_ref.shape and dw.shape == w.shape and dw.dtype == w.dtype
+  assert_close(y, y_ref, 1e-6)
+  assert_close(dx, dx_ref, 1e-6)
+  assert_close(dw, dw_ref, 1e-5)
+
+
+def test_gradients_equal_lax_without_jit():
+  x, w = random_inputs((2, 9, 9, 3), (3, 3, 3, 4))
+  ref = conv_grads(lax.conv_general_dilated, x, w, (2, 2), ((1, 1), (1, 1)), jit=False)
+  got = conv_grads(ops.conv_general_dilated, x, w, (2, 2), ((1, 1), (1, 1)), jit=False)
+  for actual, expected in zip(got, ref):
+    assert_close(actual, expected, 1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_bfloat16_gradients(stride):
+  x, w = random_inputs((4, 16, 16, 8), (3, 3, 8, 16), jnp.bfloat16)
+  padding = ((1, 1), (1, 1))
+  _, dx_ref, dw_ref = conv_grads(lax.conv_general_dilated, x, w, (stride, stride), padding)
+  _, dx, dw = conv_grads(ops.conv_general_dilated, x, w, (stride, stride), padding)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  # Exact to bfloat16 rounding: both are rounded from float32-accumulated sums.
+  assert_close(dx, dx_ref, 2 ** -7)
+  assert_close(dw, dw_ref, 2 ** -7)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs", [
+    ((2, 9, 9, 4), (3, 3, 4, 6), dict(rhs_dilation=(2, 2))),
+    ((2, 9, 9, 4), (3, 3, 4, 6), dict(lhs_dilation=(2, 2))),
+    ((2, 9, 9, 4), (3, 3, 2, 6), dict(feature_group_count=2)),
+    ((2, 4, 9, 9), (6, 4, 3, 3), dict(dimension_numbers=("NCHW", "OIHW", "NCHW"))),
+])
+def test_other_convolutions_are_lax(x_shape, w_shape, kwargs):
+  kwargs = {"dimension_numbers": NHWC, **kwargs}
+  x, w = random_inputs(x_shape, w_shape)
+  trace = lambda conv: jax.make_jaxpr(
+      lambda x, w: conv(x, w, (1, 1), ((1, 1), (1, 1)), **kwargs))(x, w)
+  assert str(trace(ops.conv_general_dilated)) == str(trace(lax.conv_general_dilated))
+
+
+def test_models_train_through_the_fast_path():
+  model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, images):
+    net = nnx.merge(graphdef, params, rest, copy=True)
+    net.train()
+    return jnp.mean(net(images) ** 2)
+
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32))
+  assert "custom_vjp_call" in str(jax.make_jaxpr(loss)(params, images))
+  assert all(jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(params, images)))
+  # The custom VJP leaves the forward convolutions, hence the MAC count, as they were:
+  # stem, then per stage two 3x3 convs (the first strided after stage 1), and the head.
+  macs = 32 * 32 * 16 * 27 + 2 * 32 * 32 * 16 * 144
+  macs += 16 * 16 * 32 * (16 * 9 + 32 * 9) + 8 * 8 * 64 * (32 * 9 + 64 * 9) + 64 * 10
+  assert models.count_macs(model, (32, 32, 3)) == macs
