@@ -117,7 +117,7 @@ def train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   # step; the host stops at its next check, so no NaN ever reaches a checkpoint.
   # (One global norm, not a test per leaf: per-leaf tests made XLA's CPU
   # compile of a ResNet-56 step 5x slower.)
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   new_state = new_state.replace(nonfinite_step=jnp.where(
       finite | (state.nonfinite_step >= 0), state.nonfinite_step, state.step))
