@@ -169,7 +169,7 @@ def test_multi_view_protocols_average_softmax_scores_over_every_example(tmp_path
       Image.fromarray(pixels).save(folder / f"{index}.jpg")
   mesh = jax.make_mesh((8,), ("data",))
   dataset_config = data.default_config("image_folder")
-  dataset_config.update(data_dir=str(tmp_path), image_size=224)
+  dataset_config.data_dir = str(tmp_path)
   dataset = data.create(dataset_config, mesh)
   config = smoke_config()
   model = train.create_model(config, 2, seed=0)

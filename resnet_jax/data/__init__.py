@@ -24,7 +24,8 @@ Config fields (`default_config(name)` gives the defaults; set only what differs)
     stratified 5k; image folders too); for image folders any split folder name.
   eval_split: "test" / "validation" (ImageNet), or "val5k" (the 5k held out of "train45k").
   seed: sampling and augmentation seed; a run's batches are a pure function of (seed, step).
-  image_size: synthetic image side; crop side for ImageNet and large image folders (224).
+  image_size: side of synthetic images (> 64 streams them like ImageNet). Real data keeps its
+    own size: CIFAR-sized images as they are, larger ones cropped to 224 (section 3.4).
   num_classes: synthetic only.
   synthetic_train_size, synthetic_eval_size: synthetic split sizes.
   augment: training augmentation (CIFAR: pad 4 + random crop + flip; ImageNet: scale

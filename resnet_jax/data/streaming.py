@@ -190,9 +190,6 @@ def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, 
   from resnet_jax.data import imagenet  # pylint: disable=g-import-not-at-top
   from resnet_jax.data.sources import tensorflow  # pylint: disable=g-import-not-at-top
   tf = tensorflow()
-  if config.image_size != imagenet.CROP:
-    raise ValueError(f"streaming ImageNet-style pipelines crop {imagenet.CROP}x{imagenet.CROP} (section 3.4); "
-                     f"got dataset.image_size={config.image_size}")
   train_ids = _train_ids(len(train), mesh, config.seed)
   seed = config.seed
 
