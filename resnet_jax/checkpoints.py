@@ -5,11 +5,13 @@ state, step, warm-up state), the streaming pipeline's iterator state when there
 is one, and the identity of the run (model and its overrides, class count), so
 a workdir of another model is refused with a clear error instead of a shape
 mismatch deep inside orbax. An unreadable newest checkpoint is reported in one
-line and the next older one is used.
+line, renamed to `<step>.unreadable-<time>` (kept, never overwritten) and the
+next older one is used.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -18,6 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = "top1_error"
@@ -78,11 +81,21 @@ class Manager:
       except Exception as error:  # Any damage: truncated, missing or garbage files.
         logging.error("Checkpoint at step %d is unreadable (%s: %s); trying the previous one.",
                       step, type(error).__name__, str(error).splitlines()[0][:200])
+        self._set_aside(step)
         continue
       logging.info("Resumed from the checkpoint at step %d.", step)
       return restored.state, restored.get("data")
     raise ValueError(f"none of the checkpoints {steps} in {self._manager.directory} is readable; "
                      "move the directory away to start afresh, or restore it from a backup.")
+
+  def _set_aside(self, step: int) -> None:
+    """Renames a damaged step out of orbax's view (kept for inspection, not overwritten)."""
+    damaged = self._manager.directory / str(step)
+    if jax.process_index() == 0:
+      damaged.rename(damaged.parent / f"{step}.unreadable-{int(time.time())}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    self._manager.reload()
 
   def _has_item(self, step: int, name: str) -> bool:
     return (self._manager.directory / str(step) / name).exists()

@@ -189,3 +189,34 @@ def test_multi_view_protocols_average_softmax_scores_over_every_example(tmp_path
   got = eval_fn(state, batch)
   assert int(got["top1_errors"]) == int(expected["top1_errors"])
   assert int(got["count"]) == int(np.sum(batch.mask))
+
+
+def test_divergence_stops_at_the_first_non_finite_step_and_saves_nothing_bad(tmp_path):
+  config = smoke_config(num_train_steps=6, lr_boundaries=(4,), learning_rate=1e12,
+                        log_every_steps=1, eval_every_steps=6, checkpoint_every_steps=1)
+  with pytest.raises(train.NonFiniteError, match=r"non-finite loss or gradient at step \d+"):
+    train.train_and_evaluate(config, str(tmp_path))
+  # Whatever was saved before the divergence is finite.
+  if ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step() is not None:
+    _, state = final_state(str(tmp_path))
+    floats = [leaf for leaf in jax.tree.leaves(state) if np.issubdtype(leaf.dtype, np.floating)]
+    assert floats and all(np.all(np.isfinite(leaf)) for leaf in floats)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+  config = smoke_config(num_train_steps=4, lr_boundaries=(3,), log_every_steps=2,
+                        eval_every_steps=4, checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  newest = tmp_path / "checkpoints" / "4" / "state"
+  for path in newest.rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  config.num_train_steps = 6
+  config.lr_boundaries = (5,)
+  with caplog.at_level("INFO"):
+    result = train.train_and_evaluate(config, str(tmp_path))
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("Checkpoint at step 4 is unreadable" in m for m in messages), messages
+  assert any("Resumed from the checkpoint at step 2" in m for m in messages), messages
+  assert result["examples"] == 200 and final_state(str(tmp_path))[0] == 6
+  assert list((tmp_path / "checkpoints").glob("4.unreadable-*"))  # kept for inspection

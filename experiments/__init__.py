@@ -1,0 +1,1 @@
+"""The paper's experiments as sweeps of training runs (`python -m experiments.sweeps`)."""

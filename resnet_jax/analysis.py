@@ -1,0 +1,88 @@
+"""Analyses of trained networks: layer responses (Fig. 7) and training curves (Figs. 1, 4, 6).
+
+`layer_responses(model, images)` follows Sec. 4.2's analysis: "the outputs of each
+3x3 layer, after BN and before other nonlinearity (ReLU/addition)", in eval mode.
+Residual functions that are close to zero show up as small responses (Fig. 7).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resnet_jax import models
+
+
+def _is_3x3(conv: nnx.Conv) -> bool:
+  return tuple(conv.kernel_size) == (3, 3)
+
+
+def layer_responses(model: models.ResNet, images: jax.Array | np.ndarray) -> np.ndarray:
+  """Std of every 3x3 layer's output after BN, before the addition and ReLU, in layer order.
+
+  The standard deviation is over every element of the layer's output for `images`
+  (N, H, W, C). On CIFAR nets the first entry is the 3x3 stem conv (the paper's
+  "1st layer"), then the two convs of every basic block; bottleneck nets give their
+  middle 3x3 convs. Plain nets give the same points. Puts `model` in eval mode.
+  """
+  if model.preact:
+    raise ValueError("layer responses are defined for the paper's post-activation blocks; "
+                     "a pre-activation block has no BN right after its convs.")
+  model.eval()
+  responses = []
+  x = model.stem_norm(model.stem_conv(jnp.asarray(images)))
+  if _is_3x3(model.stem_conv):
+    responses.append(jnp.std(x))
+  x = nnx.relu(x)
+  if model.imagenet_stem:
+    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  for block in model.blocks:
+    # The residual branch, layer by layer, as Block._residual_branch computes it.
+    y = x
+    for i, (conv, norm) in enumerate(zip(block.convs, block.norms)):
+      y = norm(conv(y))
+      if _is_3x3(conv):
+        responses.append(jnp.std(y))
+      if i < len(block.convs) - 1:
+        y = nnx.relu(y)
+    # The block's own call gives its output (shortcut, addition, ReLU).
+    x = block(x)
+  return np.asarray(jax.device_get(responses), np.float64)
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+  """The records of a workdir's metrics.jsonl; [] when there is none."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_curves(workdirs: Sequence[str | pathlib.Path]) -> dict[str, dict[str, np.ndarray]]:
+  """Training and test error (%) against iterations, per workdir (keyed by str(workdir)).
+
+  Returns {"train_step", "train_error", "test_step", "test_error"} arrays for each
+  workdir. A resumed run logs again the steps between its last checkpoint and the
+  stop; the record written last for a step wins.
+  """
+  curves = {}
+  for workdir in workdirs:
+    by_step = {"train": {}, "eval": {}}
+    for record in read_metrics(workdir):
+      if record.get("kind") in by_step:
+        by_step[record["kind"]][record["step"]] = record
+    train_steps, test_steps = sorted(by_step["train"]), sorted(by_step["eval"])
+    curves[str(workdir)] = {
+        "train_step": np.asarray(train_steps, np.int64),
+        # The trainer logs the training error as a fraction, the test error in percent.
+        "train_error": np.asarray([100 * by_step["train"][s]["train_error"] for s in train_steps]),
+        "test_step": np.asarray(test_steps, np.int64),
+        "test_error": np.asarray([by_step["eval"][s]["top1_error"] for s in test_steps]),
+    }
+  return curves
