@@ -106,8 +106,8 @@ def schedule_overrides(config_name: str, schedule: str, steps: int) -> dict[str,
   scale = lambda count: max(1, count * steps // config.num_train_steps)
   overrides = {"num_train_steps": str(steps)}
   if config.lr_boundaries:
-    boundaries = sorted({scale(b) for b in config.lr_boundaries})
-    if boundaries[-1] >= steps:
+    boundaries = [scale(b) for b in config.lr_boundaries]
+    if len(set(boundaries)) < len(boundaries) or boundaries[-1] >= steps:
       raise ValueError(f"--steps={steps} is too short to place the learning-rate drops; "
                        "use at least 4.")
     overrides["lr_boundaries"] = "(" + ",".join(map(str, boundaries)) + ")"

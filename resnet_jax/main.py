@@ -29,8 +29,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _initialize_distributed() -> None:
   import jax
   if _COORDINATOR.value:
-    if jax.default_backend() == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Lets CPU devices of several processes join collectives (unused on GPU and TPU).
+    # Asking for the backend first would initialise it too early for jax.distributed.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
   elif any(key in os.environ for key in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",

@@ -1,0 +1,293 @@
+"""A sweep's report: results table against the paper, training curves, layer responses.
+
+  python -m resnet_jax.report --sweep_dir=/runs/table6 --out=/runs/table6/report
+
+reads every member workdir `<sweep_dir>/<config>/seed<k>` that `experiments.sweeps`
+made, and writes `report.md` with `curves.png` (Figs. 1, 4, 6: training error thin
+and dashed, test error bold, against iterations) and, where checkpoints exist,
+`layer_responses.png` (Fig. 7).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+from absl import app, flags
+
+from resnet_jax import analysis
+
+# Top-1 test error (%) of the paper for a config: (reference for the difference, as printed).
+# CIFAR-10: Table 6 (plain nets appear in Fig. 6 only). ImageNet: Tables 2 and 3, 10-crop
+# validation error.
+PAPER_ERRORS = {
+    "cifar_resnet20": (8.75, "8.75"),
+    "cifar_resnet32": (7.51, "7.51"),
+    "cifar_resnet44": (7.17, "7.17"),
+    "cifar_resnet56": (6.97, "6.97"),
+    # Table 6 gives the best of 5 runs and their mean +- std; a mean compares like with like.
+    "cifar_resnet110": (6.61, "6.61 ± 0.16 (5 runs; best 6.43)"),
+    "cifar_resnet1202": (7.93, "7.93"),
+    "imagenet_plain18": (27.94, "27.94"),
+    "imagenet_plain34": (28.54, "28.54"),
+    "imagenet_resnet18": (27.88, "27.88 (option A)"),
+    "imagenet_resnet34": (24.52, "24.52 (option B)"),
+    "imagenet_resnet34_a": (25.03, "25.03"),
+    "imagenet_resnet34_b": (24.52, "24.52"),
+    "imagenet_resnet34_c": (24.19, "24.19"),
+    "imagenet_resnet50": (22.85, "22.85"),
+    "imagenet_resnet101": (21.75, "21.75"),
+    "imagenet_resnet152": (21.43, "21.43"),
+}
+
+LAYER_RESPONSE_IMAGES = 512  # Evaluation images the Fig. 7 statistics are taken over.
+
+
+def find_members(sweep_dir: pathlib.Path) -> list[dict]:
+  """Each member with its config, seed, summary (None until it finishes) and curves.
+
+  The members are those sweep.json plans (started or not) and any other
+  `<config>/seed<k>` workdir found, in the sweep's order.
+  """
+  record = read_sweep_record(sweep_dir)
+  planned = [sweep_dir / m["workdir"] for m in record.get("members", [])]
+  found = sorted(set(sweep_dir.glob("*/seed*")) - set(planned))
+  members = []
+  for workdir in planned + [w for w in found if w.is_dir()]:
+    summary_path = workdir / "summary.json"
+    members.append({
+        "config": workdir.parent.name, "seed": int(workdir.name.removeprefix("seed")),
+        "workdir": workdir,
+        "summary": json.loads(summary_path.read_text()) if summary_path.exists() else None,
+        "curves": analysis.training_curves([workdir])[str(workdir)]})
+  return members
+
+
+def read_sweep_record(sweep_dir: pathlib.Path) -> dict:
+  path = sweep_dir / "sweep.json"
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def table_rows(members: Sequence[dict]) -> list[dict]:
+  """One row per config: finished runs' mean and std of test error, and the paper's number."""
+  rows = []
+  for config in dict.fromkeys(m["config"] for m in members):
+    runs = [m for m in members if m["config"] == config]
+    finished = [m for m in runs if m["summary"] is not None]
+    test = np.asarray([m["summary"]["top1_error"] for m in finished])
+    train = [m["curves"]["train_error"][-1] for m in finished if m["curves"]["train_error"].size]
+    reference, paper_text = PAPER_ERRORS.get(config, (None, "—"))
+    mean = float(test.mean()) if test.size else None
+    rows.append({
+        "config": config,
+        "model": finished[0]["summary"]["model"] if finished else "",
+        "dataset": ", ".join(sorted({m["summary"]["dataset"] for m in finished})),
+        "num_params": finished[0]["summary"]["num_params"] if finished else None,
+        "runs": len(runs), "finished": len(finished),
+        "train_error": float(np.mean(train)) if train else None,
+        "test_mean": mean,
+        # Sample standard deviation over seeds (ddof=1), as a spread "over 5 runs" is read.
+        "test_std": float(test.std(ddof=1)) if test.size > 1 else None,
+        "paper": paper_text,
+        "difference": mean - reference if mean is not None and reference is not None else None,
+    })
+  return rows
+
+
+def _format_row(row: dict) -> str:
+  fmt = lambda value, spec: "—" if value is None else format(value, spec)
+  test = fmt(row["test_mean"], ".2f")
+  if row["test_std"] is not None:
+    test += f" ± {row['test_std']:.2f}"
+  runs = f"{row['finished']}/{row['runs']}"
+  return (f"| {row['config']} | {row['model'] or '—'} | {row['dataset'] or '—'} | "
+          f"{fmt(row['num_params'], ',')} | {runs} | {fmt(row['train_error'], '.2f')} | {test} | "
+          f"{row['paper']} | {fmt(row['difference'], '+.2f')} |")
+
+
+def _is_plain(config: str) -> bool:
+  return "plain" in config
+
+
+def plot_curves(members: Sequence[dict], path: pathlib.Path) -> bool:
+  """Figs. 1/4/6: plain nets left, residual nets right; the lowest seed of each config."""
+  first_runs = {}
+  for member in sorted(members, key=lambda m: m["seed"]):
+    if member["curves"]["train_step"].size or member["curves"]["test_step"].size:
+      first_runs.setdefault(member["config"], member)
+  if not first_runs:
+    return False
+  groups = [("plain", [c for c in first_runs if _is_plain(c)]),
+            ("residual", [c for c in first_runs if not _is_plain(c)])]
+  groups = [(title, configs) for title, configs in groups if configs]
+  figure, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+  for axis, (title, configs) in zip(axes[0], groups):
+    for index, config in enumerate(configs):
+      curves, color = first_runs[config]["curves"], f"C{index}"
+      axis.plot(curves["train_step"], curves["train_error"], "--", lw=0.8, color=color)
+      axis.plot(curves["test_step"], curves["test_error"], "-", lw=2.2, color=color, label=config)
+    axis.set(title=f"{title} nets", xlabel="iterations", ylabel="error (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(title="dashed: training, bold: test", fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+  return True
+
+
+def plot_layer_responses(responses: dict[str, np.ndarray], path: pathlib.Path) -> None:
+  """Fig. 7: std of each 3x3 layer's response, by layer index (top) and sorted (bottom)."""
+  figure, (by_layer, by_size) = plt.subplots(2, 1, figsize=(8, 7))
+  for index, (config, values) in enumerate(responses.items()):
+    style = dict(color=f"C{index}", ls="--" if _is_plain(config) else "-", label=config)
+    layers = np.arange(1, len(values) + 1)
+    by_layer.plot(layers, values, **style)
+    by_size.plot(layers, np.sort(values)[::-1], **style)
+  by_layer.set(xlabel="layer index (original)", ylabel="std")
+  by_size.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
+  for axis in (by_layer, by_size):
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def trained_layer_responses(workdir: pathlib.Path, datasets: dict) -> np.ndarray:
+  """Restores a member's newest checkpoint and measures its layer responses (Fig. 7).
+
+  `datasets` caches input pipelines by their config, shared between members.
+  """
+  # Imported here: the table and curves need neither jax's trainer nor the data.
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  from resnet_jax import checkpoints, data, optim, train  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  mesh = jax.make_mesh((jax.device_count(),), (data.core.DATA_AXIS,))
+  key = json.dumps(config.dataset.to_dict(), sort_keys=True)
+  if key not in datasets:
+    datasets[key] = data.create(config.dataset, mesh)
+  dataset = datasets[key]
+  model = train.create_model(config, dataset.info.num_classes, config.seed)
+  state = jax.device_put(train.create_train_state(config, model, optim.create(config)),
+                         NamedSharding(mesh, PartitionSpec()))
+  manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints)
+  state, _ = manager.restore_latest(state)
+  nnx.update(model, state.params, state.batch_stats)
+  batch_size = -(-LAYER_RESPONSE_IMAGES // jax.device_count()) * jax.device_count()
+  if isinstance(dataset, data.OnDeviceDataset):
+    batch = next(iter(dataset.eval_batches(batch_size)))
+  else:
+    batch = next(iter(dataset.eval_batches(batch_size, protocol="center")))
+  images = np.asarray(data.views(batch)[0])[np.asarray(batch.mask)]
+  return analysis.layer_responses(model, images)
+
+
+def _has_checkpoints(workdir: pathlib.Path) -> bool:
+  directory = workdir / "checkpoints"
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def _schedule_line(record: dict) -> str:
+  schedule = record.get("schedule")
+  if schedule == "full":
+    return "Schedule: **full**, the paper's recipe (CIFAR-10: 64k iterations, drops at 32k/48k)."
+  if schedule == "short":
+    return (f"Schedule: **short**, {record['steps']} iterations: the paper's recipe with every "
+            "iteration count scaled to that length (learning-rate drops at 1/2 and 3/4 on "
+            "CIFAR-10); errors are not comparable to the paper's converged numbers.")
+  return "Schedule: unknown (no sweep.json in the sweep directory)."
+
+
+def _dataset_notes(rows: Sequence[dict]) -> list[str]:
+  names = sorted({name for row in rows for name in row["dataset"].split(", ") if name})
+  notes = [f"Datasets used: {', '.join(f'`{n}`' for n in names) or 'none finished yet'}."]
+  if any("cifar10-jpeg" in name for name in names):
+    notes.append("`cifar10-jpeg` is CIFAR-10 stored as JPEG: compression loses detail, so "
+                 "test errors run higher than on the official pixels the paper used.")
+  if any("synthetic" in name for name in names):
+    notes.append("Runs on `synthetic` data (noise with random labels) check the machinery "
+                 "only; their errors mean nothing.")
+  if any(row["config"].startswith("imagenet") for row in rows):
+    notes.append("The paper's ImageNet numbers are 10-crop validation errors; our runs "
+                 "evaluate with the config's `eval_protocol` (centre crop unless overridden).")
+  return notes
+
+
+def write_report(sweep_dir: str | pathlib.Path, out: str | pathlib.Path,
+                 layer_responses: bool = True) -> pathlib.Path:
+  """Writes out/report.md and its figures; returns the report's path."""
+  sweep_dir, out = pathlib.Path(sweep_dir), pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  record = read_sweep_record(sweep_dir)
+  members = find_members(sweep_dir)
+  rows = table_rows(members)
+  lines = [f"# Sweep `{record.get('sweep', sweep_dir.name)}`", ""]
+  if record.get("description"):
+    lines += [record["description"] + ".", ""]
+  lines += [_schedule_line(record), ""]
+  if record.get("overrides"):
+    lines += ["Config overrides: " + ", ".join(f"`{o}`" for o in record["overrides"]) + ".", ""]
+  lines += [f"- {note}" for note in _dataset_notes(rows)] + [""]
+  lines += [
+      "## Results", "",
+      "Training error: the last logged value (mean over finished runs). Test error: top-1 (%) "
+      "of the final evaluation, mean ± sample std over finished runs. Δ: ours minus the paper's.",
+      "",
+      "| Config | Model | Dataset | Params | Runs finished | Train error (%) | Test error (%) "
+      "| Paper (%) | Δ |",
+      "|---|---|---|---|---|---|---|---|---|"]
+  lines += [_format_row(row) for row in rows] + [""]
+
+  lines += ["## Training curves", ""]
+  if plot_curves(members, out / "curves.png"):
+    lines += ["Training error dashed and thin, test error bold, against iterations "
+              "(the lowest seed of each config), as in Figs. 1, 4 and 6.", "",
+              "![training curves](curves.png)", ""]
+  else:
+    lines += ["No metrics logged yet.", ""]
+
+  lines += ["## Layer responses (Fig. 7)", ""]
+  responses, datasets = {}, {}
+  for member in sorted(members, key=lambda m: m["seed"]):
+    if (layer_responses and member["config"] not in responses
+        and _has_checkpoints(member["workdir"])):
+      responses[member["config"]] = trained_layer_responses(member["workdir"], datasets)
+  if responses:
+    plot_layer_responses(responses, out / "layer_responses.png")
+    lines += [f"Std of each 3x3 layer's output after BN, before addition and ReLU, over "
+              f"{LAYER_RESPONSE_IMAGES} evaluation images, from the newest checkpoint of each "
+              "config's lowest seed (CIFAR: layer 1 is the stem conv). Plain nets dashed.", "",
+              "![layer responses](layer_responses.png)", ""]
+  else:
+    lines += ["No checkpoints to measure.", ""]
+  path = out / "report.md"
+  path.write_text("\n".join(lines))
+  return path
+
+
+_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "The sweep's --workdir.")
+_OUT = flags.DEFINE_string("out", None, "Where report.md and its figures go.")
+_LAYER_RESPONSES = flags.DEFINE_bool("layer_responses", True,
+                                     "Restore checkpoints and plot Fig. 7 (needs the dataset).")
+flags.mark_flags_as_required(["sweep_dir", "out"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  print(write_report(_SWEEP_DIR.value, _OUT.value, _LAYER_RESPONSES.value), file=sys.stdout)
+
+
+if __name__ == "__main__":
+  app.run(main)
