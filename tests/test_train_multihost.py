@@ -1,7 +1,8 @@
 """The trainer on two real JAX processes (gloo CPU collectives) against one process.
 
-Two processes of 4 devices each must train as one process of 8: the
-same losses, the same evaluation and the same checkpointed parameters.
+Two processes of 4 devices each must train as one process of 8: the same
+losses, evaluation and checkpointed parameters, up to the float32 rounding of
+sums taken across processes in another order.
 """
 import json
 import os
