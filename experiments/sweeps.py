@@ -58,9 +58,9 @@ SWEEPS = {
         ("cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56"),
         default_schedule="short"),
     "table2_fig4": Sweep(
-        "ImageNet plain vs residual 18/34 (Table 2, Fig. 4); ResNet-34 with option A as in "
-        "Table 2 (the ResNet-18 config uses option B)",
-        ("imagenet_plain18", "imagenet_plain34", "imagenet_resnet18", "imagenet_resnet34_a")),
+        "ImageNet plain vs residual 18/34 (Table 2, Fig. 4), residual nets with option A as in "
+        "Table 2",
+        ("imagenet_plain18", "imagenet_plain34", "imagenet_resnet18_a", "imagenet_resnet34_a")),
     "table3_shortcuts": Sweep("ImageNet ResNet-34 with shortcut options A, B, C (Table 3)",
                               ("imagenet_resnet34_a", "imagenet_resnet34_b",
                                "imagenet_resnet34_c")),

@@ -37,7 +37,7 @@ PAPER_ERRORS = {
     "cifar_resnet1202": (7.93, "7.93"),
     "imagenet_plain18": (27.94, "27.94"),
     "imagenet_plain34": (28.54, "28.54"),
-    "imagenet_resnet18": (27.88, "27.88 (option A)"),
+    "imagenet_resnet18_a": (27.88, "27.88"),
     "imagenet_resnet34": (24.52, "24.52 (option B)"),
     "imagenet_resnet34_a": (25.03, "25.03"),
     "imagenet_resnet34_b": (24.52, "24.52"),
@@ -184,12 +184,18 @@ def trained_layer_responses(workdir: pathlib.Path, datasets: dict) -> np.ndarray
   manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints)
   state, _ = manager.restore_latest(state)
   nnx.update(model, state.params, state.batch_stats)
-  batch_size = -(-LAYER_RESPONSE_IMAGES // jax.device_count()) * jax.device_count()
+  # The run's own evaluation batches (a size its devices and data allow), up to N images.
   if isinstance(dataset, data.OnDeviceDataset):
-    batch = next(iter(dataset.eval_batches(batch_size)))
+    batches = dataset.eval_batches(config.eval_batch_size)
   else:
-    batch = next(iter(dataset.eval_batches(batch_size, protocol="center")))
-  images = np.asarray(data.views(batch)[0])[np.asarray(batch.mask)]
+    batches = dataset.eval_batches(config.eval_batch_size, protocol="center")
+  images, count = [], 0
+  for batch in batches:
+    images.append(np.asarray(data.views(batch)[0])[np.asarray(batch.mask)])
+    count += len(images[-1])
+    if count >= LAYER_RESPONSE_IMAGES:
+      break
+  images = np.concatenate(images)[:LAYER_RESPONSE_IMAGES]
   return analysis.layer_responses(model, images)
 
 
@@ -266,7 +272,7 @@ def write_report(sweep_dir: str | pathlib.Path, out: str | pathlib.Path,
   if responses:
     plot_layer_responses(responses, out / "layer_responses.png")
     lines += [f"Std of each 3x3 layer's output after BN, before addition and ReLU, over "
-              f"{LAYER_RESPONSE_IMAGES} evaluation images, from the newest checkpoint of each "
+              f"up to {LAYER_RESPONSE_IMAGES} evaluation images, from the newest checkpoint of each "
               "config's lowest seed (CIFAR: layer 1 is the stem conv). Plain nets dashed.", "",
               "![layer responses](layer_responses.png)", ""]
   else:

@@ -13,6 +13,7 @@ on 2 GPUs), a difference the paper does not measure and BN is robust to.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from typing import Any
 
@@ -157,8 +158,16 @@ class _Preemption:
 
   def __init__(self):
     self.requested = False
+    self._previous_handler = None
+
+  def __enter__(self):
     if jax.process_count() == 1:
-      signal.signal(signal.SIGTERM, self._handle)
+      self._previous_handler = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc_info):
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -233,47 +242,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           batch_size=config.batch_size, train_size=info.train_size,
                           dataset_name=info.name)
   writer.write_config(config)
-  preemption = _Preemption()
-  pending, eval_result = [], None
   logging.info("Training %s on %s for %d steps from step %d (%d devices, batch %d).",
                config.model, info.name, config.num_train_steps, start_step,
                jax.device_count(), config.batch_size)
-  writer.start_timer(start_step)
-  for step in range(start_step + 1, config.num_train_steps + 1):
-    batch = next_input()
-    with jax.transfer_guard("disallow"):  # Nothing may move between host and device here.
-      state, step_metrics = train_fn(state, batch)
-    pending.append(step_metrics)
-    is_last = step == config.num_train_steps
-    preempted = preemption.reached(step)
-    if step % config.log_every_steps == 0 or is_last or preempted:
-      _check_finite(state)
-      writer.write_train(step, jax.device_get(pending))
-      pending = []
-    if step % config.eval_every_steps == 0 or is_last:
+  with contextlib.ExitStack() as cleanup:
+    preemption = cleanup.enter_context(_Preemption())
+    cleanup.callback(writer.close)
+    if not on_device:
+      cleanup.callback(train_iter.close)
+    pending, eval_result = [], None
+    writer.start_timer(start_step)
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      batch = next_input()
+      with jax.transfer_guard("disallow"):  # Nothing may move between host and device here.
+        state, step_metrics = train_fn(state, batch)
+      pending.append(step_metrics)
+      is_last = step == config.num_train_steps
+      preempted = preemption.reached(step)
+      if step % config.log_every_steps == 0 or is_last or preempted:
+        _check_finite(state)
+        writer.write_train(step, jax.device_get(pending))
+        pending = []
+      if step % config.eval_every_steps == 0 or is_last:
+        eval_result = evaluate(eval_fn, state, eval_batches())
+        writer.write_eval(step, eval_result)
+      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+        _check_finite(state)
+        manager.save(step, state, None if on_device else train_iter.get_state(),
+                     eval_result if step % config.eval_every_steps == 0 or is_last else None)
+      if preempted:
+        manager.wait()
+        logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
+                        step, workdir)
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+    manager.wait()
+    # One compilation of the step for the whole run: a second would mean a shape
+    # or sharding drifted between steps.
+    compilations = train_fn._cache_size()  # pylint: disable=protected-access
+    if compilations > 1:
+      logging.warning("The train step compiled %d times; expected once.", compilations)
+    if eval_result is None:  # Resumed at the final step: evaluate what was restored.
       eval_result = evaluate(eval_fn, state, eval_batches())
-      writer.write_eval(step, eval_result)
-    if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-      _check_finite(state)
-      manager.save(step, state, None if on_device else train_iter.get_state(),
-                   eval_result if step % config.eval_every_steps == 0 or is_last else None)
-    if preempted:
-      manager.wait()
-      writer.close()
-      logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
-                      step, workdir)
-      raise SystemExit(PREEMPTED_EXIT_CODE)
-  manager.wait()
-  # One compilation of the step for the whole run: a second would mean a shape
-  # or sharding drifted between steps.
-  compilations = train_fn._cache_size()  # pylint: disable=protected-access
-  if compilations > 1:
-    logging.warning("The train step compiled %d times; expected once.", compilations)
-  if eval_result is None:  # Resumed at the final step: evaluate what was restored.
-    eval_result = evaluate(eval_fn, state, eval_batches())
-  eval_result["train_step_compilations"] = compilations
-  writer.write_summary(config, eval_result, num_params=models.count_params(model))
-  writer.close()
+    eval_result["train_step_compilations"] = compilations
+    writer.write_summary(config, eval_result, num_params=models.count_params(model))
   return eval_result
 
 

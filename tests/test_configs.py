@@ -30,7 +30,7 @@ def test_all_paper_experiments_have_a_config():
               | {f"cifar_plain{d}" for d in (20, 32, 44, 56, 110)}
               | {f"imagenet_resnet{d}" for d in (18, 34, 50, 101, 152)}
               | {"imagenet_plain18", "imagenet_plain34"}
-              | {f"imagenet_resnet34_{o}" for o in "abc"})
+              | {f"imagenet_resnet34_{o}" for o in "abc"} | {"imagenet_resnet18_a"})
   assert set(EXPERIMENTS) == expected
 
 
@@ -51,7 +51,7 @@ def test_config_states_the_papers_recipe(name):
     # Sec. 3.4: batch 256, 0.1 divided by 10 on plateaus, up to 60e4 iterations.
     assert config.dataset.name == "imagenet2012" and config.batch_size == 256
     assert config.lr_schedule == "plateau" and config.num_train_steps == 600_000
-  option = name[-1].upper() if name.startswith("imagenet_resnet34_") else None
+  option = name[-1].upper() if name.endswith(("_a", "_b", "_c")) else None
   assert config.model_overrides.shortcut == option
 
 
