@@ -14,6 +14,7 @@ import pytest
 WORKER = r"""
 import json, os, sys
 import jax
+import numpy as np
 process_id, num_processes, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 if num_processes > 1:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
