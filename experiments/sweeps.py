@@ -29,6 +29,7 @@ import sys
 from typing import Callable, Sequence
 
 from absl import app, flags
+from etils import epath
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 PREEMPTED_EXIT_CODE = 75  # resnet_jax.train.PREEMPTED_EXIT_CODE, without importing jax here.
@@ -74,7 +75,7 @@ SWEEPS = {
 class Member:
   config: str
   seed: int
-  workdir: pathlib.Path
+  workdir: epath.Path
   command: tuple[str, ...]  # argv, starting with "python".
 
   @property
@@ -118,7 +119,7 @@ def schedule_overrides(config_name: str, schedule: str, steps: int) -> dict[str,
   return overrides
 
 
-def plan(sweep_name: str, workdir: str | pathlib.Path, schedule: str | None = None,
+def plan(sweep_name: str, workdir: epath.PathLike, schedule: str | None = None,
          steps: int = 2_000, seeds: int | None = None,
          overrides: Sequence[str] = ()) -> tuple[dict, list[Member]]:
   """The sweep's record (for sweep.json) and every member with its command.
@@ -135,7 +136,8 @@ def plan(sweep_name: str, workdir: str | pathlib.Path, schedule: str | None = No
   for override in overrides:
     if "=" not in override:
       raise ValueError(f"override {override!r} must read field=value, e.g. dataset.name=image_folder")
-  root = pathlib.Path(workdir).resolve()
+  root = epath.Path(workdir)
+  root = root if "://" in str(root) else root.resolve()  # resolve() would mangle gs://.
   members = []
   for config in sweep.configs:
     extra = [f"--config.{field}={value}"
@@ -153,9 +155,9 @@ def plan(sweep_name: str, workdir: str | pathlib.Path, schedule: str | None = No
   return record, members
 
 
-def write_record(workdir: str | pathlib.Path, record: dict) -> None:
+def write_record(workdir: epath.PathLike, record: dict) -> None:
   """Writes sweep.json, refusing a directory that holds a sweep of another schedule."""
-  path = pathlib.Path(workdir) / "sweep.json"
+  path = epath.Path(workdir) / "sweep.json"
   if path.exists():
     old = json.loads(path.read_text())
     same = ("sweep", "schedule", "steps", "overrides")

@@ -8,12 +8,12 @@ Residual functions that are close to zero show up as small responses (Fig. 7).
 from __future__ import annotations
 
 import json
-import pathlib
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from resnet_jax import models
@@ -56,15 +56,15 @@ def layer_responses(model: models.ResNet, images: jax.Array | np.ndarray) -> np.
   return np.asarray(jax.device_get(responses), np.float64)
 
 
-def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
-  """The records of a workdir's metrics.jsonl; [] when there is none."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
+def read_metrics(workdir: epath.PathLike) -> list[dict]:
+  """The records of a workdir's metrics.jsonl (local or gs://); [] when there is none."""
+  path = epath.Path(workdir) / "metrics.jsonl"
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def training_curves(workdirs: Sequence[str | pathlib.Path]) -> dict[str, dict[str, np.ndarray]]:
+def training_curves(workdirs: Sequence[epath.PathLike]) -> dict[str, dict[str, np.ndarray]]:
   """Training and test error (%) against iterations, per workdir (keyed by str(workdir)).
 
   Returns {"train_step", "train_error", "test_step", "test_error"} arrays for each

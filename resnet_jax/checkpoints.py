@@ -6,11 +6,14 @@ is one, and the identity of the run (model and its overrides, class count), so
 a workdir of another model is refused with a clear error instead of a shape
 mismatch deep inside orbax. An unreadable newest checkpoint is reported in one
 line, renamed to `<step>.unreadable-<time>` (kept, never overwritten) and the
-next older one is used.
+next older one is used; if none is readable, nothing is renamed and the run
+stops. A failed write raises `CheckpointError`.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 import uuid
 from typing import Any
@@ -32,23 +35,47 @@ def check_writable(workdir: epath.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe.write_text("ok")
-    probe.unlink()
-  except OSError as error:
-    raise ValueError(f"workdir {workdir} is not writable ({error.strerror or error}); "
+  except Exception as error:  # OSError locally; tf.errors.OpError (not an OSError) on gs://.
+    reason = getattr(error, "strerror", None) or getattr(error, "message", None) or error
+    raise ValueError(f"workdir {workdir} is not writable ({reason}); "
                      "pass a --workdir you can write to.") from None
+  finally:
+    if probe.exists():  # A full disk creates the probe, then fails to write it.
+      probe.unlink()
 
 
-def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What a checkpoint must match to be resumed by `config`."""
-  return {"model": config.model, "model_overrides": config.model_overrides.to_dict(),
-          "dataset": config.dataset.name}
+def check_space(workdir: epath.Path, state) -> None:
+  """Raises ValueError if a local workdir lacks the space for one checkpoint of `state`."""
+  try:
+    free = shutil.disk_usage(os.fspath(workdir)).free
+  except OSError:  # Not a local path (gs://...): the bucket has no fixed size.
+    return
+  needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+  if free < needed:
+    raise ValueError(f"workdir {workdir} has {free / 2**20:.1f} MiB free, but one checkpoint of "
+                     f"this run needs {needed / 2**20:.1f} MiB; free some space or pass another "
+                     "--workdir.")
+
+
+class CheckpointError(OSError):
+  """A checkpoint could not be written (a full disk, a lost mount)."""
+
+
+def run_identity(config: ml_collections.ConfigDict, num_classes: int | None) -> dict[str, Any]:
+  """What a checkpoint must match to be resumed by `config` (and its model's class count)."""
+  identity = {"model": config.model, "model_overrides": config.model_overrides.to_dict(),
+              "dataset": config.dataset.name}
+  if num_classes is not None:
+    identity["num_classes"] = num_classes
+  return identity
 
 
 class Manager:
   """Saves and restores one run's checkpoints under `workdir/checkpoints`."""
 
-  def __init__(self, workdir: epath.Path, config: ml_collections.ConfigDict, keep: int):
-    self.identity = run_identity(config)
+  def __init__(self, workdir: epath.Path, config: ml_collections.ConfigDict, keep: int,
+               num_classes: int | None = None):
+    self.identity = run_identity(config, num_classes)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
@@ -64,7 +91,10 @@ class Manager:
     if data_state is not None:
       items["data"] = ocp.args.JsonSave(data_state)
     metrics = {BEST_METRIC: eval_metrics[BEST_METRIC]} if eval_metrics else None
-    self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    try:  # Also reports the failure of the previous, asynchronous save.
+      self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+    except Exception as error:
+      raise self._save_error(error) from error
 
   def restore_latest(self, state):
     """The newest readable checkpoint's (state, data state), or (`state`, None) if there is none."""
@@ -73,6 +103,7 @@ class Manager:
       return state, None
     self._check_identity(steps[0])
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    damaged = []
     for step in steps:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -80,11 +111,14 @@ class Manager:
             **({"data": ocp.args.JsonRestore()} if self._has_item(step, "data") else {})))
       except Exception as error:  # Any damage: truncated, missing or garbage files.
         logging.error("Checkpoint at step %d is unreadable (%s: %s); trying the previous one.",
-                      step, type(error).__name__, str(error).splitlines()[0][:200])
-        self._set_aside(step)
+                      step, type(error).__name__, _first_line(error)[:200])
+        damaged.append(step)
         continue
+      for bad in damaged:
+        self._set_aside(bad)
       logging.info("Resumed from the checkpoint at step %d.", step)
       return restored.state, restored.get("data")
+    # Left in place: a rerun must fail the same way, not silently train from scratch.
     raise ValueError(f"none of the checkpoints {steps} in {self._manager.directory} is readable; "
                      "move the directory away to start afresh, or restore it from a backup.")
 
@@ -106,10 +140,23 @@ class Manager:
           identity=ocp.args.JsonRestore())).identity
     except Exception:  # Unreadable: restore_latest reports it and falls back.
       return
-    if saved != self.identity:
+    # Checkpoints written before a field joined the identity still match on the others.
+    if any(saved.get(key, value) != value for key, value in self.identity.items()):
       raise ValueError(
           f"the workdir holds checkpoints of a different run ({saved}) than this config "
           f"({self.identity}); use a new --workdir, or the config that wrote them.")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:
+      raise self._save_error(error) from error
+
+  def _save_error(self, error: Exception) -> CheckpointError:
+    return CheckpointError(f"could not write a checkpoint to {self._manager.directory} "
+                           f"({type(error).__name__}: {_first_line(error)}); free some space or "
+                           "check the filesystem, then rerun to resume from the last complete one.")
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).splitlines() or [""])[0]

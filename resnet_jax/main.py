@@ -11,8 +11,10 @@ provides (or from --coordinator_address, --num_processes, --process_id).
 
 import os
 import sys
+from typing import NoReturn
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -34,9 +36,19 @@ def _initialize_distributed() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  elif any(key in os.environ for key in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
-                                          "OMPI_COMM_WORLD_SIZE")):
+  elif _on_cloud_tpu_vm() or any(key in os.environ for key in (
+      "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
     jax.distributed.initialize()  # Cloud TPU, Slurm and Open MPI are detected by jax.
+
+
+def _on_cloud_tpu_vm() -> bool:
+  # A TPU VM made with gcloud sets no environment variable (GKE sets
+  # TPU_WORKER_HOSTNAMES): jax reads the slice from the metadata server. Its chips
+  # are /dev/accel* (v2 to v4) or /dev/vfio/<n> (v5e and later). On a single host
+  # initialize() finds one process; on a slice it joins every worker, which the
+  # synchronised save on preemption needs.
+  return (any(epath.Path("/dev").glob("accel*"))
+          or any(p.name.isdigit() for p in epath.Path("/dev/vfio").glob("*")))
 
 
 def _quiet_orbax(record) -> bool:
@@ -44,19 +56,45 @@ def _quiet_orbax(record) -> bool:
   return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
-def main(argv):
+def _fail(message: str) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but every bad flag or config file is one line and exit status 2."""
+  try:
+    argv = flags.FLAGS(argv)
+    _CONFIG.value.keys()  # A config file that failed to load raises OSError only when read.
+  except (AttributeError, KeyError) as error:
+    # ml_collections' answer to an override of a field the config lacks: KeyError("'name'").
+    name = str(error).strip("\"'")
+    flag = next((arg.split("=")[0] for arg in argv if arg.split("=")[0].endswith(f".{name}")), None)
+    if flag is None:  # Not an override: a bug in the config file, whose traceback helps.
+      raise
+    _fail(f"{flag}: the config has no field {name!r}; see the config file for the valid fields.")
+  except (flags.Error, OSError, SyntaxError) as error:
+    # Config-file errors arrive with their traceback as text; its last line names the problem.
+    _fail(str(error).strip().splitlines()[-1].strip())
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
+  if not _WORKDIR.value:  # --workdir=$UNSET would otherwise write into the current directory.
+    _fail("--workdir is empty; pass the directory the run writes to.")
+  return argv
+
+
+def main(argv):
+  del argv  # Checked by _parse_flags.
   logging.get_absl_handler().addFilter(_quiet_orbax)
   _initialize_distributed()
-  from resnet_jax import train
+  from resnet_jax import data, train
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (train.StartupError, train.NonFiniteError) as error:
+  # OSError: a disk failing; CorruptImageError: a bad file met mid-run by the streaming path.
+  except (train.StartupError, train.NonFiniteError, OSError, data.CorruptImageError) as error:
     logging.error("%s", error)
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    _fail(str(error))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

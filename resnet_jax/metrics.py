@@ -1,6 +1,6 @@
 """What a run reports: a console progress line, TensorBoard scalars, a JSON-lines log and a summary.
 
-Files in the workdir (written by process 0 only):
+Files in the workdir (written by process 0 only, through etils.epath: local or gs://):
   metrics.jsonl   one JSON object per train log or evaluation: {"step", "kind", ...}
   events.out.*    TensorBoard event files (tensorboardX: no TensorFlow needed)
   config.json     the run's full config
@@ -9,6 +9,7 @@ Files in the workdir (written by process 0 only):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any, Sequence
@@ -26,6 +27,34 @@ def _duration(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+class _EventFile:
+  """A TensorBoard event file written through epath, whose gs:// files live inside a `with`."""
+
+  def __init__(self, path: str):
+    self._context = contextlib.ExitStack()
+    self._file = self._context.enter_context(epath.Path(path).open("wb"))
+
+  def write(self, data: bytes) -> None:
+    self._file.write(data)
+
+  def flush(self) -> None:
+    self._file.flush()
+
+  def close(self) -> None:
+    self._context.close()
+
+
+class _EpathEventFiles:
+  """tensorboardX's file access for a URI workdir: through epath. (Its own gs:// writer needs
+  google-cloud-storage, and it writes any other URI to the local disk.)"""
+
+  def open(self, path: str) -> _EventFile:
+    return _EventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
 class Writer:
   """Writes a run's metrics; a no-op on every process but the first."""
 
@@ -37,7 +66,10 @@ class Writer:
     self.active = jax.process_index() == 0
     self._tensorboard = None
     if self.active:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter, record_writer
+      scheme, separator, _ = str(workdir).partition("://")
+      if separator:
+        record_writer.register_writer_factory(scheme, _EpathEventFiles())
       self._tensorboard = SummaryWriter(str(workdir))
     self._last_step, self._last_time = 0, time.time()
 

@@ -5,13 +5,13 @@
 reads every member workdir `<sweep_dir>/<config>/seed<k>` that `experiments.sweeps`
 made, and writes `report.md` with `curves.png` (Figs. 1, 4, 6: training error thin
 and dashed, test error bold, against iterations) and, where checkpoints exist,
-`layer_responses.png` (Fig. 7).
+`layer_responses.png` (Fig. 7). Both directories may be local or gs:// (read and written
+through etils.epath).
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 from typing import Sequence
 
@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
 from absl import app, flags
+from etils import epath
 
 from resnet_jax import analysis
 
@@ -50,7 +51,7 @@ PAPER_ERRORS = {
 LAYER_RESPONSE_IMAGES = 512  # Evaluation images the Fig. 7 statistics are taken over.
 
 
-def find_members(sweep_dir: pathlib.Path) -> list[dict]:
+def find_members(sweep_dir: epath.Path) -> list[dict]:
   """Each member with its config, seed, summary (None until it finishes) and curves.
 
   The members are those sweep.json plans (started or not) and any other
@@ -70,7 +71,7 @@ def find_members(sweep_dir: pathlib.Path) -> list[dict]:
   return members
 
 
-def read_sweep_record(sweep_dir: pathlib.Path) -> dict:
+def read_sweep_record(sweep_dir: epath.Path) -> dict:
   path = sweep_dir / "sweep.json"
   return json.loads(path.read_text()) if path.exists() else {}
 
@@ -112,11 +113,18 @@ def _format_row(row: dict) -> str:
           f"{row['paper']} | {fmt(row['difference'], '+.2f')} |")
 
 
+def _save(figure, path: epath.Path) -> None:
+  figure.tight_layout()
+  with path.open("wb") as file:  # Through epath: the report may go to gs://.
+    figure.savefig(file, format="png", dpi=120)
+  plt.close(figure)
+
+
 def _is_plain(config: str) -> bool:
   return "plain" in config
 
 
-def plot_curves(members: Sequence[dict], path: pathlib.Path) -> bool:
+def plot_curves(members: Sequence[dict], path: epath.Path) -> bool:
   """Figs. 1/4/6: plain nets left, residual nets right; the lowest seed of each config."""
   first_runs = {}
   for member in sorted(members, key=lambda m: m["seed"]):
@@ -136,13 +144,11 @@ def plot_curves(members: Sequence[dict], path: pathlib.Path) -> bool:
     axis.set(title=f"{title} nets", xlabel="iterations", ylabel="error (%)")
     axis.grid(alpha=0.3)
     axis.legend(title="dashed: training, bold: test", fontsize=8)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  _save(figure, path)
   return True
 
 
-def plot_layer_responses(responses: dict[str, np.ndarray], path: pathlib.Path) -> None:
+def plot_layer_responses(responses: dict[str, np.ndarray], path: epath.Path) -> None:
   """Fig. 7: std of each 3x3 layer's response, by layer index (top) and sorted (bottom)."""
   figure, (by_layer, by_size) = plt.subplots(2, 1, figsize=(8, 7))
   for index, (config, values) in enumerate(responses.items()):
@@ -155,12 +161,10 @@ def plot_layer_responses(responses: dict[str, np.ndarray], path: pathlib.Path) -
   for axis in (by_layer, by_size):
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  _save(figure, path)
 
 
-def trained_layer_responses(workdir: pathlib.Path, datasets: dict) -> np.ndarray:
+def trained_layer_responses(workdir: epath.Path, datasets: dict) -> np.ndarray:
   """Restores a member's newest checkpoint and measures its layer responses (Fig. 7).
 
   `datasets` caches input pipelines by their config, shared between members.
@@ -199,7 +203,7 @@ def trained_layer_responses(workdir: pathlib.Path, datasets: dict) -> np.ndarray
   return analysis.layer_responses(model, images)
 
 
-def _has_checkpoints(workdir: pathlib.Path) -> bool:
+def _has_checkpoints(workdir: epath.Path) -> bool:
   directory = workdir / "checkpoints"
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
@@ -230,10 +234,10 @@ def _dataset_notes(rows: Sequence[dict]) -> list[str]:
   return notes
 
 
-def write_report(sweep_dir: str | pathlib.Path, out: str | pathlib.Path,
-                 layer_responses: bool = True) -> pathlib.Path:
+def write_report(sweep_dir: epath.PathLike, out: epath.PathLike,
+                 layer_responses: bool = True) -> epath.Path:
   """Writes out/report.md and its figures; returns the report's path."""
-  sweep_dir, out = pathlib.Path(sweep_dir), pathlib.Path(out)
+  sweep_dir, out = epath.Path(sweep_dir), epath.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   record = read_sweep_record(sweep_dir)
   members = find_members(sweep_dir)

@@ -32,6 +32,8 @@ from resnet_jax import checkpoints, data, metrics, models, optim
 # Exit status of a run stopped by SIGTERM (a preemption notice) after saving:
 # EX_TEMPFAIL, "try again", so schedulers and scripts can tell it from a failure.
 PREEMPTED_EXIT_CODE = 75
+# resnet_jax.data's evaluation protocols, named here to be checked before any data loads.
+EVAL_PROTOCOLS = ("center", "10crop", "multiscale")
 
 
 class StartupError(Exception):
@@ -185,15 +187,24 @@ class _Preemption:
 def validate(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Every start-up check that needs no compilation; raises ValueError naming the fix."""
   optim.validate(config)
-  if config.batch_size <= 0 or config.batch_size % jax.device_count():
-    raise ValueError(
-        f"batch_size {config.batch_size} does not divide across {jax.device_count()} devices; "
-        f"use a multiple of {jax.device_count()} (e.g. --config.batch_size="
-        f"{max(1, round(config.batch_size / jax.device_count())) * jax.device_count()}).")
+  if not 0 <= config.momentum < 1:
+    raise ValueError(f"momentum must be in [0, 1), got {config.momentum}.")
+  if config.weight_decay < 0:
+    raise ValueError(f"weight_decay must be non-negative, got {config.weight_decay}.")
+  if config.eval_protocol not in EVAL_PROTOCOLS:
+    raise ValueError(f"unknown eval_protocol {config.eval_protocol!r}; choose one of "
+                     f"{EVAL_PROTOCOLS}.")
   for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                 "eval_batch_size", "keep_checkpoints"):
     if config[field] <= 0:
       raise ValueError(f"{field} must be positive, got {config[field]}.")
+  devices = jax.device_count()
+  for field in ("batch_size", "eval_batch_size"):
+    if config[field] <= 0 or config[field] % devices:
+      raise ValueError(
+          f"{field} {config[field]} does not divide across {devices} devices; use a multiple "
+          f"of {devices} (e.g. --config.{field}="
+          f"{max(1, round(config[field] / devices)) * devices}).")
   checkpoints.check_writable(workdir)
 
 
@@ -204,8 +215,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate(config, workdir)
     mesh = jax.make_mesh((jax.device_count(),), (data.core.DATA_AXIS,))
     dataset = data.create(config.dataset, mesh)
+    on_device = isinstance(dataset, data.OnDeviceDataset)
+    if on_device and config.eval_protocol != "center":
+      raise ValueError(f"eval_protocol {config.eval_protocol!r} crops ImageNet-sized images; "
+                       f"{dataset.info.name} is evaluated whole: use 'center'.")
     model = create_model(config, dataset.info.num_classes, config.seed)
-    manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints)
+    manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints,
+                                  num_classes=dataset.info.num_classes)
   except ValueError as error:
     raise StartupError(str(error)) from error
   info = dataset.info
@@ -213,12 +229,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = optim.create(config)
   state = jax.device_put(create_train_state(config, model, tx), replicated)
   try:
+    checkpoints.check_space(workdir, state)
     state, data_state = manager.restore_latest(state)
   except ValueError as error:
     raise StartupError(str(error)) from error
   start_step = int(state.step)
 
-  on_device = isinstance(dataset, data.OnDeviceDataset)
   step_fn = lambda state, batch: train_step(config, tx, state, batch)
   if on_device:
     # Sampling and augmentation run inside the step: no host work between steps.
@@ -248,6 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with contextlib.ExitStack() as cleanup:
     preemption = cleanup.enter_context(_Preemption())
     cleanup.callback(writer.close)
+    # Saves in flight complete even when training stops on an error (a non-finite loss).
+    cleanup.callback(manager.wait)
     if not on_device:
       cleanup.callback(train_iter.close)
     pending, eval_result = [], None

@@ -1,4 +1,4 @@
-"""Shared test set-up: 8 simulated CPU devices and the shared CIFAR-10 folder."""
+"""Shared test set-up: 8 simulated CPU devices, the shared CIFAR-10 folder, a compilation cache."""
 import os
 
 # Must precede the first `import jax` anywhere in the test session: every test
@@ -28,3 +28,11 @@ def cifar10_dir() -> pathlib.Path:
       pytest.fail(message)
     pytest.skip(message)
   return root
+
+
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory) -> dict[str, str]:
+  """Environment for trainer subprocesses: one persistent XLA cache, so each compiles once."""
+  return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}

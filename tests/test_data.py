@@ -258,3 +258,85 @@ def test_in_memory_and_synthetic_paths_never_import_tensorflow():
                           cwd=pathlib.Path(__file__).resolve().parents[1])
   assert result.returncode == 0, result.stderr[-3000:]
   assert "no tensorflow: ok" in result.stdout
+
+
+def image_folder(root, side=32, classes=("a", "b"), per_class=8, splits=("train", "test")):
+  """root/<split>/<class>/<i>.jpg: `per_class` small noise JPEGs of `side` pixels per class."""
+  tf = sources.tensorflow()
+  rng = np.random.default_rng(0)
+  for split in splits:
+    for name in classes:
+      (root / split / name).mkdir(parents=True)
+      for index in range(per_class):
+        image = rng.integers(0, 256, (side, side, 3), np.uint8)
+        (root / split / name / f"{index}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
+  return root
+
+
+def folder_config(root, tmp_path):
+  config = data.default_config("image_folder")
+  config.data_dir, config.cache_dir, config.num_classes = str(root), str(tmp_path / "cache"), 2
+  return config
+
+
+# On device every image decodes at start-up; streaming decodes only the first one then.
+@pytest.mark.parametrize("side,name,contents", [(32, "train/b/3.jpg", b"not an image at all"),
+                                                (80, "train/a/0.jpg", b"\xff\xd8\xff truncated")])
+def test_corrupt_image_at_start_up_is_one_error_naming_its_path(tmp_path, side, name, contents):
+  root = image_folder(tmp_path / "images", side=side)
+  (root / name).write_bytes(contents)
+  with pytest.raises(data.CorruptImageError,
+                     match=f"corrupt image {root / name}: cannot decode it .*; delete or replace it"):
+    data.create(folder_config(root, tmp_path), mesh_of(8))
+
+
+def test_corrupt_image_while_streaming_names_its_path(tmp_path):
+  root = image_folder(tmp_path / "images", side=80)
+  (root / "train" / "b" / "5.jpg").write_bytes(b"garbage")
+  (root / "test" / "a" / "2.jpg").write_bytes(b"garbage")
+  ds = data.create(folder_config(root, tmp_path), mesh_of(8))
+  assert isinstance(ds, data.StreamingDataset)
+  iterator = ds.train_iterator(8)
+  with pytest.raises(data.CorruptImageError, match=f"corrupt image {root}/train/b/5.jpg: "):
+    for _ in range(ds.steps_per_epoch(8)):  # One epoch reads every training image.
+      next(iterator)
+  iterator.close()
+  with pytest.raises(data.CorruptImageError, match=f"corrupt image {root}/test/a/2.jpg: "):
+    list(ds.eval_batches(8))
+
+
+def test_more_class_folders_than_num_classes_fails_at_start_up(tmp_path):
+  root = image_folder(tmp_path / "images", classes=("a", "b", "c"))
+  with pytest.raises(ValueError, match=r"has 3 class folders but dataset.num_classes is 2; "
+                                       r"set --config.dataset.num_classes=3"):
+    data.create(folder_config(root, tmp_path), mesh_of(8))
+  config = folder_config(root, tmp_path)
+  config.num_classes = 5  # Fewer folders than classes is fine: the labels fit.
+  ds = data.create(config, mesh_of(8))
+  assert ds.info.num_classes == 5 and ds.info.train_size == 24
+  assert set(np.asarray(ds.train_labels).ravel()) == {0, 1, 2}
+
+
+def test_from_arrays_refuses_labels_outside_the_class_count():
+  images = np.zeros((16, 8, 8, 3), np.uint8)
+  with pytest.raises(ValueError, match=r"training labels must lie in \[0, 10\) for num_classes=10; "
+                                       r"found labels from 0 to 10"):
+    data.from_arrays(mesh_of(8), images, np.arange(16) % 11, images, np.zeros(16), name="x",
+                     num_classes=10)
+  with pytest.raises(ValueError, match=r"evaluation labels .* found labels from -1 to 0"):
+    data.from_arrays(mesh_of(8), images, np.zeros(16), images, np.arange(16) % 2 - 1, name="x",
+                     num_classes=10)
+
+
+def test_main_names_a_corrupt_image_in_one_line_and_exits_2(tmp_path):
+  root = image_folder(tmp_path / "images")
+  (root / "test" / "a" / "4.jpg").write_bytes(b"\x00" * 100)
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  completed = subprocess.run(
+      [sys.executable, "-m", "resnet_jax.main", "--config=configs/cifar_resnet20.py:smoke",
+       "--config.dataset.name=image_folder", f"--config.dataset.data_dir={root}",
+       f"--config.dataset.cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'run'}"],
+      cwd=repo, capture_output=True, text=True, timeout=300)
+  assert completed.returncode == 2
+  assert f"error: corrupt image {root}/test/a/4.jpg: cannot decode it" in completed.stderr
+  assert "delete or replace it" in completed.stderr and "Traceback" not in completed.stderr

@@ -4,12 +4,9 @@ Each process holds 2 of the mesh's 4 devices, loads only its own blocks, and the
 global batches it assembles must equal those of one process holding all 4.
 """
 import json
-import os
-import socket
-import subprocess
 import sys
 
-import pytest
+import processes
 
 WORKER = r"""
 import json, os, sys
@@ -52,27 +49,14 @@ with open(out, "w") as f:
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _run(tmp_path, num_processes):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // num_processes}")
-  port = _free_port()
+  port = processes.free_port()
   outputs = [tmp_path / f"{num_processes}-{i}.json" for i in range(num_processes)]
-  workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(num_processes), str(port),
-                               str(outputs[i])], env=env, stderr=subprocess.PIPE, text=True)
-             for i in range(num_processes)]
-  for worker in workers:
-    try:
-      _, stderr = worker.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-      for w in workers:
-        w.kill()
-      pytest.fail("a data worker hung")
-    assert worker.returncode == 0, stderr[-3000:]
+  results = processes.run(
+      [[sys.executable, "-c", WORKER, str(i), str(num_processes), str(port), str(outputs[i])]
+       for i in range(num_processes)], processes.environment(4 // num_processes), timeout=240)
+  for result in results:
+    assert result.returncode == 0, result.stderr[-3000:]
   return [json.loads(path.read_text()) for path in outputs]
 
 

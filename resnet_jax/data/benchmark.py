@@ -6,12 +6,12 @@ flip + lighting + transfer, on full-size JPEGs (500x375, ImageNet's typical size
 temporary image folder.
 """
 import argparse
-import pathlib
 import tempfile
 import time
 
 import jax
 import numpy as np
+from etils import epath
 
 from resnet_jax import data
 from resnet_jax.data.sources import tensorflow
@@ -33,7 +33,7 @@ def cifar_on_device(cifar10_dir: str | None, steps: int = 200, batch_size: int =
 
 def imagenet_streaming(num_images: int = 512, steps: int = 20, batch_size: int = 64) -> float:
   tf = tensorflow()
-  root = pathlib.Path(tempfile.mkdtemp(prefix="resnet_jax_bench_"))
+  root = epath.Path(tempfile.mkdtemp(prefix="resnet_jax_bench_"))
   rng = np.random.default_rng(0)
   smooth = tf.image.resize(rng.integers(0, 256, (num_images // 8, 40, 53, 3)).astype(np.float32), (375, 500))
   for split in ("train", "val"):
@@ -58,9 +58,10 @@ def imagenet_streaming(num_images: int = 512, steps: int = 20, batch_size: int =
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cifar10_dir", default=str(pathlib.Path(__file__).resolve().parents[3] / "shared/data/cifar10-jpeg"))
+  parser.add_argument("--cifar10_dir", default=str(
+      epath.Path(__file__).resolve().parents[3] / "shared/data/cifar10-jpeg"))
   args = parser.parse_args()
-  cifar10_dir = args.cifar10_dir if pathlib.Path(args.cifar10_dir, "train").is_dir() else None
+  cifar10_dir = args.cifar10_dir if epath.Path(args.cifar10_dir, "train").is_dir() else None
   print(f"devices: {jax.devices()}")
   print(f"CIFAR on-device (sample+augment in jit, batch 128, {'real CIFAR-10' if cifar10_dir else 'synthetic'}): "
         f"{cifar_on_device(cifar10_dir):,.0f} images/s")

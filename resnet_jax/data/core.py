@@ -19,6 +19,10 @@ class DatasetNotFoundError(ValueError):
   """A dataset is not available locally; the message says where we looked and how to fix it."""
 
 
+class CorruptImageError(ValueError):
+  """An image does not decode; the message names it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   name: str

@@ -175,6 +175,10 @@ def build(mesh: Mesh, train_labels: np.ndarray, load_train, eval_labels: np.ndar
           num_classes: int, seed: int, augment: bool, synthetic: bool = False,
           mean: np.ndarray | Callable[[jax.Array], np.ndarray] | None = None) -> OnDeviceDataset:
   """Places both splits; `mean` is an array, a function of the placed train images, or None (computed)."""
+  for split, labels in (("training", train_labels), ("evaluation", eval_labels)):
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+      raise ValueError(f"{split} labels must lie in [0, {num_classes}) for num_classes="
+                       f"{num_classes}; found labels from {labels.min()} to {labels.max()}")
   train_images, train_labels_global = place_train(mesh, train_labels, load_train, seed)
   eval_images, eval_labels_global, eval_mask = place_eval(mesh, eval_labels, load_eval)
   if mean is None:

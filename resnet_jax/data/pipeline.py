@@ -1,6 +1,4 @@
 """`create(config, mesh)`: picks the source and the pipeline (on-device or streaming) for a config."""
-import os
-
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -37,11 +35,16 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh):
     evaluation = sources.tfds_random_access(config.name, config.data_dir, config.eval_split)
     return streaming.from_records(config, mesh, train, evaluation, name=config.name, num_classes=1000)
   if config.name == "image_folder":
-    root = os.path.abspath(config.data_dir)
+    root = sources.absolute(config.data_dir)
+    num_folders, num_classes = len(sources.folder_classes(root)), config.num_classes
+    if num_folders > num_classes:
+      raise ValueError(
+          f"image folder {root} has {num_folders} class folders but dataset.num_classes is "
+          f"{num_classes}; set --config.dataset.num_classes={num_folders}, or remove the extra "
+          "folders.")
     train = sources.folder_records(root, config.train_split)
     evaluation = sources.folder_records(root, config.eval_split)
     name = f"image_folder({root})"
-    num_classes = len(sources.folder_classes(root))
     cache_key = f"image_folder-{root}-{config.train_split}-{len(train)}"
   else:
     train = sources.tfds_records(config.name, config.data_dir, config.train_split)

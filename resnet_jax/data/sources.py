@@ -7,13 +7,13 @@ and synthetic pipelines run on machines without TensorFlow.
 """
 import dataclasses
 import functools
-import os
-import pathlib
-from typing import Any
+import re
+from typing import Any, Iterable, Iterator
 
 import numpy as np
+from etils import epath
 
-from resnet_jax.data.core import DatasetNotFoundError
+from resnet_jax.data.core import CorruptImageError, DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VAL5K_SIZE = 5000
@@ -77,9 +77,16 @@ def _derived_split(split: str) -> tuple[str, int] | None:
 # ----------------------------------------------------------------------------- image folders
 
 
-def folder_classes(root: str | os.PathLike) -> list[str]:
+def absolute(path: epath.PathLike) -> epath.Path:
+  """`path` as an epath.Path; a relative local path made absolute (a URI already is)."""
+  path = epath.Path(path)
+  # epath's resolve() would prefix the working directory to a URI like gs://bucket/x.
+  return path if "://" in str(path) else path.resolve()
+
+
+def folder_classes(root: epath.PathLike) -> list[str]:
   """Class names (sorted sub-folders of root/train, or of the first split found)."""
-  root = pathlib.Path(root)
+  root = epath.Path(root)
   if not root.is_dir():
     raise DatasetNotFoundError(
         f"image folder {root} does not exist; expected the layout {root}/<split>/<class>/<image>")
@@ -90,15 +97,16 @@ def folder_classes(root: str | os.PathLike) -> list[str]:
   return sorted(p.name for p in base.iterdir() if p.is_dir())
 
 
-def folder_records(root: str | os.PathLike, split: str) -> Records:
+def folder_records(root: epath.PathLike, split: str) -> Records:
   """Lists root/<split>/<class>/<image> without decoding; labels index `folder_classes(root)`."""
   derived = _derived_split(split)
   if derived:
     base = folder_records(root, derived[0])
     return base.subset(train_val_split(base.labels)[derived[1]])
-  split_dir = pathlib.Path(root) / split
+  root = epath.Path(root)
+  split_dir = root / split
   if not split_dir.is_dir():
-    available = sorted(p.name for p in pathlib.Path(root).iterdir() if p.is_dir())
+    available = sorted(p.name for p in root.iterdir() if p.is_dir())
     raise DatasetNotFoundError(
         f"image folder {root} has no split {split!r} (found {available}); set dataset.train_split "
         "and dataset.eval_split to folder names, or 'train45k'/'val5k' to carve them from 'train'")
@@ -108,10 +116,9 @@ def folder_records(root: str | os.PathLike, split: str) -> Records:
     class_dir = split_dir / name
     if not class_dir.is_dir():
       continue
-    names = sorted(entry.name for entry in os.scandir(class_dir)
-                   if entry.name.lower().endswith(IMAGE_EXTENSIONS))
-    paths.extend(str(class_dir / file_name) for file_name in names)
-    labels.extend([label] * len(names))
+    files = sorted(str(p) for p in class_dir.iterdir() if p.name.lower().endswith(IMAGE_EXTENSIONS))
+    paths.extend(files)
+    labels.extend([label] * len(files))
   if not paths:
     raise DatasetNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {split_dir}/<class>/")
   return Records(labels=np.asarray(labels, np.int32), paths=np.asarray(paths))
@@ -126,7 +133,8 @@ def tfds_builder(name: str, data_dir: str | None) -> Any:
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     manual = (f" (imagenet2012 is prepared from the ILSVRC2012 tar files placed in "
-              f"{pathlib.Path(builder.data_dir).parents[1]}/downloads/manual)") if name == "imagenet2012" else ""
+              f"{epath.Path(builder.data_dir).parents[1]}/downloads/manual)"
+              if name == "imagenet2012" else "")
     raise DatasetNotFoundError(
         f"TFDS dataset {name!r} is not prepared in {builder.data_dir} "
         f"(dataset.data_dir={data_dir!r}), and this pipeline never downloads. Fix it by one of: "
@@ -170,16 +178,45 @@ def tfds_random_access(name: str, data_dir: str | None, split: str) -> Records:
 # ----------------------------------------------------------------------------- decoding
 
 
-def peek_shape(records: Records) -> tuple[int, int, int]:
-  """Shape of the first image, decoded on its own."""
+def decode_one(records: Records, index: int) -> Any:
+  """uint8 [H, W, 3] of example `index`; `CorruptImageError` naming it if it does not decode."""
   tf = tensorflow()
   if records.data_source is not None:
-    contents = records.data_source[0]["image"]
+    contents = records.data_source[int(index)]["image"]
   elif records.encoded is not None:
-    contents = records.encoded[0]
+    contents = records.encoded[index]
   else:
-    contents = tf.io.read_file(records.paths[0])
-  return tuple(tf.io.decode_image(contents, channels=3, expand_animations=False).shape)
+    contents = tf.io.read_file(records.paths[index])
+  try:
+    return tf.io.decode_image(contents, channels=3, expand_animations=False)
+  except tf.errors.InvalidArgumentError as error:
+    name = records.paths[index] if records.paths is not None else f"example {index} of the split"
+    reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message)  # TF's op context.
+    raise CorruptImageError(f"corrupt image {name}: cannot decode it ({reason}); "
+                            "delete or replace it") from None
+
+
+def naming_corrupt(batches: Iterator, batch_ids: Iterable[np.ndarray],
+                   records: Records) -> Iterator:
+  """`batches` (tf.data, decoding `records`), with `batch_ids` the example ids of each batch in
+  order; a decoding failure becomes `CorruptImageError` naming the image (tf.data's own error
+  names no file)."""
+  tf = tensorflow()
+  for ids in batch_ids:
+    try:
+      batch = next(batches)
+    except StopIteration:
+      return
+    except tf.errors.InvalidArgumentError:
+      for index in ids:
+        decode_one(records, index)
+      raise
+    yield batch
+
+
+def peek_shape(records: Records) -> tuple[int, int, int]:
+  """Shape of the first image, decoded on its own."""
+  return tuple(decode_one(records, 0).shape)
 
 
 def decode_all(records: Records, ids: np.ndarray) -> np.ndarray:
@@ -191,7 +228,9 @@ def decode_all(records: Records, ids: np.ndarray) -> np.ndarray:
     contents = tf.data.Dataset.from_tensor_slices(records.encoded[ids])
   decode = lambda x: tf.io.decode_image(x, channels=3, expand_animations=False)
   dataset = contents.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  chunks = [chunk.numpy() for chunk in dataset.batch(4096).prefetch(1)]
+  chunk = 4096
+  batches = dataset.batch(chunk).prefetch(1).as_numpy_iterator()
+  chunks = list(naming_corrupt(batches, np.split(ids, range(chunk, len(ids), chunk)), records))
   if not chunks:
     return np.zeros((0, 0, 0, 3), np.uint8)
   return np.concatenate(chunks)

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from resnet_jax.data import core
-from resnet_jax.data.sources import Records
+from resnet_jax.data.sources import Records, naming_corrupt
 
 PREFETCH_BATCHES = 2
 SYNTHETIC_POOL = 64  # Distinct synthetic images; examples cycle over them.
@@ -213,7 +213,9 @@ def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, 
       return {"images": image, "offsets": offset, "labels": tf.gather(labels, index), "mask": True}
 
     dataset = examples.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    yield from dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    batches = dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    orders = (ids for _, ids in _epoch_orders(train_ids, mesh, per_device, seed, start_step))
+    yield from naming_corrupt(batches.as_numpy_iterator(), orders, train)
 
   def eval_batches(per_device, protocol):
     ids, valid = _eval_local_rows(len(evaluation), mesh, per_device)
@@ -229,7 +231,8 @@ def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, 
 
     dataset = tf.data.Dataset.from_tensor_slices((ids.reshape(-1), valid.reshape(-1)))
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    yield from dataset.batch(ids.shape[1]).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    batches = dataset.batch(ids.shape[1]).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    yield from naming_corrupt(batches, ids, evaluation)
 
   info = core.DatasetInfo(name=name, num_classes=num_classes, image_shape=(imagenet.CROP, imagenet.CROP, 3),
                           train_size=len(train), eval_size=len(evaluation))

@@ -1,0 +1,74 @@
+"""`python -m resnet_jax.main` with one fault injected from outside the package.
+
+  python tests/faulty_trainer.py FAULT --config=... --workdir=...
+
+FAULT is one of
+  compile       SIGKILL while the train step is traced, before any step runs
+  step:N        SIGKILL once step N is dispatched
+  commit:N      SIGKILL inside checkpoint N's asynchronous write: every file written, none committed
+  committed:N   SIGKILL right after checkpoint N is committed
+  eval          SIGKILL inside the first evaluation
+  restore       SIGKILL inside the first checkpoint restore
+  sigterm:N     SIGTERM (a preemption notice) to this process once step N is dispatched
+  fill:N        once step N is dispatched, fill the workdir's filesystem to 100 kB short of full
+and is announced on stderr as "fault: FAULT" when it strikes.
+"""
+import os
+import runpy
+import shutil
+import signal
+import sys
+
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity
+
+from resnet_jax import train
+
+FAULT = sys.argv.pop(1)
+KIND, _, ARG = FAULT.partition(":")
+WORKDIR = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--workdir="))
+
+
+def strike(*args, signum=signal.SIGKILL, **kwargs):
+  """Announces the fault and sends `signum` to this process; stands in for any function."""
+  del args, kwargs
+  print(f"fault: {FAULT}", file=sys.stderr, flush=True)
+  os.kill(os.getpid(), signum)
+
+
+_commit = atomicity.on_commit_callback  # Renames a checkpoint's temporary directory into place.
+
+
+async def _on_commit(tmp_dir, **kwargs):
+  if KIND == "commit" and tmp_dir.get_final().name == ARG:
+    strike()
+  await _commit(tmp_dir, **kwargs)
+  if KIND == "committed" and tmp_dir.get_final().name == ARG:
+    strike()
+
+
+_reached = train._Preemption.reached  # Called once after every step.
+
+
+def _after_step(self, step):
+  if step == int(ARG) and KIND == "fill":
+    with open(f"{WORKDIR}.fill", "wb") as filler:
+      filler.write(bytes(shutil.disk_usage(WORKDIR).free - 100_000))
+    print(f"fault: {FAULT}", file=sys.stderr, flush=True)
+  elif step == int(ARG):
+    strike(signum=signal.SIGTERM if KIND == "sigterm" else signal.SIGKILL)
+  return _reached(self, step)
+
+
+atomicity.on_commit_callback = _on_commit
+if KIND == "compile":
+  train.train_step = strike
+elif KIND == "eval":
+  train.evaluate = strike
+elif KIND == "restore":
+  ocp.CheckpointManager.restore = strike
+elif KIND in ("step", "sigterm", "fill"):
+  train._Preemption.reached = _after_step
+elif KIND not in ("commit", "committed"):
+  sys.exit(f"unknown fault {FAULT!r}")
+runpy.run_module("resnet_jax.main", run_name="__main__", alter_sys=True)
