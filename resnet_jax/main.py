@@ -57,7 +57,10 @@ def _quiet_orbax(record) -> bool:
 
 
 def _fail(message: str) -> NoReturn:
-  print(f"error: {message}", file=sys.stderr)
+  # One write, starting a fresh line: orbax's background threads may still be printing
+  # their own tracebacks to stderr when a failed save ends the run.
+  sys.stderr.write(f"\nerror: {message}\n")
+  sys.stderr.flush()
   sys.exit(2)
 
 

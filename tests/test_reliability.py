@@ -224,7 +224,8 @@ def test_disk_full_mid_run_is_one_error_and_leaves_no_checkpoint_to_resume(
   first, restart = completed.stderr.split("exit status ")
   assert "fault: fill:3" in first
   errors = [line for line in first.splitlines() if line.startswith("error: ")]
-  assert len(errors) == 1 and "could not write a checkpoint" in errors[0], first[-3000:]
+  assert len(errors) == 1 and "could not write a checkpoint" in errors[0], (
+      [line for line in first.splitlines() if "error" in line.lower()][-20:], first[-3000:])
   assert "No space left on device" in errors[0]
   status, listing = restart.split("\n", 2)[:2]
   assert status == "2" and listing == "4.orbax-checkpoint-tmp"  # no step 4 to resume from
