@@ -31,6 +31,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}.")
   if config.learning_rate <= 0:
     raise ValueError(f"learning_rate must be positive, got {config.learning_rate}.")
+  if not 0 <= config.momentum < 1:
+    raise ValueError(f"momentum must be in [0, 1), got {config.momentum}.")
+  if config.weight_decay < 0:
+    raise ValueError(f"weight_decay must be non-negative, got {config.weight_decay}.")
   boundaries = list(config.lr_boundaries)
   if boundaries != sorted(set(boundaries)) or (boundaries and boundaries[0] <= 0):
     raise ValueError(f"lr_boundaries must be positive and strictly increasing, got {boundaries}.")

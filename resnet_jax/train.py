@@ -32,8 +32,6 @@ from resnet_jax import checkpoints, data, metrics, models, optim
 # Exit status of a run stopped by SIGTERM (a preemption notice) after saving:
 # EX_TEMPFAIL, "try again", so schedulers and scripts can tell it from a failure.
 PREEMPTED_EXIT_CODE = 75
-# resnet_jax.data's evaluation protocols, named here to be checked before any data loads.
-EVAL_PROTOCOLS = ("center", "10crop", "multiscale")
 
 
 class StartupError(Exception):
@@ -187,13 +185,9 @@ class _Preemption:
 def validate(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Every start-up check that needs no compilation; raises ValueError naming the fix."""
   optim.validate(config)
-  if not 0 <= config.momentum < 1:
-    raise ValueError(f"momentum must be in [0, 1), got {config.momentum}.")
-  if config.weight_decay < 0:
-    raise ValueError(f"weight_decay must be non-negative, got {config.weight_decay}.")
-  if config.eval_protocol not in EVAL_PROTOCOLS:
+  if config.eval_protocol not in data.core.EVAL_PROTOCOLS:
     raise ValueError(f"unknown eval_protocol {config.eval_protocol!r}; choose one of "
-                     f"{EVAL_PROTOCOLS}.")
+                     f"{data.core.EVAL_PROTOCOLS}.")
   for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                 "eval_batch_size", "keep_checkpoints"):
     if config[field] <= 0:

@@ -19,6 +19,11 @@ class DatasetNotFoundError(ValueError):
   """A dataset is not available locally; the message says where we looked and how to fix it."""
 
 
+# Evaluation protocols of the streaming (ImageNet-sized) datasets, Sec. 3.4: the centre crop,
+# the standard 10-crop, and the fully convolutional multi-scale average.
+EVAL_PROTOCOLS = ("center", "10crop", "multiscale")
+
+
 class CorruptImageError(ValueError):
   """An image does not decode; the message names it."""
 

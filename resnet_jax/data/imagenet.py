@@ -8,6 +8,7 @@ standard stand-in for the paper's per-pixel mean image at 224x224.
 """
 import numpy as np
 
+from resnet_jax.data import core
 from resnet_jax.data.sources import tensorflow
 
 tf = tensorflow()
@@ -147,4 +148,4 @@ def multiscale_views(image):
   return views, tf.constant(-MEAN_RGB)
 
 
-EVAL_PROTOCOLS = {"center": center_view, "10crop": ten_crop_views, "multiscale": multiscale_views}
+EVAL_PROTOCOLS = dict(zip(core.EVAL_PROTOCOLS, (center_view, ten_crop_views, multiscale_views)))
