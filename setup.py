@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "etils[epath]>=1.7",
     "clu>=0.0.12",
+    "tensorboardX>=2.6",
     "numpy>=1.26",
     "tensorflow-cpu>=2.21.0,<2.22",
     "tensorflow-datasets>=4.9.10,<5",

@@ -10,6 +10,9 @@ FAULT is one of
   eval          SIGKILL inside the first evaluation
   restore       SIGKILL inside the first checkpoint restore
   sigterm:N     SIGTERM (a preemption notice) to this process once step N is dispatched
+  pause:N       once step N is dispatched, PAUSE_SECONDS before the trainer asks whether a
+                preemption notice reached every process (so that one sent to a peer at step N
+                settles on step N rather than racing the run's last steps)
   fill:N        once step N is dispatched, fill the workdir's filesystem to 100 kB short of full
 and is announced on stderr as "fault: FAULT" when it strikes.
 """
@@ -18,6 +21,7 @@ import runpy
 import shutil
 import signal
 import sys
+import time
 
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
@@ -27,6 +31,9 @@ from resnet_jax import train
 FAULT = sys.argv.pop(1)
 KIND, _, ARG = FAULT.partition(":")
 WORKDIR = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--workdir="))
+# jax.distributed agrees on a preemption step in the background, over the coordination
+# service: milliseconds on an idle machine, and generously covered here on a loaded one.
+PAUSE_SECONDS = 5
 
 
 def strike(*args, signum=signal.SIGKILL, **kwargs):
@@ -55,6 +62,8 @@ def _after_step(self, step):
     with open(f"{WORKDIR}.fill", "wb") as filler:
       filler.write(bytes(shutil.disk_usage(WORKDIR).free - 100_000))
     print(f"fault: {FAULT}", file=sys.stderr, flush=True)
+  elif step == int(ARG) and KIND == "pause":
+    time.sleep(PAUSE_SECONDS)
   elif step == int(ARG):
     strike(signum=signal.SIGTERM if KIND == "sigterm" else signal.SIGKILL)
   return _reached(self, step)
@@ -67,7 +76,7 @@ elif KIND == "eval":
   train.evaluate = strike
 elif KIND == "restore":
   ocp.CheckpointManager.restore = strike
-elif KIND in ("step", "sigterm", "fill"):
+elif KIND in ("step", "sigterm", "pause", "fill"):
   train._Preemption.reached = _after_step
 elif KIND not in ("commit", "committed"):
   sys.exit(f"unknown fault {FAULT!r}")
