@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import time
 from typing import Callable, Sequence
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import data, models, optim, train
+from resnet_jax import data, models, ops, optim, train
 
 # Dense (no sparsity) peak TFLOP/s of one chip: NVIDIA H100/H200 SXM datasheets
 # (float32 is the non-tensor-core rate) and the Cloud TPU system architecture
@@ -138,9 +139,10 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
   train_step = lambda state, batch: train.train_step(config, tx, state, batch)[0]
   # Evaluation carries a running error count, so no call is dead code.
   eval_step = lambda total, state, batch: total + train.eval_step(state, batch)["top1_errors"]
+  jit = functools.partial(jax.jit, compiler_options=ops.compiler_options())
   runners = {
-      "train": Runner(jax.jit(train_step, donate_argnums=0), copy_state(), batch),
-      "eval": Runner(jax.jit(eval_step), jnp.zeros((), jnp.int32), state, batch),
+      "train": Runner(jit(train_step, donate_argnums=0), copy_state(), batch),
+      "eval": Runner(jit(eval_step), jnp.zeros((), jnp.int32), state, batch),
   }
   if input_pipeline:
     dataset = data.create(config.dataset, mesh)
@@ -148,7 +150,7 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
       raise ValueError(f"--input_pipeline needs an on-device dataset; {config.model} at "
                        f"{size}x{size} gets a {type(dataset).__name__}.")
     fused = lambda state, ds: train_step(state, ds.train_batch(state.step, config.batch_size))
-    runners["train+input"] = Runner(jax.jit(fused, donate_argnums=0), copy_state(), dataset)
+    runners["train+input"] = Runner(jit(fused, donate_argnums=0), copy_state(), dataset)
   return runners, macs
 
 

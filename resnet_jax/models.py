@@ -64,7 +64,7 @@ class Block(nnx.Module):
 
   def __init__(self, in_features: int, layers: LayerTable, *, shortcut: str | None,
                preact: bool, zero_init_last_bn: bool, conv: Callable[..., nnx.Conv],
-               norm: Callable[..., nnx.BatchNorm], rngs: nnx.Rngs):
+               norm: Callable[..., ops.BatchNorm], rngs: nnx.Rngs):
     self.preact = preact
     self.stride = math.prod(stride for _, _, stride in layers)
     self.in_features, self.out_features = in_features, layers[-1][1]
@@ -137,7 +137,7 @@ class ResNet(nnx.Module):
     conv = functools.partial(nnx.Conv, use_bias=False, kernel_init=he_normal, dtype=dtype,
                              param_dtype=jnp.float32,
                              conv_general_dilated=ops.conv_general_dilated)
-    norm = functools.partial(nnx.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype,
+    norm = functools.partial(ops.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype,
                              param_dtype=jnp.float32)
     self.preact, self.imagenet_stem = preact, imagenet_stem
 

@@ -1,8 +1,18 @@
-"""The models' convolution: `lax.conv_general_dilated`, made faster on XLA's CPU backend.
+"""The models' convolution and batch norm, and the XLA options their steps compile with.
 
 Every `nnx.Conv` of `resnet_jax.models` calls `conv_general_dilated` (a drop-in
-for lax's). On CPU, plain NHWC/HWIO convolutions without dilation or groups take
-a `jax.custom_vjp` with a faster weight gradient; all other cases, and every
+for lax's), every batch norm is `BatchNorm` (a drop-in for `nnx.BatchNorm`), and
+the trainer and the benchmark jit their steps with `compiler_options()`. Each is
+an exact reformulation, proven equal in value and gradient by tests/test_ops.py,
+and chosen by measurement (BENCHMARKS.md).
+
+Compiler options. On CPU, XLA hands convolutions (and some elementwise work) to
+YNNPACK by default; on the paper's CIFAR shapes (3x3, 16 to 64 channels, batch
+128) XLA's own Eigen convolutions run 1.0x to 2.0x as fast, and a ResNet-20
+training step 1.2x, so `compiler_options()` turns the YNNPACK fusions off.
+
+The convolution. On CPU, plain NHWC/HWIO convolutions without dilation or groups
+take a `jax.custom_vjp` with a faster weight gradient; all other cases, and every
 other backend, are lax's own convolution. The forward pass and the input
 gradient are lax's in every case.
 
@@ -18,8 +28,14 @@ Here the same sum is a convolution of dy, read as (co, h, w, n), with x as its
 kernel, read as (h, w, n, ci): the transposing copy moves to dy, whose producer
 (the batch norm backward) reaches back only to the previous convolution, and x
 is read in whole rows of ci. A strided convolution's weight gradient is one such
-stride-1 convolution per phase of the stride. It is an exact reformulation
-(tests/test_ops.py); timings in BENCHMARKS.md.
+stride-1 convolution per phase of the stride.
+
+Batch norm. In training, autodiff of `nnx.BatchNorm` sums over the batch and
+spatial axes six times per layer (two batch statistics forward; the gradients of
+the mean, the variance, the scale and the bias backward), each a separate pass
+over the activations on CPU. `BatchNorm` gives the normalisation the textbook
+backward pass (Ioffe and Szegedy, 2015, Sec. 3), which needs only the sums of dy
+and of dy * x_hat: four passes in all, and a ResNet-20 step 1.05x as fast.
 """
 
 from __future__ import annotations
@@ -30,12 +46,34 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 from jax import lax
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
+
+
+# XLA's CPU libraries that YNNPACK fusions would take convolutions from (see the module doc).
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+@functools.cache
+def compiler_options() -> dict[str, str] | None:
+  """`jax.jit(..., compiler_options=...)` for the models' steps on the default backend.
+
+  The module doc's CPU options, or None on other backends (and on a jaxlib that no
+  longer knows them, where they would fail every compilation).
+  """
+  if jax.default_backend() != "cpu":
+    return None
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(0.0).compile()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return dict(_CPU_OPTIONS)
 
 
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
@@ -152,3 +190,65 @@ def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, prec
                                 preferred_element_type=jnp.promote_types(dy.dtype, jnp.float32))
   return dw[::-1, ::-1]
 
+
+
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` whose training-mode gradient takes the module doc's four passes.
+
+  The same variables, statistics, running averages and outputs as `nnx.BatchNorm`
+  (its fast variance, E[x^2] - E[x]^2); inference, masks, cross-device axis names
+  and layouts other than features-last are `nnx.BatchNorm`'s own code.
+  """
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    use_running_average = (self.use_running_average if use_running_average is None
+                           else use_running_average)
+    if (use_running_average or mask is not None or self.axis_name is not None
+        or not self.use_fast_variance or self.scale is None or self.bias is None
+        or self.axis not in (-1, x.ndim - 1)):
+      return super().__call__(x, use_running_average=use_running_average, mask=mask)
+    x, _, _, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype)
+    y, mean, var = _normalize(x, scale, bias, self.epsilon)
+    # As nnx.BatchNorm: the running averages are never differentiated.
+    stop_gradient = (lax.stop_gradient if self.mean._can_update or self.var._can_update  # pylint: disable=protected-access
+                     else lambda value: value)
+    self.mean[...] = stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+    self.var[...] = stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _normalize(x, scale, bias, epsilon):
+  """(y, mean, var): x normalised by its statistics over every axis but the last."""
+  return _normalize_fwd(x, scale, bias, epsilon)[0]
+
+
+def _normalize_fwd(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  # Statistics in float32 at least, as nnx.BatchNorm's.
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(x32, axes)
+  var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axes) - jnp.square(mean))
+  inv = lax.rsqrt(var + epsilon)
+  y = (x32 - mean) * (inv * scale) + bias
+  return (y.astype(x.dtype), mean, var), (x, mean, inv, scale)
+
+
+def _normalize_bwd(epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, inv, scale = residuals
+  dy, dmean, dvar = cotangents
+  axes = tuple(range(x.ndim - 1))
+  count = np.prod(x.shape[:-1])
+  centred = x.astype(mean.dtype) - mean
+  dy = dy.astype(mean.dtype)
+  dbias = jnp.sum(dy, axes)
+  dscale = jnp.sum(dy * centred, axes) * inv  # The sum of dy * x_hat.
+  # d/dx of y through x_hat, the mean and the variance; then of the statistics themselves.
+  dx = (inv * scale / count) * (count * dy - dbias - centred * (inv * dscale))
+  dx = dx + dmean / count + (2 / count) * dvar * centred
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)

@@ -27,7 +27,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoints, data, metrics, models, optim
+from resnet_jax import checkpoints, data, metrics, models, ops, optim
 
 # Exit status of a run stopped by SIGTERM (a preemption notice) after saving:
 # EX_TEMPFAIL, "try again", so schedulers and scripts can tell it from a failure.
@@ -233,15 +233,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if on_device:
     # Sampling and augmentation run inside the step: no host work between steps.
     fused = lambda state, ds: step_fn(state, ds.train_batch(state.step, config.batch_size))
-    train_fn = jax.jit(fused, out_shardings=replicated, donate_argnums=0)
+    train_fn = jax.jit(fused, out_shardings=replicated, donate_argnums=0,
+                       compiler_options=ops.compiler_options())
     next_input = lambda: dataset
   else:
-    train_fn = jax.jit(step_fn, out_shardings=replicated, donate_argnums=0)
+    train_fn = jax.jit(step_fn, out_shardings=replicated, donate_argnums=0,
+                       compiler_options=ops.compiler_options())
     train_iter = dataset.train_iterator(config.batch_size, start_step=start_step)
     if data_state is not None:
       train_iter.set_state(data_state)
     next_input = lambda: next(train_iter)
-  eval_fn = jax.jit(eval_step)
+  eval_fn = jax.jit(eval_step, compiler_options=ops.compiler_options())
 
   def eval_batches():
     if on_device:

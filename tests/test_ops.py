@@ -1,4 +1,4 @@
-"""resnet_jax.ops: the CPU convolution has exactly lax's values and gradients."""
+"""resnet_jax.ops: the CPU convolution and the batch norm have exactly the reference values and gradients; the CPU compiler options leave YNNPACK out."""
 import itertools
 
 import jax
@@ -116,3 +116,92 @@ def test_models_train_through_the_fast_path():
   macs = 32 * 32 * 16 * 27 + 2 * 32 * 32 * 16 * 144
   macs += 16 * 16 * 32 * (16 * 9 + 32 * 9) + 8 * 8 * 64 * (32 * 9 + 64 * 9) + 64 * 10
   assert models.count_macs(model, (32, 32, 3)) == macs
+
+
+def bn_pair(features, dtype=jnp.float32):
+  """An nnx.BatchNorm and an ops.BatchNorm with the same non-trivial variables."""
+  pair = []
+  for cls in (nnx.BatchNorm, ops.BatchNorm):
+    bn = cls(features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
+             rngs=nnx.Rngs(0))
+    bn.scale[...] = jnp.linspace(0.5, 2.0, features)
+    bn.bias[...] = jnp.linspace(-1.0, 1.0, features)
+    bn.mean[...] = jnp.full((features,), 0.3)
+    bn.var[...] = jnp.full((features,), 2.0)
+    pair.append(bn)
+  return pair
+
+
+def bn_loss(bn, x):
+  y = bn(x)
+  # Non-linear and weighted per channel, so every gradient term is exercised.
+  return jnp.sum(jnp.sin(y.astype(jnp.float32)) * jnp.arange(1, y.shape[-1] + 1)), y
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_batch_norm_training_equals_nnx(jit):
+  reference, fast = bn_pair(6)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 5, 5, 6)) * 3 + 1, jnp.float32)
+  grad = nnx.grad(bn_loss, argnums=(0, 1), has_aux=True)
+  grad = nnx.jit(grad) if jit else grad
+  (g_ref, dx_ref), y_ref = grad(reference, x)
+  (g_fast, dx_fast), y_fast = grad(fast, x)
+  assert_close(y_fast, y_ref, 1e-6)
+  assert_close(dx_fast, dx_ref, 1e-5)
+  for name in ("scale", "bias"):
+    assert_close(g_fast[name][...], g_ref[name][...], 1e-5)
+  for name in ("mean", "var"):  # The running averages moved by the same batch statistics.
+    assert_close(getattr(fast, name)[...], getattr(reference, name)[...], 1e-6)
+    assert not np.allclose(getattr(fast, name)[...], 0.3 if name == "mean" else 2.0)
+
+
+def test_batch_norm_bfloat16_equals_nnx():
+  reference, fast = bn_pair(8, jnp.bfloat16)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 6, 6, 8)), jnp.bfloat16)
+  grad = nnx.jit(nnx.grad(bn_loss, argnums=(0, 1), has_aux=True))
+  (g_ref, dx_ref), y_ref = grad(reference, x)
+  (g_fast, dx_fast), y_fast = grad(fast, x)
+  assert y_fast.dtype == dx_fast.dtype == jnp.bfloat16
+  assert_close(y_fast, y_ref, 2 ** -7)
+  assert_close(dx_fast, dx_ref, 2 ** -6)
+  assert_close(g_fast["scale"][...], g_ref["scale"][...], 2 ** -6)
+
+
+def test_batch_norm_inference_is_nnx():
+  reference, fast = bn_pair(6)
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 3, 3, 6)), jnp.float32)
+  np.testing.assert_array_equal(fast(x, use_running_average=True),
+                                reference(x, use_running_average=True))
+  np.testing.assert_array_equal(fast.mean[...], np.float32(0.3))
+
+
+def test_normalize_differentiates_its_statistics_too():
+  """The custom VJP also carries cotangents of the returned mean and variance."""
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 4, 4, 5)), jnp.float32)
+  scale, bias = jnp.linspace(0.5, 1.5, 5), jnp.linspace(-0.2, 0.2, 5)
+
+  def reference(x, scale, bias):
+    mean = jnp.mean(x, (0, 1, 2))
+    var = jnp.maximum(0.0, jnp.mean(x * x, (0, 1, 2)) - mean * mean)
+    return (x - mean) * (lax.rsqrt(var + 1e-5) * scale) + bias, mean, var
+
+  def loss(normalize, x, scale, bias):
+    y, mean, var = normalize(x, scale, bias)
+    return jnp.sum(jnp.cos(y)) + jnp.sum(mean ** 3) + jnp.sum(jnp.sqrt(var) * scale)
+
+  fast = lambda x, scale, bias: ops._normalize(x, scale, bias, 1e-5)  # pylint: disable=protected-access
+  got = jax.grad(loss, argnums=(1, 2, 3))(fast, x, scale, bias)
+  expected = jax.grad(loss, argnums=(1, 2, 3))(reference, x, scale, bias)
+  for actual, want in zip(got, expected):
+    assert_close(actual, want, 1e-5)
+
+
+def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack():
+  x, w = random_inputs((8, 16, 16, 32), (3, 3, 32, 32))
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
+  compiled = lambda options: jax.jit(conv, compiler_options=options).lower(x, w).compile()
+  assert ops.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  # The default routes this convolution to YNNPACK; the options keep it in XLA (Eigen).
+  assert "ynn_fusion" in compiled(None).as_text()
+  assert "ynn_fusion" not in compiled(ops.compiler_options()).as_text()
+  assert_close(compiled(ops.compiler_options())(x, w), compiled(None)(x, w), 1e-6)

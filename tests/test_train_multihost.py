@@ -41,14 +41,15 @@ def _records(workdir):
 def _assert_train_as_one(one, two):
   one_records, two_records = _records(one), _records(two)
   # The cross-process all-reduce (gloo) sums in another order than the
-  # in-process one, so equality is to float32 rounding, not bitwise.
+  # in-process one, so equality is to float32 rounding, not bitwise: rounding
+  # differences in the batch-norm sums reach 1e-5 of the loss by step 4.
   keys = lambda records: [(r["step"], r["kind"]) for r in records]
   assert keys(two_records) == keys(one_records)
   assert [r["kind"] for r in one_records].count("train") == STEPS
   for a, b in zip(one_records, two_records):
     for key in ("loss", "train_error", "top1_error", "top5_error", "learning_rate", "examples"):
       if key in a:
-        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, err_msg=f"{key} at {a}")
+        np.testing.assert_allclose(b[key], a[key], rtol=5e-5, err_msg=f"{key} at {a}")
   # Rounding differences in the step-3 gradients grow through a chaotic first
   # update at lr 0.1: measured at most 1e-5 on parameters of magnitude 0.4.
   one_state = processes.checkpointed_state(one, STEPS)
