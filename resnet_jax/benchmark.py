@@ -15,6 +15,7 @@ synthetic dataset of `resnet_jax.data` (the full input-to-update path).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import statistics
@@ -184,6 +185,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="also time the full input-to-update step on synthetic data")
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="device peak for MFU (default: looked up for known devices)")
+  parser.add_argument("--trace_dir", default=None,
+                      help="write a jax.profiler trace of the timed repeats here (XProf, Perfetto)")
   return parser.parse_args(argv)
 
 
@@ -193,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
   device = jax.devices()[0]
   peak = args.peak_tflops or peak_tflops(device.device_kind, args.dtype)
   runners, macs = build_runners(config, input_pipeline=args.input_pipeline)
-  rows = results(runners, measure(runners, args.repeats, args.steps), macs, args.batch)
+  with (jax.profiler.trace(args.trace_dir) if args.trace_dir else contextlib.nullcontext()):
+    times = measure(runners, args.repeats, args.steps)
+  rows = results(runners, times, macs, args.batch)
   print(f"{args.model}, batch {args.batch}, {args.dtype}, {jax.device_count()} x "
         f"{device.device_kind} ({jax.default_backend()}), peak "
         f"{'unknown' if peak is None else f'{peak} TFLOP/s'}; {args.repeats} repeats of "

@@ -8,8 +8,8 @@ and chosen by measurement (BENCHMARKS.md).
 
 Compiler options. On CPU, XLA hands convolutions (and some elementwise work) to
 YNNPACK by default; on the paper's CIFAR shapes (3x3, 16 to 64 channels, batch
-128) XLA's own Eigen convolutions run 1.0x to 2.0x as fast, and a ResNet-20
-training step 1.2x, so `compiler_options()` turns the YNNPACK fusions off.
+128) XLA's own Eigen convolutions run 1.0x to 2.0x as fast, and a training step 1.2x
+(ResNet-20 and -56), so `compiler_options()` turns the YNNPACK fusions off.
 
 The convolution. On CPU, plain NHWC/HWIO convolutions without dilation or groups
 take a `jax.custom_vjp` with a faster weight gradient; all other cases, and every
@@ -35,7 +35,7 @@ spatial axes six times per layer (two batch statistics forward; the gradients of
 the mean, the variance, the scale and the bias backward), each a separate pass
 over the activations on CPU. `BatchNorm` gives the normalisation the textbook
 backward pass (Ioffe and Szegedy, 2015, Sec. 3), which needs only the sums of dy
-and of dy * x_hat: four passes in all, and a ResNet-20 step 1.05x as fast.
+and of dy * x_hat: four passes in all, and a training step 1.04x to 1.06x as fast.
 """
 
 from __future__ import annotations

@@ -1,8 +1,17 @@
-"""`python -m resnet_jax.benchmark` runs end to end on a tiny network; its FLOPs are count_macs'."""
+"""`python -m resnet_jax.benchmark` runs end to end on a tiny network; its FLOPs are count_macs'.
+
+So do `benchmarks/cpu_ladder.py`'s two modes, so that neither rots.
+"""
+import os
+import subprocess
+import sys
+
 import pytest
 from flax import nnx
 
 from resnet_jax import benchmark, models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_runs_and_counts_flops(capsys):
@@ -37,3 +46,22 @@ def test_benchmark_runs_and_counts_flops(capsys):
 ])
 def test_peak_lookup(kind, dtype, peak):
   assert benchmark.peak_tflops(kind, dtype) == peak
+
+
+def test_benchmark_writes_a_profiler_trace(tmp_path):
+  benchmark.main(["--model=cifar_resnet8", "--batch=8", "--steps=1", "--repeats=1",
+                  f"--trace_dir={tmp_path}"])
+  assert list(tmp_path.glob("**/*.xplane.pb"))
+
+
+def test_cpu_ladder_runs_both_modes():
+  run = lambda *args: subprocess.run(
+      [sys.executable, os.path.join(REPO, "benchmarks", "cpu_ladder.py"), *args],
+      capture_output=True, text=True, check=True, timeout=300).stdout
+  ladder = run("--model=cifar_resnet8", "--batch=8", "--repeats=1", "--steps=1").splitlines()
+  assert [line.split(" median")[0].strip() for line in ladder[1:]] == [
+      "XLA's defaults", "+ ops weight gradient", "+ ops.compiler_options()", "+ ops.BatchNorm"]
+  assert all("over the row above" in line for line in ladder[2:])
+  layers = run("--layers", "--batch=2", "--repeats=1").splitlines()
+  assert len(layers) == 6 and all(line.count(" ms") == 1 and "weight gradient" in line
+                                  for line in layers)

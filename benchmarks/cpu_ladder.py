@@ -1,0 +1,118 @@
+"""What each of resnet_jax's CPU changes buys: one training step, four ways, in one process.
+
+    python benchmarks/cpu_ladder.py --model=cifar_resnet20 --repeats=8 --steps=3
+    python benchmarks/cpu_ladder.py --layers   # one 3x3 convolution per CIFAR stage, in isolation
+
+Variants, each adding one change to the one before: XLA's defaults (lax's convolution,
+flax's batch norm, default compiler options); `ops.conv_general_dilated`'s weight gradient;
+`ops.compiler_options()`; `ops.BatchNorm`. Each is the trainer's own `train.train_step` on
+data already on the device, built by swapping lax's and flax's originals back into `ops`,
+and all are timed in alternating repeats (`resnet_jax.benchmark.measure`) so that they see
+the same machine load. With --layers it times instead the forward pass, input gradient and
+`ops.weight_gradient` of one 3x3 convolution of each CIFAR stage at batch 128, compiled with
+XLA's default options and with `ops.compiler_options()`. Figures in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from resnet_jax import benchmark, data, ops, optim, train  # pylint: disable=g-import-not-at-top
+
+
+CIFAR_STAGES = ((32, 16), (16, 32), (8, 64))  # (spatial size, channels) of each stage.
+
+
+def time_layers(batch: int, repeats: int) -> None:
+  """Median ms of one 3x3 convolution's three passes per stage, under both option sets."""
+  padding = ((1, 1), (1, 1))
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), padding,
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  passes = {
+      "forward": lambda x, w, dy: conv(x, w),
+      "input gradient": lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0],
+      "weight gradient": lambda x, w, dy: ops.weight_gradient(x, dy, w.shape, (1, 1), padding),
+  }
+  rng = np.random.default_rng(0)
+  for size, channels in CIFAR_STAGES:
+    x, dy = (jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32)
+             for _ in range(2))
+    w = jnp.asarray(rng.standard_normal((3, 3, channels, channels)), jnp.float32)
+    for label, options in (("XLA defaults", None), ("ops.compiler_options()", ops.compiler_options())):
+      cells = []
+      for name, fn in passes.items():
+        compiled = jax.jit(fn, compiler_options=options).lower(x, w, dy).compile()
+        jax.block_until_ready(compiled(x, w, dy))  # Warm-up.
+        step_s = []
+        for _ in range(repeats):
+          start = time.perf_counter()
+          jax.block_until_ready(compiled(x, w, dy))
+          step_s.append(time.perf_counter() - start)
+        cells.append(f"{name} {statistics.median(step_s) * 1e3:6.2f}")
+      print(f"{size:2d}x{size:<2d} {channels:2d} to {channels:2d}, {label:22s} "
+            + "  ".join(cells) + " ms")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="cifar_resnet20")
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
+  parser.add_argument("--repeats", type=int, default=8)
+  parser.add_argument("--layers", action="store_true", help="time single convolutions instead")
+  args = parser.parse_args()
+  if args.layers:
+    time_layers(args.batch, args.repeats)
+    return
+
+  config = benchmark.make_config(args.model, args.batch, "float32")
+  size, classes = config.dataset.image_size, config.dataset.num_classes
+  rng = np.random.default_rng(0)
+  batch = data.Batch(
+      images=jnp.asarray(rng.standard_normal((args.batch, size, size, 3), np.float32)),
+      labels=jnp.asarray(rng.integers(0, classes, args.batch, dtype=np.int32)),
+      mask=jnp.ones(args.batch, bool))
+  fast_conv, fast_norm = ops.conv_general_dilated, ops.BatchNorm
+  variants = (
+      ("XLA's defaults", None, lax.conv_general_dilated, nnx.BatchNorm),
+      ("+ ops weight gradient", None, fast_conv, nnx.BatchNorm),
+      ("+ ops.compiler_options()", ops.compiler_options(), fast_conv, nnx.BatchNorm),
+      ("+ ops.BatchNorm", ops.compiler_options(), fast_conv, fast_norm),
+  )
+  runners = {}
+  try:
+    for name, options, conv, norm in variants:
+      ops.conv_general_dilated, ops.BatchNorm = conv, norm  # Read when the model is built.
+      model = train.create_model(config, classes, config.seed)
+      tx = optim.create(config)
+      step = lambda state, batch, tx=tx: train.train_step(config, tx, state, batch)[0]
+      runners[name] = benchmark.Runner(
+          jax.jit(step, donate_argnums=0, compiler_options=options),
+          train.create_train_state(config, model, tx), batch)
+  finally:
+    ops.conv_general_dilated, ops.BatchNorm = fast_conv, fast_norm
+  times = benchmark.measure(runners, args.repeats, args.steps)
+  print(f"{args.model}, batch {args.batch}, float32, {jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}; {args.repeats} alternating repeats of {args.steps} steps")
+  previous = None
+  for name, step_s in times.items():
+    median = statistics.median(step_s)
+    gain = "" if previous is None else f"  {previous / median:.2f}x over the row above"
+    print(f"{name:28s} median {1e3 * median:8.1f} ms  (min {1e3 * min(step_s):.1f}){gain}")
+    previous = median
+
+
+if __name__ == "__main__":
+  main()
