@@ -9,6 +9,7 @@ command; `jax.distributed` is initialised from the environment the cluster
 provides (or from --coordinator_address, --num_processes, --process_id).
 """
 
+import logging as std_logging
 import os
 import sys
 from typing import NoReturn
@@ -51,9 +52,11 @@ def _on_cloud_tpu_vm() -> bool:
           or any(p.name.isdigit() for p in epath.Path("/dev/vfio").glob("*")))
 
 
-def _quiet_orbax(record) -> bool:
-  # Orbax logs every save step at INFO through absl; keep its warnings and errors.
-  return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+  # Orbax logs every save step at INFO through absl (dozens of lines a checkpoint on
+  # many hosts); keep its warnings and errors. Records carry the standard library's
+  # levels, not absl's (whose WARNING is -1).
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def _fail(message: str) -> NoReturn:

@@ -26,6 +26,10 @@ def _train(workdir, num_processes, cache, faults=None, statuses=(0,)):
   results = processes.train(workdir, ARGS, num_processes, faults=faults, **cache)
   for result in results:
     assert result.returncode in statuses, result.stderr[-3000:]
+    # Orbax's per-save INFO lines (dozens a checkpoint on many hosts) stay out of the log.
+    orbax_info = [line for line in result.stderr.splitlines()
+                  if line.startswith("I") and "CheckpointManager" in line]
+    assert not orbax_info, orbax_info[:3]
   return results
 
 
