@@ -1,7 +1,9 @@
-"""PyTorch eager baseline of the paper's networks, side by side with resnet_jax.
+"""PyTorch baseline of the paper's networks (eager or torch.compile), side by side with resnet_jax.
 
     python benchmarks/torch_baseline.py --model=cifar_resnet20 --batch=128            # PyTorch only
     python benchmarks/torch_baseline.py --model=cifar_resnet20 --batch=128 --compare  # both + ratio
+    python benchmarks/torch_baseline.py --model=resnet50 --batch=256 --dtype=bfloat16 \
+        --compile=max-autotune --compare                                # a GPU, compiled
 
 The networks match resnet_jax.models: CIFAR nets with option-A shortcuts
 (stride-2 subsampling, zero-padded channels), ImageNet nets with option-B
@@ -12,6 +14,9 @@ the same as resnet_jax's: cross-entropy, backward, SGD with momentum 0.9 and
 weight decay 1e-4. Evaluation is an inference-mode forward pass plus the top-1
 error count. PyTorch uses as many threads as the machine has cores, with
 passive OpenMP waiting (OMP_WAIT_POLICY, unless set): its fastest setting here.
+On a CUDA device (the default where one is visible) bfloat16 is autocast, the
+step can be compiled (--compile=default | reduce-overhead | max-autotune; eager
+by default), and every timed repeat ends in torch.cuda.synchronize.
 
 With --compare, the JAX and PyTorch steps are timed in alternating repeats, so
 both see the same background load. PyTorch is a benchmark-only extra
@@ -113,53 +118,61 @@ class ResNet(nn.Module):
 
 
 class TorchRunner:
-  """The `resnet_jax.benchmark.Runner` interface for a PyTorch eager step."""
+  """The `resnet_jax.benchmark.Runner` interface for a PyTorch step on `device`."""
 
-  def __init__(self, step, warmup: int = 2):
-    self._step = step
-    self.compile_s = 0.0  # Eager: nothing is compiled.
-    for _ in range(warmup):  # oneDNN picks and caches its kernels on the first calls.
+  def __init__(self, step, device: torch.device, warmup: int = 3):
+    self._step, self._device = step, device
+    start = time.perf_counter()
+    for _ in range(warmup):  # Compilation, oneDNN's and cuDNN's kernel choices: first calls.
       step()
+    self._synchronize()
+    self.compile_s = time.perf_counter() - start
+
+  def _synchronize(self) -> None:
+    if self._device.type == "cuda":
+      torch.cuda.synchronize(self._device)
 
   def run(self, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps):
       self._step()
+    self._synchronize()
     return (time.perf_counter() - start) / steps
 
 
-def torch_runners(model_name: str, batch: int, dtype: str,
-                  channels_last: bool) -> dict[str, TorchRunner]:
+def torch_runners(model_name: str, batch: int, dtype: str, channels_last: bool,
+                  device: torch.device, compile_mode: str | None) -> dict[str, TorchRunner]:
   torch.manual_seed(0)
   size, classes = (32, 10) if model_name.startswith("cifar_") else (224, 1000)
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
-  model = ResNet(model_name, classes).to(memory_format=memory_format)
-  images = torch.randn(batch, 3, size, size).to(memory_format=memory_format)
-  labels = torch.randint(0, classes, (batch,))
+  model = ResNet(model_name, classes).to(device=device, memory_format=memory_format)
+  images = torch.randn(batch, 3, size, size, device=device).to(memory_format=memory_format)
+  labels = torch.randint(0, classes, (batch,), device=device)
   optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-  autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+  autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+  forward = model if compile_mode is None else torch.compile(model, mode=compile_mode)
 
   def train_step():
     model.train()
     optimizer.zero_grad(set_to_none=True)
     with autocast:
-      loss = F.cross_entropy(model(images).float(), labels)
+      loss = F.cross_entropy(forward(images).float(), labels)
     loss.backward()
     optimizer.step()
 
-  errors = torch.zeros((), dtype=torch.int64)
+  errors = torch.zeros((), dtype=torch.int64, device=device)
 
   def eval_step():
     model.eval()
     with torch.inference_mode(), autocast:
-      scores = torch.softmax(model(images).float(), -1)
+      scores = torch.softmax(forward(images).float(), -1)
       errors.add_((scores.argmax(-1) != labels).sum())
 
-  return {"train": TorchRunner(train_step), "eval": TorchRunner(eval_step)}
+  return {"train": TorchRunner(train_step, device), "eval": TorchRunner(eval_step, device)}
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description="PyTorch eager baseline (and --compare).")
+  parser = argparse.ArgumentParser(description="PyTorch baseline (and --compare).")
   parser.add_argument("--model", default="cifar_resnet20")
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -168,12 +181,19 @@ def main(argv=None) -> None:
   parser.add_argument("--threads", type=int, default=os.cpu_count())
   parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True,
                       help="NHWC tensors (oneDNN's fast layout on CPU; as resnet_jax)")
+  parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                      help="cpu or cuda (default: cuda where one is visible)")
+  parser.add_argument("--compile", default=None, dest="compile_mode",
+                      choices=("default", "reduce-overhead", "max-autotune"),
+                      help="torch.compile mode of the model (default: eager)")
   parser.add_argument("--compare", action="store_true", help="also time resnet_jax; print ratios")
   args = parser.parse_args(argv)
   torch.set_num_threads(args.threads)
+  device = torch.device(args.device)
 
   runners = {f"torch {name}": runner for name, runner in
-             torch_runners(args.model, args.batch, args.dtype, args.channels_last).items()}
+             torch_runners(args.model, args.batch, args.dtype, args.channels_last, device,
+                           args.compile_mode).items()}
   if args.compare:
     import jax  # pylint: disable=g-import-not-at-top
     from resnet_jax import benchmark  # pylint: disable=g-import-not-at-top
@@ -181,8 +201,10 @@ def main(argv=None) -> None:
     jax_runners, _ = benchmark.build_runners(config, input_pipeline=False)
     runners.update({f"jax {name}": runner for name, runner in jax_runners.items()})
     print(f"JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}")
-  print(f"PyTorch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"channels_last={args.channels_last}; {args.model}, batch {args.batch}, {args.dtype}; "
+  where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else f"cpu, {torch.get_num_threads()} threads")
+  print(f"PyTorch {torch.__version__} on {where}, channels_last={args.channels_last}, "
+        f"{args.compile_mode or 'eager'}; {args.model}, batch {args.batch}, {args.dtype}; "
         f"{args.repeats} alternating repeats of {args.steps} steps")
 
   times = {name: [] for name in runners}
@@ -194,7 +216,8 @@ def main(argv=None) -> None:
     median = statistics.median(step_s)
     speed[name] = args.batch / median
     print(f"{name:<11} median {median * 1e3:9.2f} ms  (min {min(step_s) * 1e3:.1f}, max "
-          f"{max(step_s) * 1e3:.1f})  {speed[name]:9.1f} images/s")
+          f"{max(step_s) * 1e3:.1f})  {speed[name]:9.1f} images/s  "
+          f"(compile/warm-up {runners[name].compile_s:.1f} s)")
   if args.compare:
     for mode in ("train", "eval"):
       print(f"{mode}: jax/torch images/s = {speed[f'jax {mode}'] / speed[f'torch {mode}']:.2f}x")
