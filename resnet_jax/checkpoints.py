@@ -12,6 +12,7 @@ stops. A failed write raises `CheckpointError`.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import shutil
 import time
@@ -27,6 +28,16 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = "top1_error"
+
+
+def quiet_orbax_info(record: std_logging.LogRecord) -> bool:
+  """A logging filter: False for orbax's INFO records, True for everything else.
+
+  Orbax logs every save step at INFO through absl (dozens of lines a checkpoint on
+  many hosts); its warnings and errors stay. Records carry the standard library's
+  levels, not absl's (whose WARNING is -1).
+  """
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def check_writable(workdir: epath.Path) -> None:

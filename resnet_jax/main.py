@@ -9,7 +9,6 @@ command; `jax.distributed` is initialised from the environment the cluster
 provides (or from --coordinator_address, --num_processes, --process_id).
 """
 
-import logging as std_logging
 import os
 import sys
 from typing import NoReturn
@@ -52,13 +51,6 @@ def _on_cloud_tpu_vm() -> bool:
           or any(p.name.isdigit() for p in epath.Path("/dev/vfio").glob("*")))
 
 
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  # Orbax logs every save step at INFO through absl (dozens of lines a checkpoint on
-  # many hosts); keep its warnings and errors. Records carry the standard library's
-  # levels, not absl's (whose WARNING is -1).
-  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def _fail(message: str) -> NoReturn:
   # One write, starting a fresh line: orbax's background threads may still be printing
   # their own tracebacks to stderr when a failed save ends the run.
@@ -91,9 +83,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv  # Checked by _parse_flags.
-  logging.get_absl_handler().addFilter(_quiet_orbax)
   _initialize_distributed()
-  from resnet_jax import data, train
+  from resnet_jax import checkpoints, data, train
+  logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   # OSError: a disk failing; CorruptImageError: a bad file met mid-run by the streaming path.

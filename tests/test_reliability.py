@@ -20,7 +20,7 @@ from etils import epath
 
 import processes
 from configs import cifar_resnet20
-from resnet_jax import checkpoints, data, main, optim, train
+from resnet_jax import checkpoints, data, optim, train
 
 REPO = processes.REPO
 
@@ -288,7 +288,7 @@ def test_bad_command_line_is_one_error_line_and_exit_status_2(tmp_path, args, me
 def test_orbax_info_lines_are_filtered_but_its_warnings_kept():
   record = lambda level, path: logging.LogRecord("absl", level, path, 1, "message", (), None)
   orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
-  keep = main._quiet_orbax  # pylint: disable=protected-access
+  keep = checkpoints.quiet_orbax_info
   assert not keep(record(logging.INFO, orbax))
   assert keep(record(logging.WARNING, orbax)) and keep(record(logging.ERROR, orbax))
   assert keep(record(logging.INFO, "/work/resnet_jax/train.py"))
