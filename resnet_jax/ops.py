@@ -35,7 +35,8 @@ spatial axes six times per layer (two batch statistics forward; the gradients of
 the mean, the variance, the scale and the bias backward), each a separate pass
 over the activations on CPU. `BatchNorm` gives the normalisation the textbook
 backward pass (Ioffe and Szegedy, 2015, Sec. 3), which needs only the sums of dy
-and of dy * x_hat: four passes in all, and a training step 1.04x to 1.06x as fast.
+and of dy * x_hat: four sums in all, taken on CPU as matrix products
+(`_channel_sums`). A training step runs 1.04x to 1.10x as fast.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
 
+
+# The most channels whose batch-norm sums `_channel_sums` takes as matrix products on CPU.
+_MATMUL_SUM_CHANNELS = 64
 
 # XLA's CPU libraries that YNNPACK fusions would take convolutions from (see the module doc).
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -225,11 +229,12 @@ def _normalize(x, scale, bias, epsilon):
 
 
 def _normalize_fwd(x, scale, bias, epsilon):
-  axes = tuple(range(x.ndim - 1))
   # Statistics in float32 at least, as nnx.BatchNorm's.
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  mean = jnp.mean(x32, axes)
-  var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axes) - jnp.square(mean))
+  count = np.prod(x.shape[:-1])
+  sum_x, sum_xx = _channel_sums(x32, x32)
+  mean = sum_x / count
+  var = jnp.maximum(0.0, sum_xx / count - jnp.square(mean))
   inv = lax.rsqrt(var + epsilon)
   y = (x32 - mean) * (inv * scale) + bias
   return (y.astype(x.dtype), mean, var), (x, mean, inv, scale)
@@ -239,12 +244,11 @@ def _normalize_bwd(epsilon, residuals, cotangents):
   del epsilon
   x, mean, inv, scale = residuals
   dy, dmean, dvar = cotangents
-  axes = tuple(range(x.ndim - 1))
   count = np.prod(x.shape[:-1])
   centred = x.astype(mean.dtype) - mean
   dy = dy.astype(mean.dtype)
-  dbias = jnp.sum(dy, axes)
-  dscale = jnp.sum(dy * centred, axes) * inv  # The sum of dy * x_hat.
+  dbias, sum_dy_x = _channel_sums(dy, x.astype(mean.dtype))
+  dscale = (sum_dy_x - mean * dbias) * inv  # The sum of dy * x_hat.
   # d/dx of y through x_hat, the mean and the variance; then of the statistics themselves.
   dx = (inv * scale / count) * (count * dy - dbias - centred * (inv * dscale))
   dx = dx + dmean / count + (2 / count) * dvar * centred
@@ -252,3 +256,32 @@ def _normalize_bwd(epsilon, residuals, cotangents):
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of a, sum of a * b) over every axis but the last (the channels).
+
+  On CPU, with the few channels of the CIFAR nets, as matrix products: a row of
+  ones times a, and the diagonal of a^T b. XLA's CPU backend splits a reduction
+  over 10^5 rows into a tree of partial reductions, each a pass of its own; the
+  products read each operand once and ran 2x to 3x as fast on 16 and 32
+  channels. They cost channels times the FLOPs of a sum, hence the limit.
+  """
+  channels = a.shape[-1]
+  if jax.default_backend() != "cpu" or channels > _MATMUL_SUM_CHANNELS:
+    axes = tuple(range(a.ndim - 1))
+    return jnp.sum(a, axes), jnp.sum(a * b, axes)
+  rows_a, rows_b = a.reshape(-1, channels), b.reshape(-1, channels)
+  # Under explicit sharding the rows are split over devices (the ones with them), and
+  # the sums replicated.
+  rows_sharding = _explicit_sharding(rows_a)
+  ones_sharding = replicated = None
+  if rows_sharding is not None:
+    spec = jax.sharding.PartitionSpec
+    ones_sharding = jax.sharding.NamedSharding(rows_sharding.mesh, spec(rows_sharding.spec[0]))
+    replicated = jax.sharding.NamedSharding(rows_sharding.mesh, spec())
+  contract_rows = lambda x, y: lax.dot_general(x, y, (((0,), (0,)), ((), ())),
+                                               precision=lax.Precision.HIGHEST,
+                                               out_sharding=replicated)
+  ones = jnp.ones(rows_a.shape[:1], a.dtype, out_sharding=ones_sharding)
+  return contract_rows(ones, rows_a), jnp.diagonal(contract_rows(rows_a, rows_b))

@@ -139,7 +139,9 @@ def bn_loss(bn, x):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_batch_norm_training_equals_nnx(jit):
+@pytest.mark.parametrize("matmul_sum_channels", [64, 0])  # Sums as matrix products, or not.
+def test_batch_norm_training_equals_nnx(jit, matmul_sum_channels, monkeypatch):
+  monkeypatch.setattr(ops, "_MATMUL_SUM_CHANNELS", matmul_sum_channels)
   reference, fast = bn_pair(6)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 5, 5, 6)) * 3 + 1, jnp.float32)
   grad = nnx.grad(bn_loss, argnums=(0, 1), has_aux=True)
