@@ -248,7 +248,9 @@ def _normalize_bwd(epsilon, residuals, cotangents):
   centred = x.astype(mean.dtype) - mean
   dy = dy.astype(mean.dtype)
   dbias, sum_dy_x = _channel_sums(dy, x.astype(mean.dtype))
-  dscale = (sum_dy_x - mean * dbias) * inv  # The sum of dy * x_hat.
+  # The sum of dy * x_hat, from sums over x itself rather than over a centred copy: the
+  # same cancellation, when |mean| >> std, as the forward pass's fast variance.
+  dscale = (sum_dy_x - mean * dbias) * inv
   # d/dx of y through x_hat, the mean and the variance; then of the statistics themselves.
   dx = (inv * scale / count) * (count * dy - dbias - centred * (inv * dscale))
   dx = dx + dmean / count + (2 / count) * dvar * centred
