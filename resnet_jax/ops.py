@@ -195,9 +195,8 @@ def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, prec
   return dw[::-1, ::-1]
 
 
-
 class BatchNorm(nnx.BatchNorm):
-  """`nnx.BatchNorm` whose training-mode gradient takes the module doc's four passes.
+  """`nnx.BatchNorm` whose training-mode gradient takes the module doc's four sums.
 
   The same variables, statistics, running averages and outputs as `nnx.BatchNorm`
   (its fast variance, E[x^2] - E[x]^2); inference, masks, cross-device axis names
