@@ -120,7 +120,7 @@ def make_config(model: str, batch_size: int, dtype: str):
 
 def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], int]:
   """Runners for "train", "eval" (and "train+input"); also returns the forward MACs per batch."""
-  mesh = jax.make_mesh((jax.device_count(),), (data.core.DATA_AXIS,))
+  mesh = data.core.make_mesh()
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec(data.core.DATA_AXIS))
   size, classes = config.dataset.image_size, config.dataset.num_classes

@@ -177,7 +177,7 @@ def trained_layer_responses(workdir: epath.Path, datasets: dict) -> np.ndarray:
   from resnet_jax import checkpoints, data, optim, train  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  mesh = jax.make_mesh((jax.device_count(),), (data.core.DATA_AXIS,))
+  mesh = data.core.make_mesh()
   key = json.dumps(config.dataset.to_dict(), sort_keys=True)
   if key not in datasets:
     datasets[key] = data.create(config.dataset, mesh)

@@ -207,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = epath.Path(workdir)
   try:  # Everything that can fail on a bad config fails here, before any compilation.
     validate(config, workdir)
-    mesh = jax.make_mesh((jax.device_count(),), (data.core.DATA_AXIS,))
+    mesh = data.core.make_mesh()
     dataset = data.create(config.dataset, mesh)
     on_device = isinstance(dataset, data.OnDeviceDataset)
     if on_device and config.eval_protocol != "center":

@@ -18,7 +18,7 @@ from resnet_jax.data.sources import tensorflow
 
 
 def cifar_on_device(cifar10_dir: str | None, steps: int = 200, batch_size: int = 128) -> float:
-  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  mesh = data.core.make_mesh(jax.devices()[:1])
   config = data.default_config("image_folder" if cifar10_dir else "synthetic")
   config.data_dir = cifar10_dir
   ds = data.create(config, mesh)
@@ -45,7 +45,7 @@ def imagenet_streaming(num_images: int = 512, steps: int = 20, batch_size: int =
   config = data.default_config("image_folder")
   config.data_dir, config.eval_split = str(root), "val"
   config.image_size = 224
-  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  mesh = data.core.make_mesh(jax.devices()[:1])
   iterator = data.create(config, mesh).train_iterator(batch_size)
   next(iterator).images.block_until_ready()
   start = time.perf_counter()

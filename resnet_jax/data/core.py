@@ -52,6 +52,23 @@ def views(batch: Batch) -> tuple[jax.Array, ...]:
   return batch.images if isinstance(batch.images, tuple) else (batch.images,)
 
 
+def make_mesh(devices=None) -> Mesh:
+  """The one-axis ("data") mesh over `devices` (default: every device) that runs data parallelism.
+
+  Its axis type is chosen, not left to `jax.make_mesh`'s default (Explicit in jax 0.10 to 0.12):
+  data parallelism needs no sharding in the types. Batches arrive sharded on "data" and the
+  state replicated, and the compiler propagates that through the step and inserts the
+  all-reduces. Under Explicit axes every op must infer its output sharding from its inputs,
+  and jax 0.11 stopped doing so for the scatter in the gradient of optax's integer-label
+  cross-entropy (a `ShardingTypeError` at the first step); any later rule change in any
+  library we call would fail the same way. The models and the data pipelines themselves work
+  under either axis type (tests/test_data.py, tests/test_ops.py).
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
