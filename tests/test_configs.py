@@ -20,17 +20,18 @@ def load(name, arg=None):
 
 
 def expected_model(name):
-  if name.startswith("cifar_"):
-    return name
+  if name.startswith("cifar"):
+    return "cifar_" + name.split("_", 1)[1]
   return name.removeprefix("imagenet_").split("_")[0]
 
 
-def test_all_paper_experiments_have_a_config():
+def test_all_paper_experiments_and_cifar100_have_a_config():
   expected = ({f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110, 1202)}
               | {f"cifar_plain{d}" for d in (20, 32, 44, 56, 110)}
               | {f"imagenet_resnet{d}" for d in (18, 34, 50, 101, 152)}
               | {"imagenet_plain18", "imagenet_plain34"}
-              | {f"imagenet_resnet34_{o}" for o in "abc"} | {"imagenet_resnet18_a"})
+              | {f"imagenet_resnet34_{o}" for o in "abc"} | {"imagenet_resnet18_a"}
+              | {"cifar100_resnet110"})
   assert set(EXPERIMENTS) == expected
 
 
@@ -40,12 +41,12 @@ def test_config_states_the_papers_recipe(name):
   optim.validate(config)
   assert config.model == expected_model(name)
   assert (config.learning_rate, config.momentum, config.weight_decay) == (0.1, 0.9, 1e-4)
-  if name.startswith("cifar_"):
+  if name.startswith("cifar"):
     # Sec. 4.2: batch 128, 0.1 divided by 10 at 32k and 48k, stop at 64k.
-    assert config.dataset.name == "cifar10" and config.batch_size == 128
+    assert config.dataset.name == name.split("_")[0] and config.batch_size == 128
     assert config.lr_schedule == "piecewise" and tuple(config.lr_boundaries) == (32_000, 48_000)
     assert config.num_train_steps == 64_000
-    warm = name in ("cifar_resnet110", "cifar_resnet1202")
+    warm = name in ("cifar_resnet110", "cifar_resnet1202", "cifar100_resnet110")
     assert config.warmup_learning_rate == (0.01 if warm else 0.0)
   else:
     # Sec. 3.4: batch 256, 0.1 divided by 10 on plateaus, up to 60e4 iterations.
