@@ -139,6 +139,21 @@ def test_train_batch_is_a_pure_function_of_seed_and_step():
   assert first.images.sharding.spec[0] == "data"
 
 
+def test_train_iterator_gives_the_dataset_and_batches_inside_the_step():
+  ds = id_coded_dataset(mesh_of(8))
+  iterator = ds.train_iterator(32, start_step=5)
+  inputs = next(iterator)
+  assert inputs is ds and iterator.get_state() is None
+  batch = jax.jit(lambda inputs, step: iterator.batch(inputs, step))(inputs, 5)
+  np.testing.assert_array_equal(batch.images, ds.train_batch(5, 32).images)
+  with pytest.raises(ValueError, match=r"global batch size 30 .* multiple of 8"):
+    ds.train_iterator(30)
+  assert ds.eval_protocols == ("center",)
+  with pytest.raises(ValueError, match=r"eval_protocol '10crop' is not available for ids, whose 8x8 images "
+                                       r"are evaluated by 'center'; use one of those"):
+    next(ds.eval_batches(8, "10crop"))
+
+
 def test_each_training_epoch_visits_examples_without_repeats():
   ds = id_coded_dataset(mesh_of(8), augment=False)
   steps = ds.steps_per_epoch(32)
@@ -303,6 +318,60 @@ def test_corrupt_image_while_streaming_names_its_path(tmp_path):
   iterator.close()
   with pytest.raises(data.CorruptImageError, match=f"corrupt image {root}/test/a/2.jpg: "):
     list(ds.eval_batches(8))
+
+
+def write_jpeg(path, side):
+  pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), np.uint8)
+  path.write_bytes(sources.tensorflow().io.encode_jpeg(pixels).numpy())
+
+
+# The first odd image in listing order is named, in either split.
+@pytest.mark.parametrize("odd", [{"train/b/5.jpg": 40, "train/b/6.jpg": 36}, {"test/a/1.jpg": 40}])
+def test_image_folder_of_mixed_sizes_is_one_error_naming_the_first_odd_image(tmp_path, odd):
+  root = image_folder(tmp_path / "images")
+  for name, side in odd.items():
+    write_jpeg(root / name, side)
+  name, side = next(iter(odd.items()))
+  with pytest.raises(data.ImageSizeError,
+                     match=f"^image {root / name} is {side}x{side} pixels, but the dataset's images are "
+                           r"32x32 \(its first image's size\), and images held on the devices must all "
+                           "have one size: resize it to 32x32 or remove it$"):
+    data.create(folder_config(root, tmp_path), mesh_of(8))
+
+
+def test_main_names_an_image_of_another_size_in_one_line_and_exits_2(tmp_path):
+  root = image_folder(tmp_path / "images")
+  write_jpeg(root / "train" / "a" / "3.jpg", 40)
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  completed = subprocess.run(
+      [sys.executable, "-m", "resnet_jax.main", "--config=configs/cifar_resnet20.py:smoke",
+       "--config.dataset.name=image_folder", f"--config.dataset.data_dir={root}",
+       f"--config.dataset.cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'run'}"],
+      cwd=repo, capture_output=True, text=True, timeout=300)
+  assert completed.returncode == 2, completed.stderr[-3000:]
+  errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+  assert errors == [completed.stderr.rstrip().splitlines()[-1]]
+  assert errors[0].startswith(f"error: image {root}/train/a/3.jpg is 40x40 pixels, but the dataset's "
+                              "images are 32x32")
+  assert "Traceback" not in completed.stderr and "InvalidArgumentError" not in completed.stderr
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_start_up_phases_are_logged_with_their_counts(tmp_path, caplog):
+  root = image_folder(tmp_path / "images", per_class=12)
+  config = folder_config(root, tmp_path)
+  with caplog.at_level("INFO"):
+    data.create(config, mesh_of(8))
+    data.create(config, mesh_of(8))
+  messages = [record.getMessage() for record in caplog.records]
+  mean = mean_cache.cache_path(f"image_folder-{root}-train-24", config.cache_dir)
+  for message in [f"Listing the images of 2 classes under {root}/train", f"Found 24 images under {root}/train",
+                  f"Listing the images of 2 classes under {root}/test", f"Found 24 images under {root}/test",
+                  f"Loading image_folder({root}) onto the devices: 24 training and 24 evaluation images "
+                  "(this process loads the blocks of 8 of the 8 devices)",
+                  "Computing the per-pixel mean of 24 training images", f"Loading the per-pixel mean from {mean}"]:
+    assert message in messages, messages
+  assert messages.count("Computing the per-pixel mean of 24 training images") == 1  # Then cached.
 
 
 def test_more_class_folders_than_num_classes_fails_at_start_up(tmp_path):

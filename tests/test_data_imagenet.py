@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from resnet_jax import data
-from resnet_jax.data import imagenet
-from resnet_jax.data.sources import tensorflow
+from resnet_jax.data import imagenet, sources, streaming
+from resnet_jax.data.sources import tensorflow, tensorflow_datasets
 
 tf = tensorflow()
+tfds = tensorflow_datasets()
 SIZES = [(300, 500), (500, 300), (256, 256), (1000, 200), (180, 240), (480, 640)]
 
 
@@ -104,8 +105,10 @@ def folder_dataset(root, mesh):
 def test_streaming_folder_train_is_deterministic_and_resumable(jpeg_folder):
   ds = folder_dataset(jpeg_folder, mesh_of(8))
   assert ds.info.train_size == 24 and ds.info.image_shape == (224, 224, 3) and not ds.info.synthetic
+  assert ds.eval_protocols == ("center", "10crop", "multiscale")
   iterator = ds.train_iterator(8)
   first = [next(iterator) for _ in range(4)]  # Crosses into the second epoch (3 steps per epoch).
+  assert iterator.batch(first[3], 3) is first[3]  # What the step takes is already the batch.
   state = iterator.get_state()
   assert int(state["step"]) == 4
   following = next(iterator)
@@ -142,11 +145,13 @@ def test_unknown_protocol_and_synthetic_streaming():
   ds = data.create(config, mesh_of(8))
   assert isinstance(ds, data.StreamingDataset)
   assert ds.info.synthetic and ds.info.name == "synthetic(224x224x3,10 classes)"
+  assert ds.eval_protocols == ("center",)
   iterator = ds.train_iterator(16)
   assert next(iterator).images.shape == (16, 224, 224, 3)
   iterator.close()
   assert sum(int(b.mask.sum()) for b in ds.eval_batches(16)) == 20
-  with pytest.raises(ValueError, match="'10crop' is not available"):
+  with pytest.raises(ValueError, match=r"eval_protocol '10crop' is not available for synthetic\(224x224x3,10 "
+                                       r"classes\), whose 224x224 images are evaluated by 'center'; use one"):
     next(ds.eval_batches(16, "10crop"))
 
 
@@ -155,3 +160,94 @@ def test_imagenet_missing_is_a_clear_error(tmp_path):
   config.data_dir = str(tmp_path)
   with pytest.raises(data.DatasetNotFoundError, match="downloads/manual"):
     data.create(config, mesh_of(8))
+
+
+def colour_of(label):
+  return 40 * label + 20
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  """A TFDS dataset in array_record files: "tiny_images", 5 classes, JPEGs of assorted sizes
+  whose flat colour gives the label (`colour_of`); train 30 examples, validation 13."""
+  root = tmp_path_factory.mktemp("tfds")
+
+  def split(count, salt):
+    rng = np.random.default_rng(salt)
+    labels = rng.integers(0, 5, count)
+    sizes = rng.integers(230, 330, (count, 2))
+    def examples():
+      for label, (height, width) in zip(labels, sizes):
+        yield {"image": np.full((height, width, 3), colour_of(label), np.uint8), "label": label}
+    spec = {"image": tf.TensorSpec([None, None, 3], tf.uint8), "label": tf.TensorSpec([], tf.int64)}
+    return tf.data.Dataset.from_generator(examples, output_signature=spec)
+
+  features = tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(None, None, 3)),
+                                         "label": tfds.features.ClassLabel(num_classes=5)})
+  tfds.dataset_builders.store_as_tfds_dataset(
+      "tiny_images", "1.0.0", features, {"train": split(30, 0), "validation": split(13, 1)},
+      data_dir=root, file_format="array_record")
+  return root
+
+
+class CountingSource:
+  """TFDS's data source, counting the records read through it."""
+
+  def __init__(self, source):
+    self.source, self.reads = source, 0
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    self.reads += 1
+    return self.source[index]
+
+  def __getitems__(self, indices):
+    self.reads += len(indices)
+    return self.source.__getitems__(indices)
+
+  def __iter__(self):
+    return (self[index] for index in range(len(self)))
+
+
+def labels_of(batch):
+  """The labels the batch's flat-coloured centre views show, and the labels it carries."""
+  colours = np.asarray(data.views(batch)[0])[:, 112, 112, 0] + imagenet.MEAN_RGB[0]
+  mask = np.asarray(batch.mask)
+  return np.rint((colours[mask] - 20) / 40).astype(int), np.asarray(batch.labels)[mask]
+
+
+def test_tfds_start_up_reads_no_records_and_labels_travel_with_their_images(tfds_dir, monkeypatch, caplog):
+  opened = []
+  as_data_source = tfds.core.DatasetBuilder.as_data_source
+
+  def counting(self, *args, **kwargs):
+    opened.append(CountingSource(as_data_source(self, *args, **kwargs)))
+    return opened[-1]
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", counting)
+  config = data.default_config("imagenet2012")
+  config.augment = False  # The centre view: a flat colour, so the image shows its label.
+  with caplog.at_level("INFO"):
+    train = sources.tfds_random_access("tiny_images", str(tfds_dir), "train")
+    evaluation = sources.tfds_random_access("tiny_images", str(tfds_dir), "validation")
+    ds = streaming.from_records(config, mesh_of(8), train, evaluation, name="tiny_images", num_classes=5)
+  assert [source.reads for source in opened] == [0, 0]  # Start-up read only the metadata.
+  assert (ds.info.train_size, ds.info.eval_size) == (30, 13)
+  messages = [record.getMessage() for record in caplog.records]
+  assert f"Opened TFDS tiny_images:train in {tfds_dir}/tiny_images/1.0.0 for random access: 30 examples" in messages
+  assert any(m.startswith("Streaming tiny_images through tf.data: 30 training examples (this process "
+                          "reads 24) and 13 evaluation examples") for m in messages), messages
+
+  iterator = ds.train_iterator(8)
+  for _ in range(4):  # Crosses into the second epoch (3 steps per epoch).
+    shown, carried = labels_of(iterator.batch(next(iterator), 0))
+    np.testing.assert_array_equal(shown, carried)
+  iterator.close()
+  assert opened[0].reads >= 32 and opened[1].reads == 0
+  shown, carried = np.concatenate([np.stack(labels_of(batch)) for batch in ds.eval_batches(8)], axis=1)
+  np.testing.assert_array_equal(shown, carried)
+  assert len(carried) == 13
+  np.testing.assert_array_equal(np.sort(carried), np.sort([int(evaluation.data_source.source[i]["label"])
+                                                           for i in range(13)]))

@@ -2,18 +2,27 @@
 
 `create` returns an `OnDeviceDataset` (CIFAR-sized data: CIFAR-10/100, image folders of images
 up to 64 pixels, small synthetic data) or a `StreamingDataset` (ImageNet, image folders of larger
-images, synthetic data larger than 64 pixels).
+images, synthetic data larger than 64 pixels). Both are a `data.Dataset`, used one way:
 
-    # OnDeviceDataset: a pytree; pass it into jax.jit.
-    batch = ds.train_batch(step, batch_size)  # Batch(images, labels, mask), pure in (seed, step)
-    for batch in ds.eval_batches(batch_size): ...  # every example once; mask False on padding
-    # StreamingDataset:
-    it = ds.train_iterator(batch_size, start_step=0)  # it.get_state() / it.set_state(state)
-    for batch in ds.eval_batches(batch_size, protocol="center" | "10crop" | "multiscale"): ...
+    it = ds.train_iterator(batch_size, start_step)   # it.get_state() / it.set_state(s) / it.close()
+    step = jax.jit(lambda state, inputs: update(state, it.batch(inputs, state.step)))
+    state = step(state, next(it))                    # Batch(images, labels, mask) inside the step
+    for batch in ds.eval_batches(batch_size, protocol): ...  # a protocol of ds.eval_protocols
 
-Multi-view protocols give `batch.images` as a tuple of views (`data.views(batch)`); average
-the softmax scores over them. All batches are global arrays sharded on the mesh axis "data";
-the global batch size must be a multiple of that axis's size.
+`next(it)` is what the jitted step takes: an on-device dataset gives itself, and `it.batch`
+samples and augments inside the step (no host work between steps; the batch of a step is a
+pure function of (seed, step)); a streaming dataset gives the next batch, decoded and prefetched
+onto the devices by a background thread. Evaluation visits every example once (mask False on
+padding rows). `eval_protocols`: ("center",) on device (small images are evaluated whole);
+("center", "10crop", "multiscale") streaming, where multi-view protocols give `batch.images`
+as a tuple of views (`data.views(batch)`) whose softmax scores are averaged. All batches are
+global arrays sharded on the mesh axis "data"; the global batch size must be a multiple of that
+axis's size.
+
+Start-up: an on-device dataset decodes both splits onto the devices (logged with its counts)
+and computes or loads its per-pixel mean; a streaming one only lists its examples: a TFDS split
+is opened by index (its size read from metadata, no record read), and each label is read with
+its image when a step needs it. Every phase that can take long logs an INFO line.
 
 Config fields (`default_config(name)` gives the defaults; set only what differs):
   name: "cifar10" | "cifar100" | "imagenet2012" | "image_folder" | "synthetic".
@@ -21,7 +30,10 @@ Config fields (`default_config(name)` gives the defaults; set only what differs)
     <root>/<split>/<class>/<image> (classes sorted by name give the labels); a local path or a
     URI that etils.epath and tf.io.gfile read (gs://...). Nothing is ever downloaded: a missing
     TFDS dataset raises `DatasetNotFoundError` saying how to fix it; an image that does not
-    decode raises `CorruptImageError` naming it.
+    decode raises `CorruptImageError` naming it. The first training image's size picks the
+    pipeline: up to 64 pixels the folder is held on the devices, and every image of both splits
+    must have that size (else `ImageSizeError` at start-up, naming the first odd image and its
+    size); larger images stream, and may differ in size.
   train_split: "train", or "train45k" (paper section 4.2: the training set minus a fixed,
     stratified 5k; image folders too); for image folders any split folder name.
   eval_split: "test" / "validation" (ImageNet), or "val5k" (the 5k held out of "train45k").
@@ -41,11 +53,12 @@ Synthetic datasets say so: `info.synthetic` is True and `info.name` reads like
 TensorFlow; TFDS and image folders do, with GPUs hidden from TensorFlow.
 """
 from resnet_jax.data.config import DATASETS, default_config
-from resnet_jax.data.core import Batch, CorruptImageError, DatasetInfo, DatasetNotFoundError, views
+from resnet_jax.data.core import (Batch, CorruptImageError, Dataset, DatasetInfo, DatasetNotFoundError,
+                                  ImageSizeError, TrainIterator, views)
 from resnet_jax.data.on_device import OnDeviceDataset, from_arrays
 from resnet_jax.data.pipeline import create
-from resnet_jax.data.streaming import StreamingDataset, TrainIterator
+from resnet_jax.data.streaming import StreamingDataset
 
-__all__ = ["DATASETS", "Batch", "CorruptImageError", "DatasetInfo", "DatasetNotFoundError",
-           "OnDeviceDataset", "StreamingDataset", "TrainIterator", "create", "default_config",
-           "from_arrays", "views"]
+__all__ = ["DATASETS", "Batch", "CorruptImageError", "Dataset", "DatasetInfo", "DatasetNotFoundError",
+           "ImageSizeError", "OnDeviceDataset", "StreamingDataset", "TrainIterator", "create",
+           "default_config", "from_arrays", "views"]

@@ -6,6 +6,7 @@ only the blocks of the devices it can address (`local_rows`) and
 `jax.make_array_from_process_local_data` assembles the global array.
 """
 import dataclasses
+from typing import Any, Iterator, Protocol
 
 import flax
 import jax
@@ -28,6 +29,10 @@ class CorruptImageError(ValueError):
   """An image does not decode; the message names it."""
 
 
+class ImageSizeError(ValueError):
+  """An image held on the devices differs in size from the others; the message names it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   name: str
@@ -45,6 +50,43 @@ class Batch:
   images: jax.Array | tuple[jax.Array, ...]
   labels: jax.Array
   mask: jax.Array
+
+
+class TrainIterator(Protocol):
+  """A dataset's training inputs, from `Dataset.train_iterator(batch_size, start_step)`.
+
+  `next()` gives what the jitted step takes as its data argument, and `batch(inputs, step)`,
+  called inside the jitted step with the train state's step (the number of updates done),
+  turns that into the step's `Batch`. An on-device dataset gives itself, and `batch` samples
+  and augments there; a streaming dataset gives a prefetched `Batch`, which `batch` returns.
+  `get_state()` is what a checkpoint saves (None: the step alone fixes the position) and
+  `set_state` restores it; `close()` stops any background work.
+  """
+
+  def __iter__(self) -> "TrainIterator": ...
+  def __next__(self) -> Any: ...
+  def batch(self, inputs: Any, step: jax.Array) -> Batch: ...
+  def get_state(self) -> dict | None: ...
+  def set_state(self, state: dict) -> None: ...
+  def close(self) -> None: ...
+
+
+class Dataset(Protocol):
+  """What `data.create` returns: an `OnDeviceDataset` or a `StreamingDataset`."""
+  info: DatasetInfo
+  eval_protocols: tuple[str, ...]
+
+  def steps_per_epoch(self, batch_size: int) -> int: ...
+  def train_iterator(self, batch_size: int, start_step: int = 0) -> TrainIterator: ...
+  def eval_batches(self, batch_size: int, protocol: str = "center") -> Iterator[Batch]: ...
+
+
+def check_protocol(protocol: str, info: DatasetInfo, protocols: tuple[str, ...]) -> None:
+  """A clear ValueError unless `protocol` is one of the dataset's evaluation protocols."""
+  if protocol not in protocols:
+    raise ValueError(f"eval_protocol {protocol!r} is not available for {info.name}, whose "
+                     f"{info.image_shape[0]}x{info.image_shape[1]} images are evaluated by "
+                     f"{', '.join(map(repr, protocols))}; use one of those.")
 
 
 def views(batch: Batch) -> tuple[jax.Array, ...]:

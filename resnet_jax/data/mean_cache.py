@@ -11,6 +11,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 
 
@@ -25,6 +26,7 @@ def load_or_compute(key: str, compute: Callable[[], np.ndarray], cache_dir: str 
   """The cached array for `key`, or `compute()` saved for next time (by process 0 only)."""
   path = cache_path(key, cache_dir)
   if path.exists():
+    logging.info("Loading the per-pixel mean from %s", path)
     return np.load(io.BytesIO(path.read_bytes()))
   mean = np.asarray(compute(), np.float32)
   if jax.process_index() == 0:

@@ -20,6 +20,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, PartitionSpec
 
 from resnet_jax.data import core
@@ -76,9 +77,38 @@ def _eval_batch(images, labels, mask, mean, index, *, per_device, mesh):
                        out_specs=spec)(images, labels, mask, mean, jnp.asarray(index, jnp.int32))
 
 
+class FusedIterator:
+  """Training inputs of an `OnDeviceDataset` (`core.TrainIterator`): `next()` gives the dataset
+  itself, and `batch` samples and augments the step's examples inside the jitted step, so no
+  host work runs between steps. The train state's step is the whole position: no other state."""
+
+  def __init__(self, dataset: "OnDeviceDataset", batch_size: int):
+    dataset._per_device(batch_size)  # pylint: disable=protected-access  (a bad size fails here)
+    self._dataset, self._batch_size = dataset, batch_size
+
+  def __iter__(self) -> "FusedIterator":
+    return self
+
+  def __next__(self) -> "OnDeviceDataset":
+    return self._dataset
+
+  def batch(self, inputs: "OnDeviceDataset", step: jax.Array) -> core.Batch:
+    return inputs.train_batch(step, self._batch_size)
+
+  def get_state(self) -> None:
+    return None
+
+  def set_state(self, state: dict) -> None:
+    del state  # The batch of a step depends on nothing else.
+
+  def close(self) -> None:
+    pass
+
+
 @flax.struct.dataclass
 class OnDeviceDataset:
-  """A whole dataset on the devices. A pytree: pass it into `jax.jit` and call `train_batch` there."""
+  """A whole dataset on the devices (`core.Dataset`). A pytree: `train_iterator` passes it into
+  the jitted step, which calls `train_batch` there."""
   train_images: jax.Array  # uint8 [D, n, H, W, C]
   train_labels: jax.Array  # int32 [D, n]
   eval_images: jax.Array  # uint8 [D, m, H, W, C], chunk d padded to m = ceil(N_eval / D)
@@ -89,6 +119,7 @@ class OnDeviceDataset:
   mesh: Mesh = flax.struct.field(pytree_node=False)
   seed: int = flax.struct.field(pytree_node=False)
   augment: bool = flax.struct.field(pytree_node=False, default=True)
+  eval_protocols = ("center",)  # Images this small are evaluated whole.
 
   def steps_per_epoch(self, batch_size: int) -> int:
     return self.train_labels.shape[1] // self._per_device(batch_size)
@@ -99,11 +130,16 @@ class OnDeviceDataset:
     return _train_batch(self.train_images, self.train_labels, self.mean, step, batch_size=batch_size,
                         seed=self.seed, augment_images=self.augment, mesh=self.mesh)
 
+  def train_iterator(self, batch_size: int, start_step: int = 0) -> FusedIterator:
+    del start_step  # `batch` takes the step from the train state.
+    return FusedIterator(self, batch_size)
+
   def num_eval_batches(self, batch_size: int) -> int:
     return -(-self.eval_labels.shape[1] // self._per_device(batch_size))
 
-  def eval_batches(self, batch_size: int) -> Iterator[core.Batch]:
+  def eval_batches(self, batch_size: int, protocol: str = "center") -> Iterator[core.Batch]:
     """Every evaluation example exactly once (padding rows have mask False); not augmented."""
+    core.check_protocol(protocol, self.info, self.eval_protocols)
     per_device = self._per_device(batch_size)
     for index in range(self.num_eval_batches(batch_size)):
       yield _eval_batch(self.eval_images, self.eval_labels, self.eval_mask, self.mean, index,
@@ -153,6 +189,7 @@ def place_eval(mesh: Mesh, labels: np.ndarray, load: Callable[[np.ndarray], np.n
 
 def per_pixel_mean(train_images: jax.Array) -> np.ndarray:
   """float32 [H, W, C] mean over every example held in `train_images` [D, n, H, W, C]."""
+  logging.info("Computing the per-pixel mean of %d training images", train_images.shape[0] * train_images.shape[1])
   return np.asarray(jax.jit(lambda x: jnp.mean(x, axis=(0, 1), dtype=jnp.float32))(train_images))
 
 
@@ -179,6 +216,10 @@ def build(mesh: Mesh, train_labels: np.ndarray, load_train, eval_labels: np.ndar
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
       raise ValueError(f"{split} labels must lie in [0, {num_classes}) for num_classes="
                        f"{num_classes}; found labels from {labels.min()} to {labels.max()}")
+  first, last = core.local_devices_range(mesh)
+  logging.info("Loading %s onto the devices: %d training and %d evaluation images (this process "
+               "loads the blocks of %d of the %d devices)", name, len(train_labels), len(eval_labels),
+               last - first, core.num_data_devices(mesh))
   train_images, train_labels_global = place_train(mesh, train_labels, load_train, seed)
   eval_images, eval_labels_global, eval_mask = place_eval(mesh, eval_labels, load_eval)
   if mean is None:

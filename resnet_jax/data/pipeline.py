@@ -18,11 +18,12 @@ def synthetic_name(image_size: int, num_classes: int) -> str:
   return f"synthetic({image_size}x{image_size}x3,{num_classes} classes)"
 
 
-def create(config: ml_collections.ConfigDict, mesh: Mesh):
+def create(config: ml_collections.ConfigDict, mesh: Mesh) -> core.Dataset:
   """An `OnDeviceDataset` or a `StreamingDataset` for `config` (the trainer's `config.dataset`).
 
-  Raises ValueError for an invalid config and `DatasetNotFoundError` when the data is missing,
-  both before anything is compiled.
+  Raises ValueError for an invalid config, `DatasetNotFoundError` when the data is missing and
+  `CorruptImageError` / `ImageSizeError` for an image the devices cannot hold, all before
+  anything is compiled.
   """
   config = config_lib.resolve(config)
   core.num_data_devices(mesh)
@@ -58,10 +59,11 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh):
     return streaming.from_records(config, mesh, train, evaluation, name=name, num_classes=num_classes)
   mean = lambda train_images: mean_cache.load_or_compute(
       cache_key, lambda: on_device.per_pixel_mean(train_images), config.cache_dir)
-  return on_device.build(
-      mesh, train.labels, lambda ids: sources.decode_all(train, ids), evaluation.labels,
-      lambda ids: sources.decode_all(evaluation, ids), name=name, num_classes=num_classes,
-      seed=config.seed, augment=config.augment, mean=mean)
+  # Evaluation images must have the training images' size too: one model sees both.
+  loader = lambda records: lambda ids: sources.decode_all(records, ids, shape)
+  return on_device.build(mesh, train.labels, loader(train), evaluation.labels, loader(evaluation),
+                         name=name, num_classes=num_classes, seed=config.seed, augment=config.augment,
+                         mean=mean)
 
 
 def _synthetic(config: ml_collections.ConfigDict, mesh: Mesh):

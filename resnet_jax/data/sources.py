@@ -1,8 +1,8 @@
 """Where examples come from: TFDS datasets, image folders, and the 45k/5k CIFAR split.
 
-A source is a list of examples known before any pixel is decoded (`Records`: labels plus
-either file paths or encoded image bytes), so every process can pick its own examples and
-decode only those. TensorFlow is imported lazily, through `tensorflow()`, so that in-memory
+A source lists a split's examples before any pixel is decoded (`Records`: labels plus either
+file paths or encoded image bytes, or a TFDS random-access source that is only opened), so every
+process can pick its own examples and decode only those. TensorFlow is imported lazily, through `tensorflow()`, so that in-memory
 and synthetic pipelines run on machines without TensorFlow.
 """
 import dataclasses
@@ -11,9 +11,10 @@ import re
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from absl import logging
 from etils import epath
 
-from resnet_jax.data.core import CorruptImageError, DatasetNotFoundError
+from resnet_jax.data.core import CorruptImageError, DatasetNotFoundError, ImageSizeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VAL5K_SIZE = 5000
@@ -38,15 +39,19 @@ def tensorflow_datasets() -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Records:
-  """Examples of one split. Exactly one of `paths` (file names) and `encoded` (image bytes),
-  or `data_source` (a TFDS random-access source yielding {"image": bytes, "label": int})."""
-  labels: np.ndarray
+  """Examples of one split: `labels` with `paths` (file names) or `encoded` (image bytes); or
+  `data_source` alone, a TFDS random-access source of {"image": bytes, "label": int} whose
+  examples are read, label and image together, only when the pipeline fetches them."""
+  labels: np.ndarray | None = None
   paths: np.ndarray | None = None
   encoded: np.ndarray | None = None
   data_source: Any = None
 
   def __len__(self) -> int:
-    return len(self.labels)
+    return len(self.labels) if self.data_source is None else len(self.data_source)
+
+  def name(self, index: int) -> str:
+    return self.paths[index] if self.paths is not None else f"example {index} of the split"
 
   def subset(self, ids: np.ndarray) -> "Records":
     if self.data_source is not None:
@@ -111,6 +116,7 @@ def folder_records(root: epath.PathLike, split: str) -> Records:
         f"image folder {root} has no split {split!r} (found {available}); set dataset.train_split "
         "and dataset.eval_split to folder names, or 'train45k'/'val5k' to carve them from 'train'")
   classes = folder_classes(root)
+  logging.info("Listing the images of %d classes under %s", len(classes), split_dir)
   paths, labels = [], []
   for label, name in enumerate(classes):
     class_dir = split_dir / name
@@ -121,6 +127,7 @@ def folder_records(root: epath.PathLike, split: str) -> Records:
     labels.extend([label] * len(files))
   if not paths:
     raise DatasetNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {split_dir}/<class>/")
+  logging.info("Found %d images under %s", len(paths), split_dir)
   return Records(labels=np.asarray(labels, np.int32), paths=np.asarray(paths))
 
 
@@ -152,6 +159,8 @@ def tfds_records(name: str, data_dir: str | None, split: str) -> Records:
     return base.subset(train_val_split(base.labels)[derived[1]])
   tfds = tensorflow_datasets()
   builder = tfds_builder(name, data_dir)
+  logging.info("Reading the %d encoded images of TFDS %s:%s from %s", builder.info.splits[split].num_examples,
+               name, split, builder.data_dir)
   dataset = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False,
                                decoders={"image": tfds.decode.SkipDecoding()})
   arrays = tfds.as_numpy(dataset)
@@ -159,7 +168,11 @@ def tfds_records(name: str, data_dir: str | None, split: str) -> Records:
 
 
 def tfds_random_access(name: str, data_dir: str | None, split: str) -> Records:
-  """A large TFDS split as a random-access source (needs the array_record file format)."""
+  """A large TFDS split as a random-access source (needs the array_record file format).
+
+  Opening it reads the split's metadata, never its records: start-up costs the same for
+  ImageNet's 140 GB as for a tiny split. Each label is read with its image, when fetched.
+  """
   tfds = tensorflow_datasets()
   builder = tfds_builder(name, data_dir)
   formats = {str(builder.info.file_format)} | {str(f) for f in builder.info.alternative_file_formats}
@@ -171,8 +184,9 @@ def tfds_random_access(name: str, data_dir: str | None, split: str) -> Records:
         f"or prepare with `tfds build {name} --file_format=array_record`, or use an image folder.")
   source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()},
                                   file_format="array_record")
-  labels = np.asarray([example["label"] for example in source], np.int32)  # Cheap: no decoding.
-  return Records(labels=labels, data_source=source)
+  logging.info("Opened TFDS %s:%s in %s for random access: %d examples", name, split,
+               builder.data_dir, len(source))
+  return Records(data_source=source)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -190,17 +204,16 @@ def decode_one(records: Records, index: int) -> Any:
   try:
     return tf.io.decode_image(contents, channels=3, expand_animations=False)
   except tf.errors.InvalidArgumentError as error:
-    name = records.paths[index] if records.paths is not None else f"example {index} of the split"
     reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message)  # TF's op context.
-    raise CorruptImageError(f"corrupt image {name}: cannot decode it ({reason}); "
+    raise CorruptImageError(f"corrupt image {records.name(index)}: cannot decode it ({reason}); "
                             "delete or replace it") from None
 
 
-def naming_corrupt(batches: Iterator, batch_ids: Iterable[np.ndarray],
-                   records: Records) -> Iterator:
+def naming_corrupt(batches: Iterator, batch_ids: Iterable[np.ndarray], records: Records,
+                   shape: tuple[int, int, int] | None = None) -> Iterator:
   """`batches` (tf.data, decoding `records`), with `batch_ids` the example ids of each batch in
-  order; a decoding failure becomes `CorruptImageError` naming the image (tf.data's own error
-  names no file)."""
+  order; a decoding failure becomes `CorruptImageError` naming the image, and an image that is
+  not `shape` (when given) `ImageSizeError` naming it (tf.data's own errors name no file)."""
   tf = tensorflow()
   for ids in batch_ids:
     try:
@@ -208,10 +221,19 @@ def naming_corrupt(batches: Iterator, batch_ids: Iterable[np.ndarray],
     except StopIteration:
       return
     except tf.errors.InvalidArgumentError:
-      for index in ids:
-        decode_one(records, index)
+      for index in np.sort(ids):  # The first odd image in listing order.
+        image_shape = tuple(decode_one(records, index).shape)
+        if shape is not None and image_shape != shape:
+          raise ImageSizeError(
+              f"image {records.name(index)} is {_size(image_shape)} pixels, but the dataset's "
+              f"images are {_size(shape)} (its first image's size), and images held on the "
+              f"devices must all have one size: resize it to {_size(shape)} or remove it") from None
       raise
     yield batch
+
+
+def _size(shape: tuple[int, ...]) -> str:
+  return f"{shape[0]}x{shape[1]}"
 
 
 def peek_shape(records: Records) -> tuple[int, int, int]:
@@ -219,18 +241,20 @@ def peek_shape(records: Records) -> tuple[int, int, int]:
   return tuple(decode_one(records, 0).shape)
 
 
-def decode_all(records: Records, ids: np.ndarray) -> np.ndarray:
-  """uint8 [len(ids), H, W, 3]: the images `ids` of same-sized records, decoded in parallel."""
+def decode_all(records: Records, ids: np.ndarray, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+  """uint8 [len(ids), *shape]: the images `ids`, decoded in parallel; `ImageSizeError` naming
+  the first one of another shape (default: the shape of the split's first image)."""
   tf = tensorflow()
+  shape = shape or peek_shape(records)
   if records.paths is not None:
     contents = tf.data.Dataset.from_tensor_slices(records.paths[ids]).map(tf.io.read_file)
   else:
     contents = tf.data.Dataset.from_tensor_slices(records.encoded[ids])
-  decode = lambda x: tf.io.decode_image(x, channels=3, expand_animations=False)
+  decode = lambda x: tf.ensure_shape(tf.io.decode_image(x, channels=3, expand_animations=False), shape)
   dataset = contents.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   chunk = 4096
   batches = dataset.batch(chunk).prefetch(1).as_numpy_iterator()
-  chunks = list(naming_corrupt(batches, np.split(ids, range(chunk, len(ids), chunk)), records))
+  chunks = list(naming_corrupt(batches, np.split(ids, range(chunk, len(ids), chunk)), records, shape))
   if not chunks:
-    return np.zeros((0, 0, 0, 3), np.uint8)
+    return np.zeros((0,) + shape, np.uint8)
   return np.concatenate(chunks)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from resnet_jax.data import core
@@ -50,11 +51,12 @@ def _to_device(mesh: Mesh, local: dict, global_batch: int) -> core.Batch:
   return core.Batch(images=images, labels=put(local["labels"].astype(np.int32)), mask=put(local["mask"]))
 
 
-class TrainIterator:
-  """Yields global training batches, prefetched to the devices by a background thread.
+class PrefetchIterator:
+  """Training inputs of a `StreamingDataset` (`core.TrainIterator`): global batches, prefetched
+  to the devices by a background thread; `batch` returns them as they are.
 
-  Checkpointing: `get_state()` returns {"step": int64}; `set_state(state)` (or
-  `train_iterator(batch_size, start_step=step)`) continues from that step.
+  Checkpointing: `get_state()` returns {"step": int} (JSON, as checkpoints save it);
+  `set_state(state)` (or `train_iterator(batch_size, start_step=step)`) continues from that step.
   """
 
   def __init__(self, make_batches: Callable[[int], Iterator[dict]], to_device: Callable[[dict], core.Batch],
@@ -77,8 +79,12 @@ class TrainIterator:
     self._step += 1
     return item
 
+  def batch(self, inputs: core.Batch, step: jax.Array) -> core.Batch:
+    del step  # The iterator's own step chose the batch (get_state / set_state keep it).
+    return inputs
+
   def get_state(self) -> dict:
-    return {"step": np.int64(self._step)}
+    return {"step": self._step}
 
   def set_state(self, state: dict) -> None:
     self.close()
@@ -120,33 +126,31 @@ def _stop(stop: threading.Event, thread: threading.Thread) -> None:
 
 
 class StreamingDataset:
-  """A dataset streamed from the host: `train_iterator` and `eval_batches`."""
+  """A dataset streamed from the host (`core.Dataset`): `train_iterator` and `eval_batches`."""
 
   def __init__(self, info: core.DatasetInfo, mesh: Mesh, train_batches, eval_batches, protocols):
     self.info = info
     self.mesh = mesh
+    self.eval_protocols = protocols
     self._train_batches = train_batches  # (per_device, start_step) -> this process's rows, as dicts
     self._eval_batches = eval_batches  # (per_device, protocol) -> this process's rows, as dicts
-    self._protocols = protocols
     self._train_block = info.train_size // core.num_data_devices(mesh)
 
   def steps_per_epoch(self, batch_size: int) -> int:
     return self._train_block // core.check_batch_size(batch_size, self.mesh)
 
-  def train_iterator(self, batch_size: int, start_step: int = 0) -> TrainIterator:
+  def train_iterator(self, batch_size: int, start_step: int = 0) -> PrefetchIterator:
     per_device = core.check_batch_size(batch_size, self.mesh)
     if per_device > self._train_block:
       raise ValueError(f"batch size {batch_size} exceeds the {self.info.train_size} training examples")
     make = functools.partial(self._train_batches, per_device)
-    return TrainIterator(make, lambda local: _to_device(self.mesh, local, batch_size), start_step)
+    return PrefetchIterator(make, lambda local: _to_device(self.mesh, local, batch_size), start_step)
 
   def eval_batches(self, batch_size: int, protocol: str = "center") -> Iterator[core.Batch]:
     """Every evaluation example once, padded and masked. "10crop" and "multiscale" give
     `images` as a tuple of views (10 of [B, 224, 224, 3]; 5 of [B, s, s, 3]); average the
     softmax scores over the views."""
-    if protocol not in self._protocols:
-      raise ValueError(f"evaluation protocol {protocol!r} is not available for {self.info.name}; "
-                       f"choose one of {self._protocols}")
+    core.check_protocol(protocol, self.info, self.eval_protocols)
     per_device = core.check_batch_size(batch_size, self.mesh)
     for local in self._eval_batches(per_device, protocol):
       yield _to_device(self.mesh, local, batch_size)
@@ -206,11 +210,11 @@ def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, 
     signature = (tf.TensorSpec([local_batch], tf.int64), tf.TensorSpec([local_batch, 2], tf.int64))
     examples = tf.data.Dataset.from_generator(steps, output_signature=signature).unbatch()
     fetch = _fetcher(train)
-    labels = tf.constant(train.labels)
 
     def load(index, element_seed):
-      image, offset = imagenet.train_view_from_bytes(fetch(index), element_seed, config.augment)
-      return {"images": image, "offsets": offset, "labels": tf.gather(labels, index), "mask": True}
+      contents, label = fetch(index)
+      image, offset = imagenet.train_view_from_bytes(contents, element_seed, config.augment)
+      return {"images": image, "offsets": offset, "labels": label, "mask": True}
 
     dataset = examples.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -220,14 +224,14 @@ def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, 
   def eval_batches(per_device, protocol):
     ids, valid = _eval_local_rows(len(evaluation), mesh, per_device)
     fetch = _fetcher(evaluation)
-    labels = tf.constant(evaluation.labels)
     transform = imagenet.EVAL_PROTOCOLS[protocol]
 
     def load(index, is_valid):
-      views, offset = transform(tf.io.decode_image(fetch(index), channels=3, expand_animations=False))
+      contents, label = fetch(index)
+      views, offset = transform(tf.io.decode_image(contents, channels=3, expand_animations=False))
       if protocol == "10crop":
         views = tuple(tf.unstack(views))
-      return {"images": views, "offsets": offset, "labels": tf.gather(labels, index), "mask": is_valid}
+      return {"images": views, "offsets": offset, "labels": label, "mask": is_valid}
 
     dataset = tf.data.Dataset.from_tensor_slices((ids.reshape(-1), valid.reshape(-1)))
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -236,21 +240,31 @@ def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, 
 
   info = core.DatasetInfo(name=name, num_classes=num_classes, image_shape=(imagenet.CROP, imagenet.CROP, 3),
                           train_size=len(train), eval_size=len(evaluation))
+  logging.info("Streaming %s through tf.data: %d training examples (this process reads %d) and %d "
+               "evaluation examples, read and decoded as the steps need them", name, len(train),
+               len(train_ids), len(evaluation))
   return StreamingDataset(info, mesh, train_batches, eval_batches, tuple(imagenet.EVAL_PROTOCOLS))
 
 
 def _fetcher(records: Records):
-  """A tf function: example id -> encoded image bytes."""
+  """A tf function: example id -> (encoded image bytes, int32 label), read together."""
   from resnet_jax.data.sources import tensorflow  # pylint: disable=g-import-not-at-top
   tf = tensorflow()
+  if records.data_source is not None:
+    def read(index):
+      example = records.data_source[int(index)]
+      return np.bytes_(example["image"]), np.int32(example["label"])
+
+    def fetch(index):
+      contents, label = tf.numpy_function(read, [index], (tf.string, tf.int32), stateful=False)
+      return tf.ensure_shape(contents, []), tf.ensure_shape(label, [])
+    return fetch
+  labels = tf.constant(records.labels.astype(np.int32))
   if records.paths is not None:
     paths = tf.constant(records.paths)
-    return lambda index: tf.io.read_file(tf.gather(paths, index))
-  if records.encoded is not None:
-    encoded = tf.constant(records.encoded)
-    return lambda index: tf.gather(encoded, index)
-  read = lambda index: np.bytes_(records.data_source[int(index)]["image"])
-  return lambda index: tf.ensure_shape(tf.numpy_function(read, [index], tf.string, stateful=False), [])
+    return lambda index: (tf.io.read_file(tf.gather(paths, index)), tf.gather(labels, index))
+  encoded = tf.constant(records.encoded)
+  return lambda index: (tf.gather(encoded, index), tf.gather(labels, index))
 
 
 def synthetic(config: ml_collections.ConfigDict, mesh: Mesh, *, name: str) -> StreamingDataset:
