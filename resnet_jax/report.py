@@ -189,12 +189,8 @@ def trained_layer_responses(workdir: epath.Path, datasets: dict) -> np.ndarray:
   state, _ = manager.restore_latest(state)
   nnx.update(model, state.params, state.batch_stats)
   # The run's own evaluation batches (a size its devices and data allow), up to N images.
-  if isinstance(dataset, data.OnDeviceDataset):
-    batches = dataset.eval_batches(config.eval_batch_size)
-  else:
-    batches = dataset.eval_batches(config.eval_batch_size, protocol="center")
   images, count = [], 0
-  for batch in batches:
+  for batch in dataset.eval_batches(config.eval_batch_size, "center"):
     images.append(np.asarray(data.views(batch)[0])[np.asarray(batch.mask)])
     count += len(images[-1])
     if count >= LAYER_RESPONSE_IMAGES:

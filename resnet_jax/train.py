@@ -209,10 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     validate(config, workdir)
     mesh = data.core.make_mesh()
     dataset = data.create(config.dataset, mesh)
-    on_device = isinstance(dataset, data.OnDeviceDataset)
-    if on_device and config.eval_protocol != "center":
-      raise ValueError(f"eval_protocol {config.eval_protocol!r} crops ImageNet-sized images; "
-                       f"{dataset.info.name} is evaluated whole: use 'center'.")
+    data.core.check_protocol(config.eval_protocol, dataset.info, dataset.eval_protocols)
     model = create_model(config, dataset.info.num_classes, config.seed)
     manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints,
                                   num_classes=dataset.info.num_classes)
@@ -225,30 +222,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     checkpoints.check_space(workdir, state)
     state, data_state = manager.restore_latest(state)
+    start_step = int(state.step)
+    train_iter = dataset.train_iterator(config.batch_size, start_step)
   except ValueError as error:
     raise StartupError(str(error)) from error
-  start_step = int(state.step)
+  if data_state is not None:
+    train_iter.set_state(data_state)
 
-  step_fn = lambda state, batch: train_step(config, tx, state, batch)
-  if on_device:
-    # Sampling and augmentation run inside the step: no host work between steps.
-    fused = lambda state, ds: step_fn(state, ds.train_batch(state.step, config.batch_size))
-    train_fn = jax.jit(fused, out_shardings=replicated, donate_argnums=0,
-                       compiler_options=ops.compiler_options())
-    next_input = lambda: dataset
-  else:
-    train_fn = jax.jit(step_fn, out_shardings=replicated, donate_argnums=0,
-                       compiler_options=ops.compiler_options())
-    train_iter = dataset.train_iterator(config.batch_size, start_step=start_step)
-    if data_state is not None:
-      train_iter.set_state(data_state)
-    next_input = lambda: next(train_iter)
+  # The iterator turns its inputs into the batch inside the step: an on-device dataset samples
+  # and augments there, so no host work runs between steps.
+  step_fn = lambda state, inputs: train_step(config, tx, state, train_iter.batch(inputs, state.step))
+  train_fn = jax.jit(step_fn, out_shardings=replicated, donate_argnums=0,
+                     compiler_options=ops.compiler_options())
   eval_fn = jax.jit(eval_step, compiler_options=ops.compiler_options())
-
-  def eval_batches():
-    if on_device:
-      return dataset.eval_batches(config.eval_batch_size)
-    return dataset.eval_batches(config.eval_batch_size, protocol=config.eval_protocol)
+  eval_batches = lambda: dataset.eval_batches(config.eval_batch_size, config.eval_protocol)
 
   writer = metrics.Writer(workdir, total_steps=config.num_train_steps,
                           batch_size=config.batch_size, train_size=info.train_size,
@@ -262,14 +249,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     cleanup.callback(writer.close)
     # Saves in flight complete even when training stops on an error (a non-finite loss).
     cleanup.callback(manager.wait)
-    if not on_device:
-      cleanup.callback(train_iter.close)
+    cleanup.callback(train_iter.close)
     pending, eval_result = [], None
     writer.start_timer(start_step)
     for step in range(start_step + 1, config.num_train_steps + 1):
-      batch = next_input()
+      inputs = next(train_iter)
       with jax.transfer_guard("disallow"):  # Nothing may move between host and device here.
-        state, step_metrics = train_fn(state, batch)
+        state, step_metrics = train_fn(state, inputs)
       pending.append(step_metrics)
       is_last = step == config.num_train_steps
       preempted = preemption.reached(step)
@@ -282,7 +268,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write_eval(step, eval_result)
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
         _check_finite(state)
-        manager.save(step, state, None if on_device else train_iter.get_state(),
+        manager.save(step, state, train_iter.get_state(),
                      eval_result if step % config.eval_every_steps == 0 or is_last else None)
       if preempted:
         manager.wait()

@@ -60,6 +60,30 @@ def test_stop_and_resume_gives_bitwise_the_same_parameters(tmp_path, monkeypatch
   assert resumed["top1_error"] == result["top1_error"]
 
 
+def test_streaming_run_resumes_bitwise_from_its_data_state(tmp_path, monkeypatch):
+  # Synthetic images larger than 64 pixels stream from a host iterator whose step is saved.
+  config = smoke_config(num_train_steps=4, lr_boundaries=(3,), log_every_steps=2,
+                        eval_every_steps=4, checkpoint_every_steps=4, batch_size=16)
+  config.dataset.image_size, config.dataset.synthetic_train_size = 72, 64
+  config.dataset.synthetic_eval_size = 16
+  result = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert result["train_step_compilations"] == 1 and result["examples"] == 16
+
+  monkeypatch.setattr(train._Preemption, "reached", lambda self, step: step == 1)
+  with pytest.raises(SystemExit):
+    train.train_and_evaluate(config, str(tmp_path / "stopped"))
+  manager = ocp.CheckpointManager(str(tmp_path / "stopped" / "checkpoints"))
+  assert manager.restore(1, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data == {"step": 1}
+  monkeypatch.undo()
+  resumed = train.train_and_evaluate(config, str(tmp_path / "stopped"))
+
+  (step_a, state_a), (step_b, state_b) = final_state(str(tmp_path / "straight")), final_state(str(tmp_path / "stopped"))
+  assert step_a == step_b == 4
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert resumed["loss"] == result["loss"]
+
+
 def test_run_writes_metrics_tensorboard_and_summary(tmp_path):
   config = smoke_config(num_train_steps=4, lr_boundaries=(2,), log_every_steps=2,
                         eval_every_steps=2, checkpoint_every_steps=2)
@@ -82,6 +106,9 @@ def test_run_writes_metrics_tensorboard_and_summary(tmp_path):
     ({"num_train_steps": 12}, "ends before it starts"),
     ({"lr_schedule": "cosine"}, "unknown lr_schedule"),
     ({"eval_every_steps": 0}, "eval_every_steps must be positive"),
+    ({"eval_protocol": "5crop"}, "unknown eval_protocol '5crop'"),
+    ({"eval_protocol": "10crop"}, r"eval_protocol '10crop' is not available for synthetic\(32x32x3,10 "
+                                  r"classes\), whose 32x32 images are evaluated by 'center'"),
 ])
 def test_bad_configs_fail_at_start_up(tmp_path, overrides, message):
   with pytest.raises(train.StartupError, match=message):

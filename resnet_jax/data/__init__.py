@@ -31,9 +31,10 @@ Config fields (`default_config(name)` gives the defaults; set only what differs)
     URI that etils.epath and tf.io.gfile read (gs://...). Nothing is ever downloaded: a missing
     TFDS dataset raises `DatasetNotFoundError` saying how to fix it; an image that does not
     decode raises `CorruptImageError` naming it. The first training image's size picks the
-    pipeline: up to 64 pixels the folder is held on the devices, and every image of both splits
-    must have that size (else `ImageSizeError` at start-up, naming the first odd image and its
-    size); larger images stream, and may differ in size.
+    pipeline: up to 64 pixels a side (and 4 GiB of images per device) the folder is held on the
+    devices, and every image of both splits must have that size, else `ImageSizeError` stops
+    the run at start-up naming the first odd image and its size; larger images stream, and may
+    differ in size.
   train_split: "train", or "train45k" (paper section 4.2: the training set minus a fixed,
     stratified 5k; image folders too); for image folders any split folder name.
   eval_split: "test" / "validation" (ImageNet), or "val5k" (the 5k held out of "train45k").

@@ -189,7 +189,8 @@ def place_eval(mesh: Mesh, labels: np.ndarray, load: Callable[[np.ndarray], np.n
 
 def per_pixel_mean(train_images: jax.Array) -> np.ndarray:
   """float32 [H, W, C] mean over every example held in `train_images` [D, n, H, W, C]."""
-  logging.info("Computing the per-pixel mean of %d training images", train_images.shape[0] * train_images.shape[1])
+  logging.info("Computing the per-pixel mean of %d training images",
+               train_images.shape[0] * train_images.shape[1])
   return np.asarray(jax.jit(lambda x: jnp.mean(x, axis=(0, 1), dtype=jnp.float32))(train_images))
 
 

@@ -2,8 +2,8 @@
 
 A source lists a split's examples before any pixel is decoded (`Records`: labels plus either
 file paths or encoded image bytes, or a TFDS random-access source that is only opened), so every
-process can pick its own examples and decode only those. TensorFlow is imported lazily, through `tensorflow()`, so that in-memory
-and synthetic pipelines run on machines without TensorFlow.
+process can pick its own examples and decode only those. TensorFlow is imported lazily, through
+`tensorflow()`, so that in-memory and synthetic pipelines run on machines without TensorFlow.
 """
 import dataclasses
 import functools
@@ -145,7 +145,8 @@ def tfds_builder(name: str, data_dir: str | None) -> Any:
     raise DatasetNotFoundError(
         f"TFDS dataset {name!r} is not prepared in {builder.data_dir} "
         f"(dataset.data_dir={data_dir!r}), and this pipeline never downloads. Fix it by one of: "
-        f"(1) preparing it: `tfds build {name} --data_dir=<dir>`{manual}; "
+        f"(1) preparing it: `python -m resnet_jax.data.prepare {name} --data_dir=<dir>` (or "
+        f"`tfds build {name}` where apache_beam is installed){manual}; "
         f"(2) pointing dataset.data_dir at a directory where it is prepared; "
         f"(3) using dataset.name='image_folder' with dataset.data_dir=<root>/<split>/<class>/<image>.")
   return builder
@@ -159,8 +160,8 @@ def tfds_records(name: str, data_dir: str | None, split: str) -> Records:
     return base.subset(train_val_split(base.labels)[derived[1]])
   tfds = tensorflow_datasets()
   builder = tfds_builder(name, data_dir)
-  logging.info("Reading the %d encoded images of TFDS %s:%s from %s", builder.info.splits[split].num_examples,
-               name, split, builder.data_dir)
+  logging.info("Reading the %d encoded images of TFDS %s:%s from %s",
+               builder.info.splits[split].num_examples, name, split, builder.data_dir)
   dataset = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False,
                                decoders={"image": tfds.decode.SkipDecoding()})
   arrays = tfds.as_numpy(dataset)
@@ -180,8 +181,8 @@ def tfds_random_access(name: str, data_dir: str | None, split: str) -> Records:
     raise DatasetNotFoundError(
         f"TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}; the streaming "
         "pipeline reads examples by index (resumable, step-indexed) and needs array_record. Fix: "
-        f"`tfds convert_format --dataset_version_dir={builder.data_dir} --out_file_format=array_record`, "
-        f"or prepare with `tfds build {name} --file_format=array_record`, or use an image folder.")
+        f"prepare it again into another data_dir with `python -m resnet_jax.data.prepare {name} "
+        "--data_dir=<dir> --file_format=array_record`, or use an image folder.")
   source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()},
                                   file_format="array_record")
   logging.info("Opened TFDS %s:%s in %s for random access: %d examples", name, split,
