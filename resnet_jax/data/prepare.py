@@ -9,8 +9,9 @@ for cifar10 and cifar100 the original cifar-10-binary.tar.gz / cifar-100-binary.
 against TFDS's registered checksum) or the folder it extracts to (cifar-10-batches-bin/,
 cifar-100-binary/); for imagenet2012, which TFDS never downloads, ILSVRC2012_img_train.tar and
 ILSVRC2012_img_val.tar (by default from DIR/downloads/manual, TFDS's own manual dir).
-`--file_format=array_record` (the default) is what the streaming ImageNet pipeline reads by
-index; CIFAR reads either format. A mistake is one `error:` line naming the fix, exit status 2.
+`--file_format` defaults to what the trainer reads: array_record for imagenet2012 (the streaming
+pipeline reads examples by index), tfrecord for CIFAR (read whole onto the devices).
+A mistake is one `error:` line naming the fix, exit status 2.
 """
 import hashlib
 import re
@@ -31,8 +32,9 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 "TFDS data_dir to prepare into (default: TFDS's own).")
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", None, "Folder of the source files, for preparing without network (see above).")
-_FILE_FORMAT = flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"],
-                                 "File format of the prepared dataset.")
+_FILE_FORMAT = flags.DEFINE_enum("file_format", None, ["array_record", "tfrecord"],
+                                 "File format of the prepared dataset (default: the trainer's).")
+FILE_FORMATS = {"cifar10": "tfrecord", "cifar100": "tfrecord", "imagenet2012": "array_record"}
 
 
 class UserError(Exception):
@@ -40,12 +42,21 @@ class UserError(Exception):
 
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None,
-            file_format: str = "array_record") -> Any:
+            file_format: str | None = None) -> Any:
   """Prepares TFDS dataset `name` in `data_dir` (downloading it when `manual_dir` is None, for
-  CIFAR); returns its builder. `UserError` for a missing or wrong file, or a failed download."""
+  CIFAR) in `file_format` (default `FILE_FORMATS[name]`); returns its builder. `UserError` for a
+  missing or wrong file, or a failed download."""
   if name not in DATASETS:
     raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
   tfds = sources.tensorflow_datasets()
+  file_format = file_format or FILE_FORMATS[name]
+  builder = tfds.builder(name, data_dir=data_dir)
+  if builder.is_prepared():
+    stored = builder.info.file_format.value
+    if stored != file_format:
+      raise UserError(f"{name} is already prepared in {builder.data_dir} as {stored}, not "
+                      f"{file_format}; delete that folder, or pass another --data_dir")
+    return builder
   kwargs = dict(data_dir=data_dir, file_format=file_format)
   builder = tfds.builder(name, **kwargs)
   # Never the prepared copies on TFDS's servers: they are tfrecord, and offline a lookup hangs.
