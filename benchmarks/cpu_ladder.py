@@ -1,16 +1,18 @@
-"""What each of resnet_jax's CPU changes buys: one training step, four ways, in one process.
+"""What each of resnet_jax's CPU changes buys: one training step, five ways, in one process.
 
     python benchmarks/cpu_ladder.py --model=cifar_resnet20 --repeats=8 --steps=3
     python benchmarks/cpu_ladder.py --layers   # one 3x3 convolution per CIFAR stage, in isolation
 
 Variants, each adding one change to the one before: XLA's defaults (lax's convolution,
 flax's batch norm, default compiler options); `ops.conv_general_dilated`'s weight gradient;
-`ops.compiler_options()`; `ops.BatchNorm`. Each is the trainer's own `train.train_step` on
-data already on the device, built by swapping lax's and flax's originals back into `ops`,
-and all are timed in alternating repeats (`resnet_jax.benchmark.measure`) so that they see
-the same machine load. With --layers it times instead the forward pass, input gradient and
-`ops.weight_gradient` of one 3x3 convolution of each CIFAR stage at batch 128, compiled with
-XLA's default options and with `ops.compiler_options()`. Figures in BENCHMARKS.md.
+`ops.compiler_options()`; `ops.BatchNorm`'s four-sum gradient with XLA's reductions; its sums
+as matrix products (`ops._channel_sums`). Each is the trainer's own `train.train_step` on
+data already on the device, built by swapping lax's and flax's originals back into `ops`
+(and setting the matrix-product channel limit to 0), and all are timed in alternating
+repeats (`resnet_jax.benchmark.measure`) so that they see the same machine load. With
+--layers it times instead the forward pass, input gradient and `ops.weight_gradient` of one
+3x3 convolution of each CIFAR stage at batch 128, compiled with XLA's default options and
+with `ops.compiler_options()`. Figures in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -85,16 +87,20 @@ def main() -> None:
       labels=jnp.asarray(rng.integers(0, classes, args.batch, dtype=np.int32)),
       mask=jnp.ones(args.batch, bool))
   fast_conv, fast_norm = ops.conv_general_dilated, ops.BatchNorm
-  variants = (
-      ("XLA's defaults", None, lax.conv_general_dilated, nnx.BatchNorm),
-      ("+ ops weight gradient", None, fast_conv, nnx.BatchNorm),
-      ("+ ops.compiler_options()", ops.compiler_options(), fast_conv, nnx.BatchNorm),
-      ("+ ops.BatchNorm", ops.compiler_options(), fast_conv, fast_norm),
+  matmul_sums = ops._MATMUL_SUM_CHANNELS  # pylint: disable=protected-access
+  cpu_options = ops.compiler_options()
+  variants = (  # (name, compiler options, convolution, batch norm, matrix-product sums up to)
+      ("XLA's defaults", None, lax.conv_general_dilated, nnx.BatchNorm, matmul_sums),
+      ("+ ops weight gradient", None, fast_conv, nnx.BatchNorm, matmul_sums),
+      ("+ ops.compiler_options()", cpu_options, fast_conv, nnx.BatchNorm, matmul_sums),
+      ("+ ops.BatchNorm, XLA's sums", cpu_options, fast_conv, fast_norm, 0),
+      ("+ matrix-product sums", cpu_options, fast_conv, fast_norm, matmul_sums),
   )
   runners = {}
   try:
-    for name, options, conv, norm in variants:
-      ops.conv_general_dilated, ops.BatchNorm = conv, norm  # Read when the model is built.
+    for name, options, conv, norm, channels in variants:
+      # The convolution and norm are read when the model is built, the limit when it is traced.
+      ops.conv_general_dilated, ops.BatchNorm, ops._MATMUL_SUM_CHANNELS = conv, norm, channels  # pylint: disable=protected-access
       model = train.create_model(config, classes, config.seed)
       tx = optim.create(config)
       step = lambda state, batch, tx=tx: train.train_step(config, tx, state, batch)[0]
@@ -102,16 +108,20 @@ def main() -> None:
           jax.jit(step, donate_argnums=0, compiler_options=options),
           train.create_train_state(config, model, tx), batch)
   finally:
-    ops.conv_general_dilated, ops.BatchNorm = fast_conv, fast_norm
+    ops.conv_general_dilated, ops.BatchNorm, ops._MATMUL_SUM_CHANNELS = fast_conv, fast_norm, matmul_sums  # pylint: disable=protected-access
   times = benchmark.measure(runners, args.repeats, args.steps)
   print(f"{args.model}, batch {args.batch}, float32, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}; {args.repeats} alternating repeats of {args.steps} steps")
   previous = None
   for name, step_s in times.items():
     median = statistics.median(step_s)
-    gain = "" if previous is None else f"  {previous / median:.2f}x over the row above"
-    print(f"{name:28s} median {1e3 * median:8.1f} ms  (min {1e3 * min(step_s):.1f}){gain}")
-    previous = median
+    gain = ""
+    if previous is not None:  # Also per repeat: rows of one repeat ran back to back.
+      paired = [before / after for before, after in zip(previous, step_s)]
+      gain = (f"  {statistics.median(previous) / median:.2f}x over the row above (per repeat "
+              f"{statistics.median(paired):.2f}x, {min(paired):.2f}-{max(paired):.2f})")
+    print(f"{name:30s} median {1e3 * median:8.1f} ms  (min {1e3 * min(step_s):.1f}){gain}")
+    previous = step_s
 
 
 if __name__ == "__main__":

@@ -19,16 +19,25 @@ step can be compiled (--compile=default | reduce-overhead | max-autotune; eager
 by default), and every timed repeat ends in torch.cuda.synchronize.
 
 With --compare, the JAX and PyTorch steps are timed in alternating repeats, so
-both see the same background load. PyTorch is a benchmark-only extra
-(`pip install -e .[benchmark]`); the resnet_jax package never imports it.
+both see the same background load. The JAX side runs in a child process,
+`python -m resnet_jax.benchmark --serve` (each repeat on request), of the
+interpreter `--jax_python` names (default: this one), so the two can come from
+different environments: the newest jax needs Python 3.12, PyTorch 2.13 may not
+install there. PyTorch is a benchmark-only extra (`pip install -e .[benchmark]`);
+the resnet_jax package never imports it.
+
+    python3 benchmarks/torch_baseline.py --compare --jax_python=$HOME/venv312/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -41,7 +50,7 @@ import torch  # pylint: disable=g-import-not-at-top
 import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 from torch import nn  # pylint: disable=g-import-not-at-top
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 IMAGENET_STAGES = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
                    50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3)),
@@ -140,6 +149,51 @@ class TorchRunner:
     return (time.perf_counter() - start) / steps
 
 
+class JaxServer:
+  """`python -m resnet_jax.benchmark --serve` in a child process of `python`: resnet_jax's
+  "train" and "eval" steps, timed on request."""
+
+  def __init__(self, python: str, model: str, batch: int, dtype: str):
+    # On a GPU, JAX takes memory as it needs it, not 75% up front: PyTorch shares the device.
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ}
+    self._process = subprocess.Popen(
+        [python, "-m", "resnet_jax.benchmark", f"--model={model}", f"--batch={batch}",
+         f"--dtype={dtype}", "--serve"],
+        cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self._header = None
+
+  def header(self) -> dict:
+    """The `--serve` header ({"jax", "python", "device", "compile_s"}), once the steps compile."""
+    if self._header is None:
+      line = self._process.stdout.readline()
+      if not line:
+        raise RuntimeError(f"the JAX side exited with status {self._process.wait()}")
+      self._header = json.loads(line)
+    return self._header
+
+  def runner(self, name: str) -> "JaxRunner":
+    return JaxRunner(self, name, self.header()["compile_s"][name])
+
+  def run(self, name: str, steps: int) -> float:
+    self._process.stdin.write(f"{name} {steps}\n")
+    self._process.stdin.flush()
+    return float(self._process.stdout.readline())
+
+  def close(self) -> None:
+    self._process.stdin.close()
+    self._process.wait()
+
+
+class JaxRunner:
+  """The runner interface for one step of a `JaxServer`."""
+
+  def __init__(self, server: JaxServer, name: str, compile_s: float):
+    self._server, self._name, self.compile_s = server, name, compile_s
+
+  def run(self, steps: int) -> float:
+    return self._server.run(self._name, steps)
+
+
 def torch_runners(model_name: str, batch: int, dtype: str, channels_last: bool,
                   device: torch.device, compile_mode: str | None) -> dict[str, TorchRunner]:
   torch.manual_seed(0)
@@ -187,24 +241,27 @@ def main(argv=None) -> None:
                       choices=("default", "reduce-overhead", "max-autotune"),
                       help="torch.compile mode of the model (default: eager)")
   parser.add_argument("--compare", action="store_true", help="also time resnet_jax; print ratios")
+  parser.add_argument("--jax_python", default=sys.executable,
+                      help="interpreter of the JAX side of --compare (default: this one)")
   args = parser.parse_args(argv)
   torch.set_num_threads(args.threads)
   device = torch.device(args.device)
 
+  # Started first: JAX compiles in its own process while PyTorch warms up here.
+  server = JaxServer(args.jax_python, args.model, args.batch, args.dtype) if args.compare else None
   runners = {f"torch {name}": runner for name, runner in
              torch_runners(args.model, args.batch, args.dtype, args.channels_last, device,
                            args.compile_mode).items()}
-  if args.compare:
-    import jax  # pylint: disable=g-import-not-at-top
-    from resnet_jax import benchmark  # pylint: disable=g-import-not-at-top
-    config = benchmark.make_config(args.model, args.batch, args.dtype)
-    jax_runners, _ = benchmark.build_runners(config, input_pipeline=False)
-    runners.update({f"jax {name}": runner for name, runner in jax_runners.items()})
-    print(f"JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}")
+  if server is not None:
+    runners.update({f"jax {name}": server.runner(name) for name in ("train", "eval")})
+    header = server.header()
+    print(f"JAX {header['jax']} (Python {header['python']}, {args.jax_python}) on "
+          f"{header['device']}")
   where = (torch.cuda.get_device_name(device) if device.type == "cuda"
            else f"cpu, {torch.get_num_threads()} threads")
-  print(f"PyTorch {torch.__version__} on {where}, channels_last={args.channels_last}, "
-        f"{args.compile_mode or 'eager'}; {args.model}, batch {args.batch}, {args.dtype}; "
+  print(f"PyTorch {torch.__version__} (Python {platform.python_version()}) on {where}, "
+        f"channels_last={args.channels_last}, {args.compile_mode or 'eager'}; {args.model}, "
+        f"batch {args.batch}, {args.dtype}; "
         f"{args.repeats} alternating repeats of {args.steps} steps")
 
   times = {name: [] for name in runners}
@@ -218,9 +275,13 @@ def main(argv=None) -> None:
     print(f"{name:<11} median {median * 1e3:9.2f} ms  (min {min(step_s) * 1e3:.1f}, max "
           f"{max(step_s) * 1e3:.1f})  {speed[name]:9.1f} images/s  "
           f"(compile/warm-up {runners[name].compile_s:.1f} s)")
-  if args.compare:
+  if server is not None:
+    server.close()
     for mode in ("train", "eval"):
-      print(f"{mode}: jax/torch images/s = {speed[f'jax {mode}'] / speed[f'torch {mode}']:.2f}x")
+      # Also per repeat: the two ran back to back, so each ratio saw one machine load.
+      paired = [t / j for t, j in zip(times[f"torch {mode}"], times[f"jax {mode}"])]
+      print(f"{mode}: jax/torch images/s = {speed[f'jax {mode}'] / speed[f'torch {mode}']:.2f}x "
+            f"(per repeat {statistics.median(paired):.2f}x, {min(paired):.2f}-{max(paired):.2f})")
 
 
 if __name__ == "__main__":

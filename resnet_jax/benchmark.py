@@ -10,6 +10,13 @@ pass (forward, input gradient, weight gradient).
 By default the batch is already on the device ("model alone"); with
 `--input_pipeline` the training step also samples and augments its batch from a
 synthetic dataset of `resnet_jax.data` (the full input-to-update path).
+
+With `--serve` it times on request instead, for a driver in another process (the
+PyTorch baseline in another interpreter, `benchmarks/torch_baseline.py --compare`):
+it prints one JSON line {"jax": version, "python": version, "device": kind,
+"compile_s": {step: s}},
+then answers each input line "STEP STEPS" with one line, the seconds per step of
+STEPS chained calls of that step.
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import json
+import platform
 import statistics
+import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -187,7 +197,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="device peak for MFU (default: looked up for known devices)")
   parser.add_argument("--trace_dir", default=None,
                       help="write a jax.profiler trace of the timed repeats here (XProf, Perfetto)")
+  parser.add_argument("--serve", action="store_true",
+                      help="time steps on request from stdin (module doc) instead of timing repeats")
   return parser.parse_args(argv)
+
+
+def serve(runners: dict[str, Runner], requests: TextIO, replies: TextIO) -> None:
+  """The `--serve` protocol of the module doc, until `requests` ends."""
+  replies.write(json.dumps({"jax": jax.__version__, "python": platform.python_version(),
+                            "device": jax.devices()[0].device_kind,
+                            "compile_s": {name: r.compile_s for name, r in runners.items()}}) + "\n")
+  replies.flush()
+  for line in requests:
+    name, steps = line.split()
+    replies.write(f"{runners[name].run(int(steps))!r}\n")
+    replies.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
@@ -196,6 +220,9 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
   device = jax.devices()[0]
   peak = args.peak_tflops or peak_tflops(device.device_kind, args.dtype)
   runners, macs = build_runners(config, input_pipeline=args.input_pipeline)
+  if args.serve:
+    serve(runners, sys.stdin, sys.stdout)
+    return []
   with (jax.profiler.trace(args.trace_dir) if args.trace_dir else contextlib.nullcontext()):
     times = measure(runners, args.repeats, args.steps)
   rows = results(runners, times, macs, args.batch)
