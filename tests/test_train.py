@@ -115,6 +115,14 @@ def test_bad_configs_fail_at_start_up(tmp_path, overrides, message):
     train.train_and_evaluate(smoke_config(**overrides), str(tmp_path))
 
 
+@pytest.mark.parametrize("image_size", [32, 72])  # Held on the devices; streamed.
+def test_batch_larger_than_the_training_set_fails_at_start_up(tmp_path, image_size):
+  config = smoke_config()
+  config.dataset.image_size, config.dataset.synthetic_train_size = image_size, 16
+  with pytest.raises(train.StartupError, match="^batch size 32 exceeds the 16 training examples"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
 def test_unknown_dataset_and_unwritable_workdir_fail_at_start_up(tmp_path):
   config = smoke_config()
   config.dataset.name = "mnist"
