@@ -258,7 +258,7 @@ BAD_COMMAND_LINES = [
     ([CONFIG, WORKDIR, "--config.model_overrides.shortcut=Z"], "Unknown shortcut option 'Z'"),
     ([CONFIG, WORKDIR, "--config.dtype=float16"], "dtype must be 'float32' or 'bfloat16'"),
     ([CONFIG, WORKDIR, "--config.eval_protocol=5crop"], "unknown eval_protocol '5crop'"),
-    ([CONFIG, WORKDIR, "--config.eval_protocol=10crop"], "eval_protocol '10crop' crops ImageNet"),
+    ([CONFIG, WORKDIR, "--config.eval_protocol=10crop"], "eval_protocol '10crop' is not available for synthetic(32x32x3,10 classes)"),
     ([CONFIG, WORKDIR, "--config.keep_checkpoints=0"], "keep_checkpoints must be positive"),
     ([CONFIG, WORKDIR, "--config.dataset.name=mnist"], "unknown dataset name 'mnist'"),
     ([CONFIG, WORKDIR, "--config.dataset.name=cifar10", "--config.dataset.data_dir={tmp}/empty"],
