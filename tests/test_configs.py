@@ -43,7 +43,8 @@ def test_config_states_the_papers_recipe(name):
   assert (config.learning_rate, config.momentum, config.weight_decay) == (0.1, 0.9, 1e-4)
   if name.startswith("cifar"):
     # Sec. 4.2: batch 128, 0.1 divided by 10 at 32k and 48k, stop at 64k.
-    assert config.dataset.name == name.split("_")[0] and config.batch_size == 128
+    dataset = "cifar100" if name.startswith("cifar100_") else "cifar10"
+    assert config.dataset.name == dataset and config.batch_size == 128
     assert config.lr_schedule == "piecewise" and tuple(config.lr_boundaries) == (32_000, 48_000)
     assert config.num_train_steps == 64_000
     warm = name in ("cifar_resnet110", "cifar_resnet1202", "cifar100_resnet110")
