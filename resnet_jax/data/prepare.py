@@ -19,6 +19,7 @@ import sys
 import tarfile
 from typing import Any, NoReturn
 
+import requests
 from absl import app, flags
 from etils import epath
 
@@ -85,7 +86,6 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   else:
     url = next(iter(tfds.builder_cls(name).url_infos))
     _check_network(name, url)
-  import requests  # pylint: disable=g-import-not-at-top  (TFDS downloads with it)
   try:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(**config))
   except (requests.RequestException, tfds.download.DownloadError) as error:
@@ -98,7 +98,6 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 def _check_network(name: str, url: str) -> None:
   """A quick look at `url` (through any proxy the environment sets), so that a machine without
   network hears so at once rather than after TFDS's minutes of retries."""
-  import requests  # pylint: disable=g-import-not-at-top
   try:
     requests.head(url, timeout=20, allow_redirects=True).raise_for_status()
   except requests.RequestException as error:
