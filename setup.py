@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "tensorflow-cpu>=2.21.0,<2.22",
     "tensorflow-datasets>=4.9.10,<5",
+    # TFDS's dataset builders (resnet_jax.data.prepare) import it; TFDS does not declare it.
+    "importlib_resources>=6",
 ]
 
 setuptools.setup(
