@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.10,<5",
     # TFDS's dataset builders (resnet_jax.data.prepare) import it; TFDS does not declare it.
     "importlib_resources>=6",
+    "requests>=2.31",  # resnet_jax.data.prepare checks the network with it, as TFDS downloads.
 ]
 
 setuptools.setup(

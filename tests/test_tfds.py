@@ -180,6 +180,22 @@ def test_tfds_cifar100_through_data_create(cifar100_tfds, tmp_path):
   assert sorted(seen) == list(range(100))  # every test image once
 
 
+def test_cifar100_prepared_as_array_record_reads_as_the_tfrecord_one(cifar100_tfds, tmp_path):
+  tfrecord_dir, _ = cifar100_tfds
+  array_record_dir = tmp_path / "array_record"
+  completed = prepare("cifar100", f"--data_dir={array_record_dir}",
+                      f"--manual_dir={tfrecord_dir.parent / 'manual'}", "--file_format=array_record")
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert "(array_record): train 200, test 100 examples" in completed.stdout
+  datasets = []
+  for data_dir in (tfrecord_dir, array_record_dir):
+    config = data.default_config("cifar100")
+    config.data_dir, config.cache_dir = str(data_dir), str(tmp_path / data_dir.name)
+    datasets.append(data.create(config, data.core.make_mesh()))
+  for name in ("train_images", "train_labels", "eval_images", "eval_labels", "eval_mask", "mean"):
+    np.testing.assert_array_equal(*(np.asarray(getattr(ds, name)) for ds in datasets), err_msg=name)
+
+
 @pytest.fixture(scope="session")
 def imagenet_tfds(tmp_path_factory):
   """(data_dir, manual dir, IlsvrcFiles) of TFDS's imagenet2012 in array_record, prepared by

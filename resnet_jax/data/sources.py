@@ -145,8 +145,7 @@ def tfds_builder(name: str, data_dir: str | None) -> Any:
     raise DatasetNotFoundError(
         f"TFDS dataset {name!r} is not prepared in {builder.data_dir} "
         f"(dataset.data_dir={data_dir!r}), and this pipeline never downloads. Fix it by one of: "
-        f"(1) preparing it: `python -m resnet_jax.data.prepare {name} --data_dir=<dir>` (or "
-        f"`tfds build {name}` where apache_beam is installed){manual}; "
+        f"(1) preparing it: `python -m resnet_jax.data.prepare {name} --data_dir=<dir>`{manual}; "
         f"(2) pointing dataset.data_dir at a directory where it is prepared; "
         f"(3) using dataset.name='image_folder' with dataset.data_dir=<root>/<split>/<class>/<image>.")
   return builder
@@ -162,8 +161,12 @@ def tfds_records(name: str, data_dir: str | None, split: str) -> Records:
   builder = tfds_builder(name, data_dir)
   logging.info("Reading the %d encoded images of TFDS %s:%s from %s",
                builder.info.splits[split].num_examples, name, split, builder.data_dir)
-  dataset = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False,
-                               decoders={"image": tfds.decode.SkipDecoding()})
+  decoders = {"image": tfds.decode.SkipDecoding()}
+  if builder.info.file_format.value == "array_record":  # as_dataset reads tfrecord only.
+    examples = list(builder.as_data_source(split=split, decoders=decoders))
+    return Records(labels=np.asarray([example["label"] for example in examples], np.int32),
+                   encoded=np.asarray([example["image"] for example in examples], object))
+  dataset = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False, decoders=decoders)
   arrays = tfds.as_numpy(dataset)
   return Records(labels=arrays["label"].astype(np.int32), encoded=arrays["image"])
 
