@@ -4,12 +4,14 @@ Every `nnx.Conv` of `resnet_jax.models` calls `conv_general_dilated` (a drop-in
 for lax's), every batch norm is `BatchNorm` (a drop-in for `nnx.BatchNorm`), and
 the trainer and the benchmark jit their steps with `compiler_options()`. Each is
 an exact reformulation, proven equal in value and gradient by tests/test_ops.py,
-and chosen by measurement (BENCHMARKS.md).
+and kept because it measurably speeds up a training step at both ends of the jax
+versions we support, 0.10.2 and 0.12 (BENCHMARKS.md, "What each CPU change
+buys"): each still paid on both on 2026-12-01, so none depends on the version.
 
 Compiler options. On CPU, XLA hands convolutions (and some elementwise work) to
 YNNPACK by default; on the paper's CIFAR shapes (3x3, 16 to 64 channels, batch
-128) XLA's own Eigen convolutions run 1.0x to 2.0x as fast, and a training step 1.2x
-(ResNet-20 and -56), so `compiler_options()` turns the YNNPACK fusions off.
+128) XLA's own Eigen convolutions are as fast or faster, and so is a training
+step, so `compiler_options()` turns the YNNPACK fusions off.
 
 The convolution. On CPU, plain NHWC/HWIO convolutions without dilation or groups
 take a `jax.custom_vjp` with a faster weight gradient; all other cases, and every
@@ -21,8 +23,7 @@ x[n, h + kh, w + kw, ci] dy[n, h, w, co] as a convolution of x with its batch an
 feature dimensions swapped, (ci, h, w, n): a transposing copy of x. And x is
 usually not in memory: XLA fuses its producers (batch norm, ReLU and the
 residual adds of every earlier block, as identity shortcuts never pass a
-convolution) into that copy and recomputes them all in transposed order. In a
-ResNet-20 step one such copy took 140 ms on one core, 15% of the step.
+convolution) into that copy and recomputes them all in transposed order.
 
 Here the same sum is a convolution of dy, read as (co, h, w, n), with x as its
 kernel, read as (h, w, n, ci): the transposing copy moves to dy, whose producer
@@ -36,7 +37,7 @@ the mean, the variance, the scale and the bias backward), each a separate pass
 over the activations on CPU. `BatchNorm` gives the normalisation the textbook
 backward pass (Ioffe and Szegedy, 2015, Sec. 3), which needs only the sums of dy
 and of dy * x_hat: four sums in all, taken on CPU as matrix products
-(`_channel_sums`). A training step runs 1.04x to 1.10x as fast.
+(`_channel_sums`); each of the two changes speeds up a training step.
 """
 
 from __future__ import annotations
@@ -265,8 +266,8 @@ def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   On CPU, with the few channels of the CIFAR nets, as matrix products: a row of
   ones times a, and the diagonal of a^T b. XLA's CPU backend splits a reduction
   over 10^5 rows into a tree of partial reductions, each a pass of its own; the
-  products read each operand once and ran 2x to 3x as fast on 16 and 32
-  channels. They cost channels times the FLOPs of a sum, hence the limit.
+  products read each operand once. They cost channels times the FLOPs of a sum,
+  hence the limit.
   """
   channels = a.shape[-1]
   if jax.default_backend() != "cpu" or channels > _MATMUL_SUM_CHANNELS:
