@@ -33,9 +33,11 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "matplotlib>=3.8"],
+        # grain: the input-pipeline benchmark's comparison (resnet_jax.data.benchmark), tested.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "matplotlib>=3.8",
+                 "grain>=0.2.18"],
         # PyTorch is only ever the benchmark's baseline, never a dependency of the package.
-        "benchmark": ["torch==2.13.0"],
+        "benchmark": ["torch==2.13.0", "grain>=0.2.18"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         "cuda13": ["jax[cuda13]>=0.10.2,<0.13"],
     },
