@@ -37,7 +37,8 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "matplotlib>=3.8",
                  "grain>=0.2.18"],
         # PyTorch is only ever the benchmark's baseline, never a dependency of the package.
-        "benchmark": ["torch==2.13.0", "grain>=0.2.18"],
+        # torch 2.13.0's CPU wheel is for Python 3.11; elsewhere install the torch you want.
+        "benchmark": ["torch==2.13.0; python_version < '3.12'", "grain>=0.2.18"],
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
         "cuda13": ["jax[cuda13]>=0.10.2,<0.13"],
     },

@@ -1,9 +1,10 @@
 """Streaming input pipelines for data too large for the accelerators (ImageNet, section 3.4).
 
-Why tf.data and not Grain: TFDS, which prepares ImageNet, ships with tf.data, whose C++ runtime
-decodes and crops JPEGs in parallel outside Python's GIL (`decode_and_crop_jpeg` decodes only the
-crop window); Grain would add a dependency whose per-example work runs in Python worker
-processes. We keep Grain's good idea: the pipeline is step-indexed. The examples of step s are a
+Why tf.data and not Grain: measured on the same array_record records with the same decode and
+augmentation, Grain's worker processes spend about 1.4x the CPU per image (BENCHMARKS.md, "Input
+pipelines"; `python -m resnet_jax.data.benchmark`). tf.data's C++ runtime decodes and crops JPEGs
+in parallel outside Python's GIL (`decode_and_crop_jpeg` decodes only the crop window). We keep
+Grain's good idea: the pipeline is step-indexed. The examples of step s are a
 pure function of (seed, s): each epoch reads a seeded permutation of this process's examples, and
 each example's augmentation uses a stateless seed (run seed, position in the run). So an
 iterator's whole state is the next step (`get_state()` -> {"step": ...}), and a resumed run
