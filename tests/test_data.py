@@ -339,15 +339,20 @@ def test_image_folder_of_mixed_sizes_is_one_error_naming_the_first_odd_image(tmp
     data.create(folder_config(root, tmp_path), mesh_of(8))
 
 
-def test_main_names_an_image_of_another_size_in_one_line_and_exits_2(tmp_path):
-  root = image_folder(tmp_path / "images")
-  write_jpeg(root / "train" / "a" / "3.jpg", 40)
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  completed = subprocess.run(
+def train_smoke_on_folder(root, tmp_path) -> subprocess.CompletedProcess:
+  """The smoke config's run of `python -m resnet_jax.main` on the image folder `root`."""
+  return subprocess.run(
       [sys.executable, "-m", "resnet_jax.main", "--config=configs/cifar_resnet20.py:smoke",
        "--config.dataset.name=image_folder", f"--config.dataset.data_dir={root}",
        f"--config.dataset.cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'run'}"],
-      cwd=repo, capture_output=True, text=True, timeout=300)
+      cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+      timeout=300)
+
+
+def test_main_names_an_image_of_another_size_in_one_line_and_exits_2(tmp_path):
+  root = image_folder(tmp_path / "images")
+  write_jpeg(root / "train" / "a" / "3.jpg", 40)
+  completed = train_smoke_on_folder(root, tmp_path)
   assert completed.returncode == 2, completed.stderr[-3000:]
   errors = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
   assert errors == [completed.stderr.rstrip().splitlines()[-1]]
@@ -400,12 +405,7 @@ def test_from_arrays_refuses_labels_outside_the_class_count():
 def test_main_names_a_corrupt_image_in_one_line_and_exits_2(tmp_path):
   root = image_folder(tmp_path / "images")
   (root / "test" / "a" / "4.jpg").write_bytes(b"\x00" * 100)
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  completed = subprocess.run(
-      [sys.executable, "-m", "resnet_jax.main", "--config=configs/cifar_resnet20.py:smoke",
-       "--config.dataset.name=image_folder", f"--config.dataset.data_dir={root}",
-       f"--config.dataset.cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'run'}"],
-      cwd=repo, capture_output=True, text=True, timeout=300)
+  completed = train_smoke_on_folder(root, tmp_path)
   assert completed.returncode == 2
   assert f"error: corrupt image {root}/test/a/4.jpg: cannot decode it" in completed.stderr
   assert "delete or replace it" in completed.stderr and "Traceback" not in completed.stderr
