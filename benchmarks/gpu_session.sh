@@ -9,8 +9,19 @@
 # then run `bash benchmarks/gpu_session.sh` there with `.whl` carried. Each step has its own
 # time limit, so one slow compilation cannot eat the others' time; the log goes to stdout and,
 # where $OUT is set, to $OUT/gpu_session.log.
+#
+# `bash benchmarks/gpu_session.sh --check` runs every step on the CPU with tiny sizes and ten
+# times the time limits: the check, before a GPU call, that the script runs in an environment
+# like the GPU image's. Make one here with Python 3.12 and what that image holds (jax 0.11.2,
+# flax, optax, orbax-checkpoint, chex, absl-py, etils, numpy, torch 2.11.0 and torchvision
+# 0.26.0; no TensorFlow, tfds, ml_collections, clu or tensorboardX), put its bin/ first on PATH
+# and run the check beside the .whl folder above.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+check=0
+[[ "${1:-}" == "--check" ]] && check=1
+# size FULL TINY: FULL on the GPU, TINY under --check.
+size() { if (( check )); then echo "$2"; else echo "$1"; fi; }
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -22,7 +33,7 @@ exec > >(tee "${OUT:-/tmp}/gpu_session.log") 2>&1
 step() {
   local limit=$1; shift
   echo; echo "== $(date +%T) $*"
-  timeout "$limit" "$@" 2>&1 | grep -v -E "^[IW][0-9]{4} "
+  timeout "$(( check ? 10 * limit : limit ))" "$@" 2>&1 | grep -v -E "^[IW][0-9]{4} "
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -30,20 +41,20 @@ python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices(), '| t
 
 # 1. ResNet-50, bfloat16, batch 256, synthetic data on the device: resnet_jax against PyTorch
 #    (channels-last, autocast), eager and compiled, alternating in one process.
-step 120 python3 benchmarks/torch_baseline.py --model=resnet50 --batch=256 --dtype=bfloat16 \
-  --compare --steps=20 --repeats=5
-step 100 python3 benchmarks/torch_baseline.py --model=resnet50 --batch=256 --dtype=bfloat16 \
-  --compile=default --steps=20 --repeats=5
-step 180 python3 benchmarks/torch_baseline.py --model=resnet50 --batch=256 --dtype=bfloat16 \
-  --compile=max-autotune --steps=20 --repeats=5
+step 120 python3 benchmarks/torch_baseline.py --model=resnet50 --batch=$(size 256 2) --dtype=bfloat16 \
+  --compare --steps=$(size 20 1) --repeats=$(size 5 1)
+step 100 python3 benchmarks/torch_baseline.py --model=resnet50 --batch=$(size 256 2) --dtype=bfloat16 \
+  --compile=default --steps=$(size 20 1) --repeats=$(size 5 1)
+step 180 python3 benchmarks/torch_baseline.py --model=resnet50 --batch=$(size 256 2) --dtype=bfloat16 \
+  --compile=max-autotune --steps=$(size 20 1) --repeats=$(size 5 1)
 
 # 2. CIFAR ResNet-20 and ResNet-110 at batch 128 with the on-device input pipeline in the
 #    step: 64,000 steps at the median step time must take at most 2 and 10 minutes.
-step 45 python3 -m resnet_jax.benchmark --model=cifar_resnet20 --batch=128 --steps=200 \
-  --repeats=5 --input_pipeline
-step 60 python3 -m resnet_jax.benchmark --model=cifar_resnet110 --batch=128 --steps=100 \
-  --repeats=5 --input_pipeline
+step 45 python3 -m resnet_jax.benchmark --model=cifar_resnet20 --batch=$(size 128 8) \
+  --steps=$(size 200 1) --repeats=$(size 5 1) --input_pipeline
+step 60 python3 -m resnet_jax.benchmark --model=cifar_resnet110 --batch=$(size 128 8) \
+  --steps=$(size 100 1) --repeats=$(size 5 1) --input_pipeline
 
 # 3. What XLA's deterministic GPU ops cost (RELIABILITY.md), against the runs above.
 XLA_FLAGS=--xla_gpu_deterministic_ops=true step 40 python3 -m resnet_jax.benchmark \
-  --model=cifar_resnet20 --batch=128 --steps=200 --repeats=5
+  --model=cifar_resnet20 --batch=$(size 128 8) --steps=$(size 200 1) --repeats=$(size 5 1)
