@@ -1,8 +1,24 @@
 """The networks of "Deep Residual Learning for Image Recognition" as Flax NNX modules.
 
-One `Block` class covers every residual unit of the paper: a basic block is two
-3x3 convs, a bottleneck is 1x1, 3x3, 1x1 (Fig. 5), and a block's layers are a
-small table of (kernel, features, stride). Shortcuts follow Sec. 3.3:
+A network is a `ResNet`: a stem, stages of blocks, global average pooling and an
+optional linear classifier. What a block is, and which convolution and batch norm
+every layer uses, are arguments (flax's `examples/imagenet` pattern):
+
+    ResNet(block_cls=functools.partial(PostActivationBlock, layers=bottleneck,
+                                       shortcut="B"),
+           stage_sizes=(3, 4, 6, 3), stage_widths=(64, 128, 256, 512),
+           imagenet_stem=True, num_classes=1000, rngs=nnx.Rngs(0))
+
+is ResNet-50, and `create("resnet50", num_classes=1000, rngs=...)` builds the same
+by name. A block class is called as `block_cls(in_features, width, stride, *,
+conv, norm, rngs)`; a new block type is a subclass (see `PostActivationBlock`).
+
+Blocks. `PostActivationBlock` is the paper's unit (Fig. 2, Eq. 1 and 2):
+BN after every conv, ReLU after the addition (Sec. 3.4). `PreActivationBlock` is
+He et al., 2016 ("Identity Mappings in Deep Residual Networks", Eq. 3 and Fig.
+4e): BN-ReLU before every conv, nothing after the addition. A block's convs are
+a table of `Layer(kernel, features, stride)`: `basic` is two 3x3 convs and
+`bottleneck` 1x1, 3x3, 1x1 (Fig. 5). Shortcuts follow Sec. 3.3:
 
   "A"   identity; where the shape changes, stride-2 subsampling and zero-padded
         extra channels (no parameters).
@@ -10,9 +26,16 @@ small table of (kernel, features, stride). Shortcuts follow Sec. 3.3:
   "C"   1x1 projection (+BN) on every block.
   None  a plain network: the same stacks with no shortcut at all.
 
-Every module is pure under `jax.jit` through `nnx.split` / `nnx.merge`. Input is
-NHWC float; `model.eval()` then `model(x)` gives logits, `model.train()` makes
-batch norm use (and update) batch statistics.
+Intermediates. `model.intermediates(x)` returns every named output of the forward
+pass (the stem, each block's layers, each stage, the pooled features, the
+logits); `model(x)` returns its "logits", or its "pooled" features for a headless
+model (`num_classes=0`), so the features are exactly what the classifier reads.
+
+Modes. A new model is in training mode: `model(x)` normalises by the batch and
+updates the BN running statistics. Call `model.eval()` for inference (running
+statistics, no update) and `model.train()` to go back. Every module is pure under
+`jax.jit` and every JAX transformation through `nnx.split` / `nnx.merge`. Input
+is NHWC float.
 
 This module imports jax and flax only: no TensorFlow, no dataset code.
 """
@@ -20,16 +43,15 @@ This module imports jax and flax only: no TensorFlow, no dataset code.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import jax.extend.core as jax_core
 from flax import nnx
-
-from resnet_jax import ops
 
 # Initialisation of reference [13] (He et al., 2015, "Delving Deep into
 # Rectifiers"): zero-mean Gaussian with std sqrt(2 / n), n = k * k * c_in.
@@ -37,152 +59,263 @@ he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 SHORTCUTS = ("A", "B", "C")
 
-# (kernel, features, stride) of each conv in a block; `width` is the stage width.
-LayerTable = tuple[tuple[int, int, int], ...]
+
+class Layer(NamedTuple):
+  """One convolution of a block's residual branch."""
+  kernel: int
+  features: int
+  stride: int
 
 
-def basic_layers(width: int, stride: int, stride_on_1x1: bool) -> LayerTable:
-  del stride_on_1x1  # A basic block has no 1x1 conv.
-  return ((3, width, stride), (3, width, 1))
+def basic(width: int, stride: int) -> tuple[Layer, ...]:
+  """Two 3x3 convs of `width` filters (Fig. 5, left); the first carries the stride."""
+  return (Layer(kernel=3, features=width, stride=stride), Layer(kernel=3, features=width, stride=1))
 
 
-def bottleneck_layers(width: int, stride: int, stride_on_1x1: bool) -> LayerTable:
-  # The paper's release (and Keras) subsample in the first 1x1 conv; "v1.5"
-  # (torchvision, most later work) moves the stride to the 3x3 conv.
+def bottleneck(width: int, stride: int, *, stride_on_1x1: bool = True) -> tuple[Layer, ...]:
+  """1x1 reduce, 3x3, 1x1 expand to 4 x `width` (Fig. 5, right).
+
+  The paper's release (and Keras) subsample in the first 1x1 conv; "v1.5"
+  (torchvision, most later work) moves the stride to the 3x3 conv
+  (`functools.partial(bottleneck, stride_on_1x1=False)`).
+  """
   stride_1x1, stride_3x3 = (stride, 1) if stride_on_1x1 else (1, stride)
-  return ((1, width, stride_1x1), (3, width, stride_3x3), (1, 4 * width, 1))
+  return (Layer(kernel=1, features=width, stride=stride_1x1),
+          Layer(kernel=3, features=width, stride=stride_3x3),
+          Layer(kernel=1, features=4 * width, stride=1))
 
 
-def _padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
   # Explicit symmetric padding, as Caffe/PyTorch/Keras do; "SAME" would pad
   # (0, 1) on stride-2 layers and shift every later feature map by a pixel.
   return ((kernel // 2, kernel // 2),) * 2
 
 
-class Block(nnx.Module):
-  """One residual unit (or its plain twin when `shortcut` is None)."""
+class _Unit(nnx.Module):
+  """What both block types share: the convs of the layer table and the shortcut's shape."""
 
-  def __init__(self, in_features: int, layers: LayerTable, *, shortcut: str | None,
-               preact: bool, zero_init_last_bn: bool, conv: Callable[..., nnx.Conv],
-               norm: Callable[..., ops.BatchNorm], rngs: nnx.Rngs):
-    self.preact = preact
-    self.stride = math.prod(stride for _, _, stride in layers)
-    self.in_features, self.out_features = in_features, layers[-1][1]
-    conv_inputs = [in_features] + [features for _, features, _ in layers[:-1]]
-    self.convs = nnx.List([
-        conv(c_in, features, (k, k), strides=stride, padding=_padding(k), rngs=rngs)
-        for c_in, (k, features, stride) in zip(conv_inputs, layers)])
-    # Post-activation (the paper): BN after every conv, before ReLU (Sec. 3.4).
-    # Pre-activation (He et al., 2016): BN-ReLU before every conv.
-    norm_features = conv_inputs if preact else [features for _, features, _ in layers]
-    last_scale = nnx.initializers.zeros if zero_init_last_bn else nnx.initializers.ones
-    self.norms = nnx.List([
-        norm(features, scale_init=last_scale if i == len(layers) - 1 and not preact
-             else nnx.initializers.ones, rngs=rngs)
-        for i, features in enumerate(norm_features)])
-
+  def __init__(self, in_features: int, width: int, stride: int, *,
+               layers: Callable[[int, int], Sequence[Layer]], shortcut: str | None,
+               conv: Callable[..., nnx.Module], rngs: nnx.Rngs):
+    if shortcut not in SHORTCUTS + (None,):
+      raise ValueError(f"Unknown shortcut option {shortcut!r}; valid: {SHORTCUTS} (Sec. 3.3), "
+                       "or None for a plain block.")
+    table = tuple(layers(width, stride))
     self.shortcut = shortcut
-    reshapes = self.stride != 1 or in_features != self.out_features
-    projects = shortcut == "C" or (shortcut == "B" and reshapes)
+    self.stride = math.prod(layer.stride for layer in table)
+    self.in_features, self.out_features = in_features, table[-1].features
+    self.conv_inputs = [in_features] + [layer.features for layer in table[:-1]]
+    self.convs = nnx.List([
+        conv(c_in, layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
+             padding=padding(layer.kernel), rngs=rngs)
+        for c_in, layer in zip(self.conv_inputs, table)])
+    self.reshapes = self.stride != 1 or in_features != self.out_features
+    projects = shortcut == "C" or (shortcut == "B" and self.reshapes)
     self.projection = conv(in_features, self.out_features, (1, 1), strides=self.stride,
-                           padding=_padding(1), rngs=rngs) if projects else None
-    # The pre-activation unit projects the already normalised input (He et al., 2016).
-    self.projection_norm = (norm(self.out_features, rngs=rngs)
-                            if projects and not preact else None)
+                           padding=padding(1), rngs=rngs) if projects else None
 
-  def _identity(self, x: jax.Array) -> jax.Array:
+  def identity(self, x: jax.Array) -> jax.Array:
     """Option A: subsample by the stride and zero-pad the new channels."""
     x = x[:, ::self.stride, ::self.stride, :]
     extra = self.out_features - self.in_features
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra))) if extra else x
 
-  def _residual_branch(self, x: jax.Array) -> jax.Array:
-    y = x
-    for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-      if self.preact:
-        y = conv(y if i == 0 else nnx.relu(norm(y)))  # x arrives pre-activated.
-      else:
-        y = norm(conv(y))
-        if i < len(self.convs) - 1:
-          y = nnx.relu(y)
-    return y
-
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.preact:
-      activated = nnx.relu(self.norms[0](x))
-      y = self._residual_branch(activated)
-      if self.shortcut is None:
-        return y
-      return y + (self.projection(activated) if self.projection is not None
-                  else self._identity(x))
-    y = self._residual_branch(x)
+    return self.intermediates(x)["output"]  # pytype: disable=attribute-error
+
+
+class PostActivationBlock(_Unit):
+  """The paper's residual unit: y = ReLU(F(x) + shortcut(x)) (Eq. 1, 2; Fig. 2).
+
+  Each conv of F is followed by BN (Sec. 3.4) and all but the last by ReLU. A
+  new block type overrides `residual_branch`, e.g. squeeze-and-excitation:
+
+      class SEBlock(PostActivationBlock):
+        def __init__(self, in_features, width, stride, *, rngs, **kwargs):
+          super().__init__(in_features, width, stride, rngs=rngs, **kwargs)
+          self.squeeze = nnx.Linear(self.out_features, self.out_features // 16, rngs=rngs)
+          self.excite = nnx.Linear(self.out_features // 16, self.out_features, rngs=rngs)
+
+        def residual_branch(self, x):
+          outputs = super().residual_branch(x)
+          gate = nnx.sigmoid(self.excite(nnx.relu(self.squeeze(outputs[-1].mean((1, 2))))))
+          return outputs + (outputs[-1] * gate[:, None, None, :],)
+
+      ResNet(block_cls=functools.partial(SEBlock, layers=bottleneck, shortcut="B"), ...)
+  """
+
+  def __init__(self, in_features: int, width: int, stride: int, *,
+               conv: Callable[..., nnx.Module], norm: Callable[..., nnx.Module], rngs: nnx.Rngs,
+               layers: Callable[[int, int], Sequence[Layer]] = basic,
+               shortcut: str | None = "A", zero_init_last_bn: bool = False):
+    super().__init__(in_features, width, stride, layers=layers, shortcut=shortcut, conv=conv,
+                     rngs=rngs)
+    last_scale = nnx.initializers.zeros if zero_init_last_bn else nnx.initializers.ones
+    self.norms = nnx.List([
+        norm(c.out_features, rngs=rngs,
+             scale_init=last_scale if i == len(self.convs) - 1 else nnx.initializers.ones)
+        for i, c in enumerate(self.convs)])
+    self.projection_norm = (norm(self.out_features, rngs=rngs)
+                            if self.projection is not None else None)
+
+  def residual_branch(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    """Each layer's output, after its BN and before any ReLU or addition; the last is F(x)."""
+    outputs, y = [], x
+    for conv, norm in zip(self.convs, self.norms):
+      y = norm(conv(nnx.relu(y) if outputs else y))
+      outputs.append(y)
+    return tuple(outputs)
+
+  def intermediates(self, x: jax.Array) -> dict[str, Any]:
+    outputs = {"residual_branch": self.residual_branch(x)}
+    y = outputs["residual_branch"][-1]
     if self.shortcut is not None:
       y = y + (self.projection_norm(self.projection(x)) if self.projection is not None
-               else self._identity(x))
-    return nnx.relu(y)
+               else self.identity(x))
+    outputs["output"] = nnx.relu(y)
+    return outputs
+
+
+class PreActivationBlock(_Unit):
+  """He et al., 2016: x_{l+1} = x_l + F(x_l) (their Eq. 3; Fig. 4e, "full pre-activation").
+
+  BN-ReLU before every conv; the addition is the unit's output (no ReLU after
+  it). As in the authors' code, a unit that changes the shape applies its first
+  BN-ReLU before the split, so its shortcut (subsampling or projection, no BN)
+  reads the activated input; every other unit's shortcut is the raw x_l. The
+  net's first unit follows the stem's BN-ReLU ("activation right after conv1 and
+  before splitting into two paths", their Sec. 4): `activated_input=True` drops
+  its own input BN-ReLU, and `ResNet` passes it to the first block.
+  """
+
+  def __init__(self, in_features: int, width: int, stride: int, *,
+               conv: Callable[..., nnx.Module], norm: Callable[..., nnx.Module], rngs: nnx.Rngs,
+               layers: Callable[[int, int], Sequence[Layer]] = basic,
+               shortcut: str | None = "A", activated_input: bool = False):
+    super().__init__(in_features, width, stride, layers=layers, shortcut=shortcut, conv=conv,
+                     rngs=rngs)
+    self.input_norm = None if activated_input else norm(in_features, rngs=rngs)
+    self.norms = nnx.List([norm(c.out_features, rngs=rngs) for c in self.convs[:-1]])
+
+  def residual_branch(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    """Each conv's output (before the next BN-ReLU); the last is F(x). x is activated."""
+    outputs = [self.convs[0](x)]
+    for conv, norm in zip(self.convs[1:], self.norms):
+      outputs.append(conv(nnx.relu(norm(outputs[-1]))))
+    return tuple(outputs)
+
+  def intermediates(self, x: jax.Array) -> dict[str, Any]:
+    activated = x if self.input_norm is None else nnx.relu(self.input_norm(x))
+    outputs = {"residual_branch": self.residual_branch(activated)}
+    y = outputs["residual_branch"][-1]
+    if self.shortcut is not None:
+      shortcut_input = activated if self.reshapes else x
+      y = y + (self.projection(shortcut_input) if self.projection is not None
+               else self.identity(shortcut_input))
+    outputs["output"] = y
+    return outputs
+
+
+def _block_type(block_cls: Callable[..., nnx.Module]) -> type:
+  return block_cls.func if isinstance(block_cls, functools.partial) else block_cls
 
 
 class ResNet(nnx.Module):
-  """A stem, stages of blocks, global average pooling and a linear classifier."""
+  """A stem, stages of blocks, global average pooling and an optional linear classifier.
 
-  def __init__(self, *, stage_sizes: Sequence[int], stage_widths: Sequence[int],
-               block_layers: Callable[[int, int, bool], LayerTable], imagenet_stem: bool,
-               num_classes: int, shortcut: str | None, preact: bool = False,
-               stride_on_1x1: bool = True, zero_init_last_bn: bool = False,
+  Args:
+    block_cls: the block, called as `block_cls(in_features, width, stride, *,
+      conv, norm, rngs)`; its other options bound with `functools.partial`.
+    stage_sizes: blocks per stage; every stage after the first halves the
+      feature map in its first block.
+    stage_widths: each stage's width (a bottleneck's output is 4x its width).
+    imagenet_stem: 7x7/2 conv, BN-ReLU, 3x3/2 max pool (Table 1); else a 3x3
+      conv and BN-ReLU (the CIFAR nets, Sec. 4.2). Stem width: `stage_widths[0]`.
+    num_classes: classifier outputs; 0 for a headless model whose call returns
+      the pooled features.
+    conv: the convolution class, with `nnx.Conv`'s signature; bound here to no
+      bias, He initialisation, explicit symmetric padding and `dtype`.
+    norm: the batch norm class, with `nnx.BatchNorm`'s signature; bound here to
+      momentum 0.9 and epsilon 1e-5.
+    dtype: compute dtype; parameters and BN statistics stay float32.
+  """
+
+  def __init__(self, *, block_cls: Callable[..., nnx.Module], stage_sizes: Sequence[int],
+               stage_widths: Sequence[int], imagenet_stem: bool, num_classes: int,
+               conv: Callable[..., nnx.Module] = nnx.Conv,
+               norm: Callable[..., nnx.Module] = nnx.BatchNorm,
                dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    if zero_init_last_bn and preact:
-      raise ValueError("zero_init_last_bn needs post-activation blocks: a pre-activation "
-                       "block ends in a conv, not a BN. Drop one of the two overrides.")
-    # Parameters and BN statistics stay float32 whatever the compute dtype.
-    conv = functools.partial(nnx.Conv, use_bias=False, kernel_init=he_normal, dtype=dtype,
-                             param_dtype=jnp.float32,
-                             conv_general_dilated=ops.conv_general_dilated)
-    norm = functools.partial(ops.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype,
+    conv = functools.partial(conv, use_bias=False, kernel_init=he_normal, dtype=dtype,
                              param_dtype=jnp.float32)
-    self.preact, self.imagenet_stem = preact, imagenet_stem
-
-    stem_features = stage_widths[0] if imagenet_stem else 16
+    norm = functools.partial(norm, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                             param_dtype=jnp.float32)
+    preactivation = issubclass(_block_type(block_cls), PreActivationBlock)
+    self.imagenet_stem, self.stage_sizes = imagenet_stem, tuple(stage_sizes)
+    features = stage_widths[0]
     kernel, stride = (7, 2) if imagenet_stem else (3, 1)
-    self.stem_conv = conv(3, stem_features, (kernel, kernel), strides=stride,
-                          padding=_padding(kernel), rngs=rngs)
-    # A pre-activation CIFAR net feeds the raw stem conv to its first block's BN-ReLU.
-    self.stem_norm = None if preact and not imagenet_stem else norm(stem_features, rngs=rngs)
+    self.stem_conv = conv(3, features, (kernel, kernel), strides=stride,
+                          padding=padding(kernel), rngs=rngs)
+    self.stem_norm = norm(features, rngs=rngs)
 
-    blocks, features = [], stem_features
+    blocks = []
     for stage, (num_blocks, width) in enumerate(zip(stage_sizes, stage_widths)):
       for index in range(num_blocks):
-        stride = 2 if stage > 0 and index == 0 else 1
-        block = Block(features, block_layers(width, stride, stride_on_1x1), shortcut=shortcut,
-                      preact=preact, zero_init_last_bn=zero_init_last_bn, conv=conv,
-                      norm=norm, rngs=rngs)
+        first = {"activated_input": True} if preactivation and not blocks else {}
+        block = block_cls(features, width, 2 if stage > 0 and index == 0 else 1, conv=conv,
+                          norm=norm, rngs=rngs, **first)
         blocks.append(block)
         features = block.out_features
     self.blocks = nnx.List(blocks)
-    self.final_norm = norm(features, rngs=rngs) if preact else None
-    self.head = nnx.Linear(features, num_classes, dtype=dtype, param_dtype=jnp.float32,
-                           rngs=rngs)
+    self.num_features = features
+    # He et al., 2016: "an extra activation right after [the last unit's] element-wise addition".
+    self.final_norm = norm(features, rngs=rngs) if preactivation else None
+    self.head = (nnx.Linear(features, num_classes, dtype=dtype, param_dtype=jnp.float32,
+                            rngs=rngs) if num_classes else None)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.stem_conv(x)
-    if self.stem_norm is not None:
-      x = nnx.relu(self.stem_norm(x))
+  def intermediates(self, x: jax.Array) -> dict[str, Any]:
+    """Every named output of the forward pass on NHWC images `x`.
+
+    "stem_norm": the stem conv after its BN, before ReLU. "stem": the stem's
+    output, the first stage's input. "blocks": per block, its "residual_branch"
+    (each layer's output, see the block class) and "output". "stage1" ...
+    "stageK": each stage's output (C2 to C5 of the detection literature on an
+    ImageNet net; a pre-activation net's are the raw sums, before the final
+    BN-ReLU). "pooled": the globally averaged features the classifier reads.
+    "logits": float32 classifier outputs (absent on a headless model).
+    """
+    out = {"stem_norm": self.stem_norm(self.stem_conv(x))}
+    x = nnx.relu(out["stem_norm"])
     if self.imagenet_stem:
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    out["stem"] = x
+    blocks = []
     for block in self.blocks:
-      x = block(x)
+      blocks.append(block.intermediates(x))
+      x = blocks[-1]["output"]
+    out["blocks"] = tuple(blocks)
+    ends = itertools.accumulate(self.stage_sizes)
+    for stage, end in enumerate(ends, start=1):
+      out[f"stage{stage}"] = blocks[end - 1]["output"]
     if self.final_norm is not None:
       x = nnx.relu(self.final_norm(x))
-    x = jnp.mean(x, axis=(1, 2))
-    return self.head(x).astype(jnp.float32)
+    out["pooled"] = jnp.mean(x, axis=(1, 2))
+    if self.head is not None:
+      out["logits"] = self.head(out["pooled"]).astype(jnp.float32)
+    return out
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits; the pooled features on a headless model."""
+    out = self.intermediates(x)
+    return out["logits"] if self.head is not None else out["pooled"]
 
 
-# Table 1: blocks per stage of the ImageNet networks.
+# Table 1: the layer table and blocks per stage of the ImageNet networks.
 IMAGENET_DEPTHS = {
-    18: (basic_layers, (2, 2, 2, 2)),
-    34: (basic_layers, (3, 4, 6, 3)),
-    50: (bottleneck_layers, (3, 4, 6, 3)),
-    101: (bottleneck_layers, (3, 4, 23, 3)),
-    152: (bottleneck_layers, (3, 8, 36, 3)),
+    18: (basic, (2, 2, 2, 2)),
+    34: (basic, (3, 4, 6, 3)),
+    50: (bottleneck, (3, 4, 6, 3)),
+    101: (bottleneck, (3, 4, 23, 3)),
+    152: (bottleneck, (3, 8, 36, 3)),
 }
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)  # Sec. 4.2 / Table 6; any 6n+2 works.
 
@@ -201,20 +334,26 @@ def _invalid_name(name: str, reason: str) -> ValueError:
 
 def create(name: str, *, num_classes: int, rngs: nnx.Rngs, shortcut: str | None = None,
            stride_on_1x1: bool = True, preact: bool = False, zero_init_last_bn: bool = False,
-           dtype: Any = jnp.float32) -> ResNet:
+           dtype: Any = jnp.float32, conv: Callable[..., nnx.Module] = nnx.Conv,
+           norm: Callable[..., nnx.Module] = nnx.BatchNorm) -> ResNet:
   """Builds a network of the paper by name, e.g. `create("cifar_resnet110", ...)`.
+
+  The model starts in training mode (see the module doc): call `.eval()` before
+  inference.
 
   Args:
     name: one of `NAMES`, or `cifar_resnet{6n+2}` / `cifar_plain{6n+2}` for any n.
-    num_classes: size of the classifier.
+    num_classes: size of the classifier; 0 for a headless backbone whose call
+      returns the pooled features.
     rngs: parameter initialisation keys.
     shortcut: "A", "B" or "C" for residual nets; default "A" on CIFAR (Sec. 4.2)
       and "B" on ImageNet (Sec. 3.3). Plain nets take none.
     stride_on_1x1: bottlenecks subsample in the first 1x1 conv (the paper), or in
-      the 3x3 conv when False ("ResNet v1.5").
-    preact: pre-activation blocks (He et al., 2016, "Identity Mappings").
+      the 3x3 conv when False ("ResNet v1.5", torchvision's).
+    preact: `PreActivationBlock`s (He et al., 2016, "Identity Mappings").
     zero_init_last_bn: start each block's last BN scale at zero (off, as the paper).
     dtype: compute dtype (e.g. jnp.bfloat16); parameters and BN stats stay float32.
+    conv, norm: the convolution and batch norm classes (see `ResNet`).
   """
   match = _NAME_PATTERN.fullmatch(name)
   if not match:
@@ -228,22 +367,33 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, shortcut: str | None 
     shortcut = shortcut or ("A" if is_cifar else "B")
     if shortcut not in SHORTCUTS:
       raise ValueError(f"Unknown shortcut option {shortcut!r}; valid: {SHORTCUTS} (Sec. 3.3).")
-  if num_classes < 1:
-    raise ValueError(f"num_classes must be positive, got {num_classes}.")
-  common = dict(num_classes=num_classes, shortcut=shortcut if kind == "resnet" else None,
-                preact=preact, stride_on_1x1=stride_on_1x1,
-                zero_init_last_bn=zero_init_last_bn, dtype=dtype, rngs=rngs)
+  if num_classes < 0:
+    raise ValueError(f"num_classes must be positive (or 0 for a headless model), "
+                     f"got {num_classes}.")
+  if zero_init_last_bn and preact:
+    raise ValueError("zero_init_last_bn needs post-activation blocks: a pre-activation "
+                     "block ends in a conv, not a BN. Drop one of the two overrides.")
   if is_cifar:
     if depth < 8 or (depth - 2) % 6:
       raise _invalid_name(name, f"CIFAR depth must be 6n+2 with n >= 1, got {depth}")
     # Sec. 4.2: 3 stages of 2n layers with 16/32/64 filters on 32/16/8 maps.
-    return ResNet(stage_sizes=((depth - 2) // 6,) * 3, stage_widths=(16, 32, 64),
-                  block_layers=basic_layers, imagenet_stem=False, **common)
-  if depth not in IMAGENET_DEPTHS:
+    layers, stage_sizes, stage_widths = basic, ((depth - 2) // 6,) * 3, (16, 32, 64)
+  elif depth in IMAGENET_DEPTHS:
+    layers, stage_sizes = IMAGENET_DEPTHS[depth]
+    stage_widths = (64, 128, 256, 512)
+    if layers is bottleneck:
+      layers = functools.partial(bottleneck, stride_on_1x1=stride_on_1x1)
+  else:
     raise _invalid_name(name, f"ImageNet depth must be one of {tuple(IMAGENET_DEPTHS)}")
-  block_layers, stage_sizes = IMAGENET_DEPTHS[depth]
-  return ResNet(stage_sizes=stage_sizes, stage_widths=(64, 128, 256, 512),
-                block_layers=block_layers, imagenet_stem=True, **common)
+  block_options = {"layers": layers, "shortcut": shortcut if kind == "resnet" else None}
+  if preact:
+    block_cls = functools.partial(PreActivationBlock, **block_options)
+  else:
+    block_cls = functools.partial(PostActivationBlock, zero_init_last_bn=zero_init_last_bn,
+                                  **block_options)
+  return ResNet(block_cls=block_cls, stage_sizes=stage_sizes, stage_widths=stage_widths,
+                imagenet_stem=not is_cifar, num_classes=num_classes, conv=conv, norm=norm,
+                dtype=dtype, rngs=rngs)
 
 
 def count_params(model: nnx.Module) -> int:
