@@ -1,13 +1,22 @@
-"""Published ImageNet weights for our ResNets, via Keras Applications.
+"""Published ImageNet weights for our ResNets: Keras Applications and torchvision.
 
-This module imports no Keras or TensorFlow: `from_keras` reads the Keras model it
-is given through `layers`, `get_layer` and `get_weights` only.
+`from_keras` copies a Keras Applications ResNet-50/101/152 (the paper's
+architecture, stride in each bottleneck's first 1x1 conv). `from_torchvision`
+reads a torchvision ResNet-18/34/50/101/152 state dict (a mapping, a `.pth` or a
+`.npz` file) into the "v1.5" network (stride in the 3x3 conv), and
+`to_torchvision` writes such a network back as a torchvision state dict.
+
+This module imports no Keras, TensorFlow or PyTorch at import time: `from_keras`
+reads the Keras model it is given through `layers`, `get_layer` and `get_weights`
+only; `from_torchvision` reads tensors duck-typed and imports torch only to open
+a `.pth` file.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -115,7 +124,7 @@ def from_keras(keras_model: Any, *, dtype: Any = jnp.float32) -> models.ResNet:
   """
   stage_sizes = _stage_sizes(keras_model)
   depths = {sizes: depth for depth, (layers, sizes) in models.IMAGENET_DEPTHS.items()
-            if layers is models.bottleneck_layers}
+            if layers is models.bottleneck}
   if stage_sizes not in depths:
     raise _unsupported(f"blocks per stage {stage_sizes} match none of "
                        f"ResNet-50/101/152 {tuple(depths)}")
@@ -150,3 +159,245 @@ def from_keras(keras_model: Any, *, dtype: Any = jnp.float32) -> models.ResNet:
   assert not leftover, f"Unassigned variables: {leftover}"
   model.eval()
   return model
+
+
+TORCHVISION_NAMES = tuple(f"resnet{depth}" for depth in models.IMAGENET_DEPTHS)
+
+# Which of our axes each torch axis is: conv HWIO -> OIHW, Linear (in, out) -> (out, in).
+_TORCH_AXES = {"conv": (3, 2, 0, 1), "linear": (1, 0), "vector": (0,)}
+
+
+def _torchvision_tensors(model: models.ResNet) -> list[tuple[str, nnx.Variable, str]]:
+  """(torchvision key, our variable, layout) for every variable of a v1.5 ImageNet ResNet."""
+  modules = [("conv1", model.stem_conv), ("bn1", model.stem_norm)]
+  blocks = iter(model.blocks)
+  for stage, size in enumerate(model.stage_sizes, start=1):
+    for index in range(size):
+      block, prefix = next(blocks), f"layer{stage}.{index}"
+      for j, (conv, norm) in enumerate(zip(block.convs, block.norms), start=1):
+        modules += [(f"{prefix}.conv{j}", conv), (f"{prefix}.bn{j}", norm)]
+      if block.projection is not None:
+        modules += [(f"{prefix}.downsample.0", block.projection),
+                    (f"{prefix}.downsample.1", block.projection_norm)]
+  modules.append(("fc", model.head))
+  tensors = []
+  for prefix, module in modules:
+    if isinstance(module, nnx.Conv):
+      tensors.append((f"{prefix}.weight", module.kernel, "conv"))
+    elif isinstance(module, nnx.BatchNorm):
+      tensors += [(f"{prefix}.weight", module.scale, "vector"),
+                  (f"{prefix}.bias", module.bias, "vector"),
+                  (f"{prefix}.running_mean", module.mean, "vector"),
+                  (f"{prefix}.running_var", module.var, "vector")]
+    else:
+      tensors += [(f"{prefix}.weight", module.kernel, "linear"),
+                  (f"{prefix}.bias", module.bias, "vector")]
+  return tensors
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+  """A copy: `Tensor.numpy()` shares the tensor's memory, and jax may keep using a
+  numpy buffer without copying it, so torch's in-place updates (a train-mode BN's
+  running statistics) would otherwise change our model."""
+  if hasattr(value, "detach"):  # A torch.Tensor, read without importing torch.
+    value = value.detach().cpu()
+    if value.is_floating_point():
+      value = value.float()  # numpy has no bfloat16.
+    value = value.numpy()
+  return np.array(value)
+
+
+def _read_state_dict(source: Any) -> Mapping[str, Any]:
+  if isinstance(source, Mapping):
+    return source
+  if not isinstance(source, (str, os.PathLike)):
+    raise ValueError(f"from_torchvision takes a state dict (a mapping of names to arrays) "
+                     f"or a .pth/.pt/.npz path, got {type(source).__name__}.")
+  path = os.fspath(source)
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in (".pth", ".pt", ".npz"):
+    raise ValueError(f"Cannot read {path!r}: from_torchvision reads .pth, .pt (PyTorch) or "
+                     ".npz (numpy) state dicts.")
+  if not os.path.isfile(path):
+    raise ValueError(f"State dict file {path!r} does not exist.")
+  if suffix == ".npz":
+    try:
+      with np.load(path, allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}
+    except Exception as error:
+      raise ValueError(f"Cannot read {path!r} as a .npz state dict: {error}") from error
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ValueError(f"Reading {path!r} needs PyTorch, which is not installed; without it, "
+                     "save the state dict as .npz (np.savez(path, **{k: v.numpy() for k, v "
+                     "in state_dict.items()})) and pass that.") from error
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as error:
+    raise ValueError(f"Cannot read {path!r} as a PyTorch state dict: {error}") from error
+  if not isinstance(state, Mapping):
+    raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict; save "
+                     "model.state_dict(), not the model.")
+  return state
+
+
+def _first(keys: list[str]) -> str:
+  return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def from_torchvision(state_dict_or_path: Mapping[str, Any] | str | os.PathLike, name: str, *,
+                     dtype: Any = jnp.float32) -> models.ResNet:
+  """Our ResNet with the weights of a torchvision ResNet-18/34/50/101/152.
+
+  The route for torchvision's ImageNet weights (or any checkpoint in its layout)
+  into JAX, e.g.
+
+    # In a process with torchvision:
+    torch.save(torchvision.models.resnet50(weights="IMAGENET1K_V2").state_dict(),
+               "resnet50.pth")
+    # Here (torch needed for a .pth; a .npz of the same tensors needs none):
+    model = pretrained.from_torchvision("resnet50.pth", "resnet50")
+    logits = model(images)  # NHWC, normalised as torchvision's weights expect.
+
+  torchvision's weights expect RGB images scaled to [0, 1] and normalised by the
+  ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) per channel,
+  in NHWC here where torch takes NCHW. torchvision's bottlenecks are "v1.5"
+  (stride in the 3x3 conv), so 50/101/152 become `models.create(name,
+  stride_on_1x1=False)`; its `downsample` is our option B projection. Both use
+  batch norm epsilon 1e-5, so the copy is exact. `num_batches_tracked` is
+  ignored (torchvision's momentum-0.1 BN never reads it). Training the result
+  onwards: our BN momentum 0.9 is torch's 0.1, but torch updates the running
+  variance with the unbiased batch variance where flax uses the biased one.
+
+  Args:
+    state_dict_or_path: a torchvision state dict, as a mapping of key to torch
+      tensor or numpy array; or a path to one saved with `torch.save` (`.pth`,
+      `.pt`; needs torch) or `np.savez` (`.npz`). Nothing is ever downloaded.
+    name: "resnet18", "resnet34", "resnet50", "resnet101" or "resnet152".
+    dtype: compute dtype of the returned model; its parameters are float32.
+
+  Returns:
+    A `models.ResNet` in eval mode; the class count is `fc.weight`'s.
+
+  Raises:
+    ValueError: for an unknown name, a file that does not exist or cannot be
+      read, missing or unexpected keys, or a tensor of the wrong shape.
+  """
+  if name not in TORCHVISION_NAMES:
+    raise ValueError(f"Unknown torchvision ResNet {name!r}; valid: {', '.join(TORCHVISION_NAMES)}.")
+  state = _read_state_dict(state_dict_or_path)
+  fc = state.get("fc.weight")
+  num_classes = fc.shape[0] if fc is not None and len(fc.shape) == 2 else 1
+
+  # Shapes only: every array is overwritten below, so skip the random init.
+  model = nnx.eval_shape(lambda: models.create(
+      name, num_classes=num_classes, stride_on_1x1=False, dtype=dtype, rngs=nnx.Rngs(0)))
+  tensors = _torchvision_tensors(model)
+  missing = [key for key, _, _ in tensors if key not in state]
+  if missing:
+    hint = ("; strip the 'module.' prefix of a DataParallel model's keys"
+            if all(key.startswith("module.") for key in state) else "")
+    raise ValueError(f"State dict is not a torchvision {name}: {len(missing)} missing keys "
+                     f"({_first(missing)}){hint}.")
+  known = {key for key, _, _ in tensors}
+  known |= {key.replace(".running_mean", ".num_batches_tracked") for key in known
+            if key.endswith(".running_mean")}
+  unexpected = [key for key in state if key not in known]
+  if unexpected:
+    raise ValueError(f"State dict is not a torchvision {name}: {len(unexpected)} unexpected "
+                     f"keys ({_first(unexpected)}).")
+  for key, variable, layout in tensors:
+    value = _to_numpy(state[key])
+    axes = _TORCH_AXES[layout]
+    expected = tuple(variable.shape[axis] for axis in axes)
+    if value.shape != expected:
+      raise ValueError(f"State dict key {key!r} has shape {value.shape}, torchvision's {name} "
+                       f"expects {expected}.")
+    variable.set_value(jnp.asarray(value.transpose(np.argsort(axes)), jnp.float32))
+
+  leftover = [jax.tree_util.keystr(path)
+              for path, leaf in jax.tree.leaves_with_path(nnx.state(model))
+              if isinstance(leaf, jax.ShapeDtypeStruct)]
+  assert not leftover, f"Unassigned variables: {leftover}"
+  model.eval()
+  return model
+
+
+def _not_torchvision(reason: str) -> ValueError:
+  return ValueError(f"torchvision has no layout for this model: {reason}. to_torchvision takes "
+                    "an ImageNet ResNet-18/34/50/101/152 with option B shortcuts, "
+                    "post-activation blocks and, in bottlenecks, the stride in the 3x3 conv "
+                    "(models.create(name, ..., stride_on_1x1=False)).")
+
+
+def _stride(conv: nnx.Conv) -> int:
+  strides = conv.strides
+  return strides if isinstance(strides, int) else max(strides)
+
+
+def to_torchvision(model: models.ResNet) -> dict[str, np.ndarray]:
+  """The torchvision state dict of our v1.5 ImageNet ResNet: `from_torchvision`'s inverse.
+
+  For JAX-trained weights in PyTorch, or a torchvision-layout file written
+  without torch, e.g.
+
+    model = models.create("resnet50", num_classes=1000, stride_on_1x1=False, rngs=...)
+    ...  # train
+    state = pretrained.to_torchvision(model)
+    np.savez("resnet50.npz", **state)  # from_torchvision("resnet50.npz", "resnet50"), or:
+    net = torchvision.models.resnet50()
+    net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+
+  Its keys are exactly those of torchvision's `state_dict()`, so
+  `load_state_dict(strict=True)` accepts it. Each BN's `num_batches_tracked` is
+  an int64 zero: our models do not count batches, and torchvision's BN (momentum
+  0.1) never reads the count.
+
+  Args:
+    model: a ResNet as `models.create("resnet{18,34,50,101,152}", num_classes=...,
+      stride_on_1x1=False)` builds it (any num_classes > 0; the 18 and 34 have no
+      bottleneck, so stride_on_1x1 does not matter there), in either mode.
+
+  Returns:
+    A dict of torchvision key to float32 arrays in torch's layouts (conv OIHW,
+    Linear (out, in)), in torchvision's key order.
+
+  Raises:
+    ValueError: for a model torchvision has no layout for: CIFAR nets, plain
+      nets, shortcuts A or C, pre-activation or custom blocks, bottlenecks with
+      the stride in the 1x1 conv, headless models, other depths or widths.
+  """
+  if not model.imagenet_stem:
+    raise _not_torchvision("it is a CIFAR network (3x3 stem, no max pool)")
+  if model.head is None:
+    raise _not_torchvision("it is headless (num_classes=0); torchvision always has fc")
+  for block in model.blocks:
+    if type(block) is not models.PostActivationBlock:  # pylint: disable=unidiomatic-typecheck
+      raise _not_torchvision(f"its blocks are {type(block).__name__}s, not the paper's "
+                             "post-activation blocks")
+    if block.shortcut != "B":
+      raise _not_torchvision(f"its shortcut is {block.shortcut!r}; torchvision's downsample "
+                             "is option 'B'")
+    if len(block.convs) == 3 and _stride(block.convs[0]) != 1:
+      raise _not_torchvision("its bottlenecks subsample in the first 1x1 conv "
+                             "(stride_on_1x1=True); torchvision's in the 3x3 (v1.5)")
+  depths = {(len(layers(64, 1)), sizes): depth
+            for depth, (layers, sizes) in models.IMAGENET_DEPTHS.items()}
+  depth = depths.get((len(model.blocks[0].convs), model.stage_sizes))
+  if depth is None:
+    raise _not_torchvision(f"blocks per stage {model.stage_sizes} of "
+                           f"{len(model.blocks[0].convs)} convs match no torchvision depth")
+  num_classes = model.head.out_features
+  reference = _torchvision_tensors(nnx.eval_shape(lambda: models.create(
+      f"resnet{depth}", num_classes=num_classes, stride_on_1x1=False, rngs=nnx.Rngs(0))))
+  state = {}
+  for (key, variable, layout), (_, expected, _) in zip(_torchvision_tensors(model), reference):
+    if variable.shape != expected.shape:
+      raise _not_torchvision(f"our {key} has shape {variable.shape} where torchvision's "
+                             f"resnet{depth} has {expected.shape}")
+    value = np.asarray(variable.get_value()).transpose(_TORCH_AXES[layout])
+    state[key] = np.array(value, np.float32, order="C")  # Writable: torch may update it in place.
+    if key.endswith(".running_var"):
+      state[key.replace(".running_var", ".num_batches_tracked")] = np.zeros((), np.int64)
+  return state
