@@ -34,8 +34,11 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # grain: the input-pipeline benchmark's comparison (resnet_jax.data.benchmark), tested.
+        # torch: the PyTorch twins that torchvision weights and pre-activation nets are tested
+        # against (tests/test_torchvision.py, tests/test_preactivation.py); its 2.13.0 CPU wheel
+        # is for Python 3.11, so those tests run in CI's Python 3.11 suite and skip elsewhere.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "matplotlib>=3.8",
-                 "grain>=0.2.18"],
+                 "grain>=0.2.18", "torch==2.13.0; python_version < '3.12'"],
         # PyTorch is only ever the benchmark's baseline, never a dependency of the package.
         # torch 2.13.0's CPU wheel is for Python 3.11; elsewhere install the torch you want.
         "benchmark": ["torch==2.13.0; python_version < '3.12'", "grain>=0.2.18"],

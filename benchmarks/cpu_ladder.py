@@ -3,12 +3,13 @@
     python benchmarks/cpu_ladder.py --model=cifar_resnet20 --repeats=8 --steps=3
     python benchmarks/cpu_ladder.py --layers   # one 3x3 convolution per CIFAR stage, in isolation
 
-Variants, each adding one change to the one before: XLA's defaults (lax's convolution,
-flax's batch norm, default compiler options); `ops.conv_general_dilated`'s weight gradient;
-`ops.compiler_options()`; `ops.BatchNorm`'s four-sum gradient with XLA's reductions; its sums
-as matrix products (`ops._channel_sums`). Each is the trainer's own `train.train_step` on
-data already on the device, built by swapping lax's and flax's originals back into `ops`
-(and setting the matrix-product channel limit to 0), and all are timed in alternating
+Variants, each adding one change to the one before: XLA's defaults (flax's `nnx.Conv` and
+`nnx.BatchNorm`, default compiler options: what `models.create` builds by default); `ops.Conv`'s
+weight gradient; `ops.compiler_options()`; `ops.BatchNorm`'s four-sum gradient with XLA's
+reductions; its sums as matrix products (`ops._channel_sums`), the last being what the trainer
+runs on CPU (`ops.training_layers()`). Each is the trainer's own `train.train_step` on data
+already on the device, its model built with the variant's conv and norm (the matrix-product
+channel limit set to 0 while the fourth traces), and all are timed in alternating
 repeats (`resnet_jax.benchmark.measure`) so that they see the same machine load. With
 --layers it times instead the forward pass, input gradient and `ops.weight_gradient` of one
 3x3 convolution of each CIFAR stage at batch 128, compiled with XLA's default options and
@@ -31,7 +32,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from resnet_jax import benchmark, data, ops, optim, train  # pylint: disable=g-import-not-at-top
+from resnet_jax import benchmark, data, models, ops, optim, train  # pylint: disable=g-import-not-at-top
 
 
 CIFAR_STAGES = ((32, 16), (16, 32), (8, 64))  # (spatial size, channels) of each stage.
@@ -86,29 +87,28 @@ def main() -> None:
       images=jnp.asarray(rng.standard_normal((args.batch, size, size, 3), np.float32)),
       labels=jnp.asarray(rng.integers(0, classes, args.batch, dtype=np.int32)),
       mask=jnp.ones(args.batch, bool))
-  fast_conv, fast_norm = ops.conv_general_dilated, ops.BatchNorm
   matmul_sums = ops._MATMUL_SUM_CHANNELS  # pylint: disable=protected-access
   cpu_options = ops.compiler_options()
   variants = (  # (name, compiler options, convolution, batch norm, matrix-product sums up to)
-      ("XLA's defaults", None, lax.conv_general_dilated, nnx.BatchNorm, matmul_sums),
-      ("+ ops weight gradient", None, fast_conv, nnx.BatchNorm, matmul_sums),
-      ("+ ops.compiler_options()", cpu_options, fast_conv, nnx.BatchNorm, matmul_sums),
-      ("+ ops.BatchNorm, XLA's sums", cpu_options, fast_conv, fast_norm, 0),
-      ("+ matrix-product sums", cpu_options, fast_conv, fast_norm, matmul_sums),
+      ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm, matmul_sums),
+      ("+ ops weight gradient", None, ops.Conv, nnx.BatchNorm, matmul_sums),
+      ("+ ops.compiler_options()", cpu_options, ops.Conv, nnx.BatchNorm, matmul_sums),
+      ("+ ops.BatchNorm, XLA's sums", cpu_options, ops.Conv, ops.BatchNorm, 0),
+      ("+ matrix-product sums", cpu_options, ops.Conv, ops.BatchNorm, matmul_sums),
   )
   runners = {}
   try:
     for name, options, conv, norm, channels in variants:
-      # The convolution and norm are read when the model is built, the limit when it is traced.
-      ops.conv_general_dilated, ops.BatchNorm, ops._MATMUL_SUM_CHANNELS = conv, norm, channels  # pylint: disable=protected-access
-      model = train.create_model(config, classes, config.seed)
+      ops._MATMUL_SUM_CHANNELS = channels  # pylint: disable=protected-access
+      model = models.create(config.model, num_classes=classes, rngs=nnx.Rngs(config.seed),
+                            conv=conv, norm=norm, **config.model_overrides)
       tx = optim.create(config)
       step = lambda state, batch, tx=tx: train.train_step(config, tx, state, batch)[0]
       runners[name] = benchmark.Runner(
           jax.jit(step, donate_argnums=0, compiler_options=options),
           train.create_train_state(config, model, tx), batch)
   finally:
-    ops.conv_general_dilated, ops.BatchNorm, ops._MATMUL_SUM_CHANNELS = fast_conv, fast_norm, matmul_sums  # pylint: disable=protected-access
+    ops._MATMUL_SUM_CHANNELS = matmul_sums  # pylint: disable=protected-access
   times = benchmark.measure(runners, args.repeats, args.steps)
   print(f"{args.model}, batch {args.batch}, float32, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}; {args.repeats} alternating repeats of {args.steps} steps")

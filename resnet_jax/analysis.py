@@ -14,46 +14,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from flax import nnx
 
 from resnet_jax import models
-
-
-def _is_3x3(conv: nnx.Conv) -> bool:
-  return tuple(conv.kernel_size) == (3, 3)
 
 
 def layer_responses(model: models.ResNet, images: jax.Array | np.ndarray) -> np.ndarray:
   """Std of every 3x3 layer's output after BN, before the addition and ReLU, in layer order.
 
-  The standard deviation is over every element of the layer's output for `images`
-  (N, H, W, C). On CIFAR nets the first entry is the 3x3 stem conv (the paper's
-  "1st layer"), then the two convs of every basic block; bottleneck nets give their
-  middle 3x3 convs. Plain nets give the same points. Puts `model` in eval mode.
+  Read from the model's own `intermediates`. The standard deviation is over every
+  element of the layer's output for `images` (N, H, W, C). On CIFAR nets the first
+  entry is the 3x3 stem conv (the paper's "1st layer"), then the two convs of every
+  basic block; bottleneck nets give their middle 3x3 convs. Plain nets give the
+  same points. Puts `model` in eval mode.
   """
-  if model.preact:
+  if not all(isinstance(block, models.PostActivationBlock) for block in model.blocks):
     raise ValueError("layer responses are defined for the paper's post-activation blocks; "
                      "a pre-activation block has no BN right after its convs.")
   model.eval()
-  responses = []
-  x = model.stem_norm(model.stem_conv(jnp.asarray(images)))
-  if _is_3x3(model.stem_conv):
-    responses.append(jnp.std(x))
-  x = nnx.relu(x)
-  if model.imagenet_stem:
-    x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  for block in model.blocks:
-    # The residual branch, layer by layer, as Block._residual_branch computes it.
-    y = x
-    for i, (conv, norm) in enumerate(zip(block.convs, block.norms)):
-      y = norm(conv(y))
-      if _is_3x3(conv):
-        responses.append(jnp.std(y))
-      if i < len(block.convs) - 1:
-        y = nnx.relu(y)
-    # The block's own call gives its output (shortcut, addition, ReLU).
-    x = block(x)
-  return np.asarray(jax.device_get(responses), np.float64)
+  out = model.intermediates(jnp.asarray(images))
+  responses = [out["stem_norm"]] if tuple(model.stem_conv.kernel_size) == (3, 3) else []
+  for block, block_out in zip(model.blocks, out["blocks"]):
+    responses += [output for conv, output in zip(block.convs, block_out["residual_branch"])
+                  if tuple(conv.kernel_size) == (3, 3)]
+  return np.asarray(jax.device_get([jnp.std(r) for r in responses]), np.float64)
 
 
 def read_metrics(workdir: epath.PathLike) -> list[dict]:

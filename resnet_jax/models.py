@@ -350,7 +350,9 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, shortcut: str | None 
       and "B" on ImageNet (Sec. 3.3). Plain nets take none.
     stride_on_1x1: bottlenecks subsample in the first 1x1 conv (the paper), or in
       the 3x3 conv when False ("ResNet v1.5", torchvision's).
-    preact: `PreActivationBlock`s (He et al., 2016, "Identity Mappings").
+    preact: `PreActivationBlock`s (He et al., 2016, "Identity Mappings"). With
+      bottlenecks, the default stride placement is the authors' CIFAR code's;
+      fb.resnet.torch's ImageNet pre-activation nets use `stride_on_1x1=False`.
     zero_init_last_bn: start each block's last BN scale at zero (off, as the paper).
     dtype: compute dtype (e.g. jnp.bfloat16); parameters and BN stats stay float32.
     conv, norm: the convolution and batch norm classes (see `ResNet`).
@@ -405,19 +407,23 @@ def count_macs(model: nnx.Module, input_shape: Sequence[int]) -> int:
   """Multiply-accumulates of one eval-mode forward pass.
 
   `input_shape` is (H, W, C) for one image or (N, H, W, C) for a batch. Counts
-  every convolution and matrix product in the traced program (no execution).
+  every convolution and matrix product in the traced program (no execution, so a
+  model built with `nnx.eval_shape` counts as well).
   """
   shape = tuple(input_shape)
   if len(shape) == 3:
     shape = (1,) + shape
   graphdef, state = nnx.split(model)
 
-  def forward(x):
+  def forward(state, x):
     net = nnx.merge(graphdef, state)
     net.eval()
     return net(x)
 
-  closed = jax.make_jaxpr(forward)(jax.ShapeDtypeStruct(shape, jnp.float32))
+  # Traced with abstract values only, so a shapes-only model (`nnx.eval_shape`) counts too.
+  abstract = lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+  closed = jax.make_jaxpr(forward)(jax.tree.map(abstract, state),
+                                   jax.ShapeDtypeStruct(shape, jnp.float32))
   return _jaxpr_macs(closed.jaxpr)
 
 

@@ -1,22 +1,28 @@
-"""The models' convolution and batch norm, and the XLA options their steps compile with.
+"""CPU kernels for the models' training step: a convolution, a batch norm, XLA options.
 
-Every `nnx.Conv` of `resnet_jax.models` calls `conv_general_dilated` (a drop-in
-for lax's), every batch norm is `BatchNorm` (a drop-in for `nnx.BatchNorm`), and
-the trainer and the benchmark jit their steps with `compiler_options()`. Each is
-an exact reformulation, proven equal in value and gradient by tests/test_ops.py,
-and kept because it measurably speeds up a training step at both ends of the jax
-versions we support, 0.10.2 and 0.12 (BENCHMARKS.md, "What each CPU change
-buys"): each still paid on both on 2026-12-01, so none depends on the version.
+`models.create(name, ..., **ops.training_layers())` builds a network whose
+convolutions are `Conv` and whose batch norms are `BatchNorm` on CPU, and flax's
+own `nnx.Conv` and `nnx.BatchNorm` on every other backend; the trainer and the
+benchmark build their models so and jit their steps with `compiler_options()`.
+Each kernel is an exact reformulation, proven equal in value and gradient by
+tests/test_ops.py, and kept because it measurably speeds up a CPU training step
+at both ends of the jax versions we support, 0.10.2 and 0.12 (BENCHMARKS.md,
+"What each CPU change buys"). None was ever measured on GPU or TPU, so none is
+used there.
+
+Both kernels are `jax.custom_vjp` functions: they support reverse-mode
+transformations (`jax.grad`, `jax.vjp`, `jax.vmap`, `jax.checkpoint`), not
+forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`). A model from `create`
+without `training_layers()` uses flax's layers and supports every transformation.
 
 Compiler options. On CPU, XLA hands convolutions (and some elementwise work) to
 YNNPACK by default; on the paper's CIFAR shapes (3x3, 16 to 64 channels, batch
 128) XLA's own Eigen convolutions are as fast or faster, and so is a training
 step, so `compiler_options()` turns the YNNPACK fusions off.
 
-The convolution. On CPU, plain NHWC/HWIO convolutions without dilation or groups
-take a `jax.custom_vjp` with a faster weight gradient; all other cases, and every
-other backend, are lax's own convolution. The forward pass and the input
-gradient are lax's in every case.
+The convolution. Plain NHWC/HWIO convolutions without dilation or groups take a
+`jax.custom_vjp` with a faster weight gradient; all other cases are lax's own
+convolution. The forward pass and the input gradient are lax's in every case.
 
 XLA computes the weight gradient dW[kh, kw, ci, co] = sum_{n,h,w}
 x[n, h + kh, w + kw, ci] dy[n, h, w, co] as a convolution of x with its batch and
@@ -36,8 +42,8 @@ spatial axes six times per layer (two batch statistics forward; the gradients of
 the mean, the variance, the scale and the bias backward), each a separate pass
 over the activations on CPU. `BatchNorm` gives the normalisation the textbook
 backward pass (Ioffe and Szegedy, 2015, Sec. 3), which needs only the sums of dy
-and of dy * x_hat: four sums in all, taken on CPU as matrix products
-(`_channel_sums`); each of the two changes speeds up a training step.
+and of dy * x_hat: four sums in all, taken as matrix products (`_channel_sums`);
+each of the two changes speeds up a training step.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
 
 
-# The most channels whose batch-norm sums `_channel_sums` takes as matrix products on CPU.
+# The most channels whose batch-norm sums `_channel_sums` takes as matrix products.
 _MATMUL_SUM_CHANNELS = 64
 
 # XLA's CPU libraries that YNNPACK fusions would take convolutions from (see the module doc).
@@ -88,7 +94,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None, out_sharding=None) -> jax.Array:
   """`jax.lax.conv_general_dilated`, with the CPU weight gradient of the module doc."""
-  plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4
+  plain = (lhs.ndim == 4 and rhs.ndim == 4
            and feature_group_count == 1 and batch_group_count == 1 and out_sharding is None
            and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
            and dimension_numbers is not None
@@ -105,6 +111,22 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
   pads = tuple((int(low), int(high)) for low, high in padding)
   return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision,
                preferred_element_type)
+
+
+class Conv(nnx.Conv):
+  """`nnx.Conv` computing with `conv_general_dilated`: the same variables and outputs."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, conv_general_dilated=conv_general_dilated, **kwargs)
+
+
+def training_layers() -> dict[str, type[nnx.Module]]:
+  """`models.create` keywords for the fastest training step on the default backend.
+
+  {"conv": Conv, "norm": BatchNorm} on CPU, where they pay; {} (flax's layers)
+  on every other backend, where they were never measured.
+  """
+  return {"conv": Conv, "norm": BatchNorm} if jax.default_backend() == "cpu" else {}
 
 
 def _explicit_sharding(array: jax.Array):
@@ -263,14 +285,14 @@ _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum of a, sum of a * b) over every axis but the last (the channels).
 
-  On CPU, with the few channels of the CIFAR nets, as matrix products: a row of
+  With the few channels of the CIFAR nets, as matrix products: a row of
   ones times a, and the diagonal of a^T b. XLA's CPU backend splits a reduction
   over 10^5 rows into a tree of partial reductions, each a pass of its own; the
   products read each operand once. They cost channels times the FLOPs of a sum,
   hence the limit.
   """
   channels = a.shape[-1]
-  if jax.default_backend() != "cpu" or channels > _MATMUL_SUM_CHANNELS:
+  if channels > _MATMUL_SUM_CHANNELS:
     axes = tuple(range(a.ndim - 1))
     return jnp.sum(a, axes), jnp.sum(a * b, axes)
   rows_a, rows_b = a.reshape(-1, channels), b.reshape(-1, channels)

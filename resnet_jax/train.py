@@ -63,8 +63,10 @@ def dtype_for(config: ml_collections.ConfigDict) -> Any:
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> models.ResNet:
+  """The config's network, with the training kernels of the default backend (`ops`)."""
   return models.create(config.model, num_classes=num_classes, rngs=nnx.Rngs(seed),
-                       dtype=dtype_for(config), **config.model_overrides)
+                       dtype=dtype_for(config), **config.model_overrides,
+                       **ops.training_layers())
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,

@@ -193,13 +193,19 @@ def test_zero_init_makes_each_block_its_shortcut():
 
 def test_preactivation_blocks():
   model = build("cifar_resnet8", preact=True)
-  block = model.blocks[0]
-  # BN-ReLU before every conv (He et al., 2016), and a final BN-ReLU before pooling.
-  assert [norm.num_features for norm in block.norms] == [16, 16]
-  assert model.stem_norm is None and model.final_norm is not None
+  first, second = model.blocks[0], model.blocks[1]
+  # He et al., 2016: the stem keeps its BN-ReLU, "before splitting into two paths", so the
+  # first unit has no input BN; later units have BN-ReLU before every conv; a final BN-ReLU.
+  assert first.input_norm is None and [n.num_features for n in first.norms] == [16]
+  assert second.input_norm.num_features == 16 and [n.num_features for n in second.norms] == [32]
+  assert model.stem_norm is not None and model.final_norm is not None
+  assert isinstance(first, models.PreActivationBlock) and first.projection is None
   assert model(jnp.zeros((2, 32, 32, 3))).shape == (2, 10)
   imagenet = build("resnet50", num_classes=1000, preact=True, shortcut="B")
-  assert models.count_params(imagenet) > 0
+  # BN parameters move: no BN after each unit's last conv or its projection; an input BN on
+  # every unit but the first and a final BN instead: 3,840 BN channels fewer (computed by hand
+  # from Table 1's widths), so 25,557,032 - 2 x 3,840 = 25,549,352 parameters.
+  assert models.count_params(imagenet) == 25_549_352
   assert imagenet(jnp.zeros((1, 64, 64, 3))).shape == (1, 1000)
 
 

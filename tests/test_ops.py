@@ -1,4 +1,5 @@
 """resnet_jax.ops: the CPU convolution and the batch norm have exactly the reference values and gradients; the CPU compiler options leave YNNPACK out."""
+import functools
 import itertools
 
 import jax
@@ -99,18 +100,29 @@ def test_other_convolutions_are_lax(x_shape, w_shape, kwargs):
   assert str(trace(ops.conv_general_dilated)) == str(trace(lax.conv_general_dilated))
 
 
-def test_models_train_through_the_fast_path():
-  model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
+def test_training_layers_put_the_cpu_kernels_in_the_model_and_only_there():
+  assert ops.training_layers() == {"conv": ops.Conv, "norm": ops.BatchNorm}  # CPU
+  model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0),
+                        **ops.training_layers())
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  default = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
 
-  def loss(params, images):
+  def loss(params, images, graphdef=graphdef, rest=rest):
     net = nnx.merge(graphdef, params, rest, copy=True)
     net.train()
     return jnp.mean(net(images) ** 2)
 
   images = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3), np.float32))
   assert "custom_vjp_call" in str(jax.make_jaxpr(loss)(params, images))
-  assert all(jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(params, images)))
+  default_graphdef, default_params, default_rest = nnx.split(default, nnx.Param, ...)
+  default_loss = functools.partial(loss, graphdef=default_graphdef, rest=default_rest)
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(default_loss)(default_params, images))
+  # Same initial weights, same loss and gradients up to float32 rounding.
+  grads = jax.jit(jax.grad(loss))(params, images)
+  default_grads = jax.jit(jax.grad(default_loss))(default_params, images)
+  assert_close(loss(params, images), default_loss(default_params, images), 1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(default_grads)):
+    assert_close(got, want, 1e-3)
   # The custom VJP leaves the forward convolutions, hence the MAC count, as they were:
   # stem, then per stage two 3x3 convs (the first strided after stage 1), and the head.
   macs = 32 * 32 * 16 * 27 + 2 * 32 * 32 * 16 * 144
