@@ -86,14 +86,53 @@ def _load_conv_bn(keras_model: Any, prefix: str, conv: nnx.Conv,
   _assign(norm.var, var + keras_epsilon - norm.epsilon, f"{prefix}_bn")
 
 
-def from_keras(keras_model: Any, *, dtype: Any = jnp.float32) -> models.ResNet:
+def _loaded(model: models.ResNet) -> models.ResNet:
+  """`model`, built shapes-only, once every variable has a value: in eval mode."""
+  leftover = [jax.tree_util.keystr(path)
+              for path, leaf in jax.tree.leaves_with_path(nnx.state(model))
+              if isinstance(leaf, jax.ShapeDtypeStruct)]
+  assert not leftover, f"Unassigned variables: {leftover}"
+  model.eval()
+  return model
+
+
+_KERAS_CONSTRUCTORS = {"resnet50": "ResNet50", "resnet101": "ResNet101",
+                       "resnet152": "ResNet152"}
+
+
+def _load_keras(path: str | os.PathLike, name: str | None) -> Any:
+  """The Keras model a local `.keras` file holds, or the `name` network with an `.h5`'s weights."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise ValueError(f"Keras file {path!r} does not exist.")
+  if not path.endswith(".keras") and name not in _KERAS_CONSTRUCTORS:
+    raise ValueError(f"A Keras weights file needs the network's name: from_keras({path!r}, "
+                     f"name=...) with one of {tuple(_KERAS_CONSTRUCTORS)}; got {name!r}.")
+  try:
+    import keras  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise ValueError(f"Reading {path!r} needs Keras ({error}); install tensorflow or keras, "
+                     "or pass a Keras model.") from error
+  try:
+    if path.endswith(".keras"):
+      return keras.models.load_model(path, compile=False)
+    return getattr(keras.applications, _KERAS_CONSTRUCTORS[name])(
+        weights=path, classifier_activation=None)
+  except Exception as error:  # pylint: disable=broad-except
+    raise ValueError(f"Keras could not read {path!r}: {error}".splitlines()[0]) from error
+
+
+def from_keras(keras_model_or_path: Any, name: str | None = None, *,
+               dtype: Any = jnp.float32) -> models.ResNet:
   """Our ResNet-50/101/152 with the weights of a Keras Applications ResNet (v1).
 
-  The route for published ImageNet weights into JAX, e.g.
+  The route for published ImageNet weights into JAX, from local files only:
 
-    keras_model = keras.applications.ResNet50(weights="imagenet")  # network, or
-    # weights="/path/to/resnet50_weights_tf_dim_ordering_tf_kernels.h5"
-    model = pretrained.from_keras(keras_model)
+    # Keras's published ImageNet weights file (1000 classes), or a `.keras` model file:
+    model = pretrained.from_keras("resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+                                  "resnet50")
+    # or a Keras model you built:
+    model = pretrained.from_keras(keras.applications.ResNet50(weights=None, classes=10))
     logits = model(keras.applications.resnet.preprocess_input(images_rgb_0_255))
 
   Those ImageNet weights expect Caffe-style input: 0..255 images in BGR channel
@@ -110,8 +149,12 @@ def from_keras(keras_model: Any, *, dtype: Any = jnp.float32) -> models.ResNet:
   zero-pads before the stem's max pool; after a ReLU that equals our -inf padding.
 
   Args:
-    keras_model: `keras.applications.ResNet50/101/152(include_top=True, ...)`, any
-      weights, any input size; read duck-typed, so keras is not imported here.
+    keras_model_or_path: `keras.applications.ResNet50/101/152(include_top=True,
+      ...)`, any weights, any input size, read duck-typed; or the path of a
+      `.keras` file holding one; or the path of a weights file (`.h5`) of one
+      with 1000 classes, read into `keras.applications`'s network `name` (these
+      two import keras; nothing downloads).
+    name: "resnet50", "resnet101" or "resnet152", for a weights file only.
     dtype: compute dtype of the returned model; its parameters are float32.
 
   Returns:
@@ -120,8 +163,12 @@ def from_keras(keras_model: Any, *, dtype: Any = jnp.float32) -> models.ResNet:
 
   Raises:
     ValueError: for any other Keras model (ResNetV2, include_top=False,
-      channels_first, an unknown depth, a non-ResNet).
+      channels_first, an unknown depth, a non-ResNet), or a file that is missing
+      or that Keras cannot read.
   """
+  keras_model = keras_model_or_path
+  if isinstance(keras_model_or_path, (str, os.PathLike)):
+    keras_model = _load_keras(keras_model_or_path, name)
   stage_sizes = _stage_sizes(keras_model)
   depths = {sizes: depth for depth, (layers, sizes) in models.IMAGENET_DEPTHS.items()
             if layers is models.bottleneck}
@@ -153,12 +200,7 @@ def from_keras(keras_model: Any, *, dtype: Any = jnp.float32) -> models.ResNet:
   _assign(model.head.kernel, kernel, "predictions")
   _assign(model.head.bias, bias, "predictions")
 
-  leftover = [jax.tree_util.keystr(path)
-              for path, leaf in jax.tree.leaves_with_path(nnx.state(model))
-              if isinstance(leaf, jax.ShapeDtypeStruct)]
-  assert not leftover, f"Unassigned variables: {leftover}"
-  model.eval()
-  return model
+  return _loaded(model)
 
 
 TORCHVISION_NAMES = tuple(f"resnet{depth}" for depth in models.IMAGENET_DEPTHS)
@@ -316,12 +358,7 @@ def from_torchvision(state_dict_or_path: Mapping[str, Any] | str | os.PathLike, 
                        f"expects {expected}.")
     variable.set_value(jnp.asarray(value.transpose(np.argsort(axes)), jnp.float32))
 
-  leftover = [jax.tree_util.keystr(path)
-              for path, leaf in jax.tree.leaves_with_path(nnx.state(model))
-              if isinstance(leaf, jax.ShapeDtypeStruct)]
-  assert not leftover, f"Unassigned variables: {leftover}"
-  model.eval()
-  return model
+  return _loaded(model)
 
 
 def _not_torchvision(reason: str) -> ValueError:

@@ -79,9 +79,28 @@ def test_unsupported_model_is_a_clear_error(build, message):
     pretrained.from_keras(build())
 
 
-def test_no_tensorflow_at_import():
+def test_no_keras_tensorflow_or_torch_at_import():
   code = ("import sys, resnet_jax.pretrained, resnet_jax.models; "
-          "print(sorted({m.split('.')[0] for m in sys.modules} & {'keras', 'tensorflow'}))")
+          "print(sorted({m.split('.')[0] for m in sys.modules} & {'keras', 'tensorflow', 'torch'}))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        check=True, cwd=pathlib.Path(__file__).parents[1]).stdout
   assert out.strip() == "[]"
+
+
+def test_local_files(tmp_path):
+  keras.utils.set_random_seed(1)
+  keras_model = keras.applications.ResNet50(weights=None, classifier_activation=None)
+  _randomize(keras_model, np.random.default_rng(1))
+  x = np.random.default_rng(2).normal(size=(1, SIZE, SIZE, 3)).astype(np.float32)
+  expected = np.asarray(pretrained.from_keras(keras_model)(x))
+  # Keras's published weights are such a file (resnet50_weights_tf_dim_ordering_tf_kernels.h5).
+  keras_model.save_weights(tmp_path / "resnet50.weights.h5")
+  keras_model.save(tmp_path / "resnet50.keras")
+  for args in ((tmp_path / "resnet50.weights.h5", "resnet50"), (str(tmp_path / "resnet50.keras"),)):
+    np.testing.assert_array_equal(np.asarray(pretrained.from_keras(*args)(x)), expected)
+  with pytest.raises(ValueError, match="needs the network's name"):
+    pretrained.from_keras(tmp_path / "resnet50.weights.h5")
+  with pytest.raises(ValueError, match="does not exist"):
+    pretrained.from_keras(tmp_path / "missing.h5", "resnet50")
+  with pytest.raises(ValueError, match="Keras could not read"):
+    pretrained.from_keras(tmp_path / "resnet50.weights.h5", "resnet101")
