@@ -8,8 +8,8 @@ Variants, each adding one change to the one before: XLA's defaults (flax's `nnx.
 weight gradient; `ops.compiler_options()`; `ops.BatchNorm`'s four-sum gradient with XLA's
 reductions; its sums as matrix products (`ops._channel_sums`), the last being what the trainer
 runs on CPU (`ops.training_layers()`). Each is the trainer's own `train.train_step` on data
-already on the device, its model built with the variant's conv and norm (the matrix-product
-channel limit set to 0 while the fourth traces), and all are timed in alternating
+already on the device, its model built with the variant's conv and norm (the fourth's with
+`matmul_sum_channels=0`), and all are timed in alternating
 repeats (`resnet_jax.benchmark.measure`) so that they see the same machine load. With
 --layers it times instead the forward pass, input gradient and `ops.weight_gradient` of one
 3x3 convolution of each CIFAR stage at batch 128, compiled with XLA's default options and
@@ -19,6 +19,7 @@ with `ops.compiler_options()`. Figures in BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -87,28 +88,24 @@ def main() -> None:
       images=jnp.asarray(rng.standard_normal((args.batch, size, size, 3), np.float32)),
       labels=jnp.asarray(rng.integers(0, classes, args.batch, dtype=np.int32)),
       mask=jnp.ones(args.batch, bool))
-  matmul_sums = ops._MATMUL_SUM_CHANNELS  # pylint: disable=protected-access
   cpu_options = ops.compiler_options()
-  variants = (  # (name, compiler options, convolution, batch norm, matrix-product sums up to)
-      ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm, matmul_sums),
-      ("+ ops weight gradient", None, ops.Conv, nnx.BatchNorm, matmul_sums),
-      ("+ ops.compiler_options()", cpu_options, ops.Conv, nnx.BatchNorm, matmul_sums),
-      ("+ ops.BatchNorm, XLA's sums", cpu_options, ops.Conv, ops.BatchNorm, 0),
-      ("+ matrix-product sums", cpu_options, ops.Conv, ops.BatchNorm, matmul_sums),
+  reductions = functools.partial(ops.BatchNorm, matmul_sum_channels=0)
+  variants = (  # (name, compiler options, convolution, batch norm)
+      ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm),
+      ("+ ops weight gradient", None, ops.Conv, nnx.BatchNorm),
+      ("+ ops.compiler_options()", cpu_options, ops.Conv, nnx.BatchNorm),
+      ("+ ops.BatchNorm, XLA's sums", cpu_options, ops.Conv, reductions),
+      ("+ matrix-product sums", cpu_options, ops.Conv, ops.BatchNorm),
   )
   runners = {}
-  try:
-    for name, options, conv, norm, channels in variants:
-      ops._MATMUL_SUM_CHANNELS = channels  # pylint: disable=protected-access
-      model = models.create(config.model, num_classes=classes, rngs=nnx.Rngs(config.seed),
-                            conv=conv, norm=norm, **config.model_overrides)
-      tx = optim.create(config)
-      step = lambda state, batch, tx=tx: train.train_step(config, tx, state, batch)[0]
-      runners[name] = benchmark.Runner(
-          jax.jit(step, donate_argnums=0, compiler_options=options),
-          train.create_train_state(config, model, tx), batch)
-  finally:
-    ops._MATMUL_SUM_CHANNELS = matmul_sums  # pylint: disable=protected-access
+  for name, options, conv, norm in variants:
+    model = models.create(config.model, num_classes=classes, rngs=nnx.Rngs(config.seed),
+                          conv=conv, norm=norm, **config.model_overrides)
+    tx = optim.create(config)
+    step = lambda state, batch, tx=tx: train.train_step(config, tx, state, batch)[0]
+    runners[name] = benchmark.Runner(
+        jax.jit(step, donate_argnums=0, compiler_options=options),
+        train.create_train_state(config, model, tx), batch)
   times = benchmark.measure(runners, args.repeats, args.steps)
   print(f"{args.model}, batch {args.batch}, float32, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}; {args.repeats} alternating repeats of {args.steps} steps")

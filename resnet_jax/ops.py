@@ -64,8 +64,6 @@ _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
                                  out_spec=(0, 3, 1, 2))
 
 
-# The most channels whose batch-norm sums `_channel_sums` takes as matrix products.
-_MATMUL_SUM_CHANNELS = 64
 
 # XLA's CPU libraries that YNNPACK fusions would take convolutions from (see the module doc).
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -223,8 +221,14 @@ class BatchNorm(nnx.BatchNorm):
 
   The same variables, statistics, running averages and outputs as `nnx.BatchNorm`
   (its fast variance, E[x^2] - E[x]^2); inference, masks, cross-device axis names
-  and layouts other than features-last are `nnx.BatchNorm`'s own code.
+  and layouts other than features-last are `nnx.BatchNorm`'s own code. Layers of
+  up to `matmul_sum_channels` channels take their sums as matrix products
+  (`_channel_sums`), wider ones as XLA's reductions.
   """
+
+  def __init__(self, *args, matmul_sum_channels: int = 64, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.matmul_sum_channels = matmul_sum_channels
 
   def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
     use_running_average = (self.use_running_average if use_running_average is None
@@ -235,7 +239,8 @@ class BatchNorm(nnx.BatchNorm):
       return super().__call__(x, use_running_average=use_running_average, mask=mask)
     x, _, _, scale, bias = self.promote_dtype(
         (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype)
-    y, mean, var = _normalize(x, scale, bias, self.epsilon)
+    matmul_sums = x.shape[-1] <= self.matmul_sum_channels
+    y, mean, var = _normalize(x, scale, bias, self.epsilon, matmul_sums)
     # As nnx.BatchNorm: the running averages are never differentiated.
     stop_gradient = (lax.stop_gradient if self.mean._can_update or self.var._can_update  # pylint: disable=protected-access
                      else lambda value: value)
@@ -244,17 +249,17 @@ class BatchNorm(nnx.BatchNorm):
     return y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _normalize(x, scale, bias, epsilon):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _normalize(x, scale, bias, epsilon, matmul_sums):
   """(y, mean, var): x normalised by its statistics over every axis but the last."""
-  return _normalize_fwd(x, scale, bias, epsilon)[0]
+  return _normalize_fwd(x, scale, bias, epsilon, matmul_sums)[0]
 
 
-def _normalize_fwd(x, scale, bias, epsilon):
+def _normalize_fwd(x, scale, bias, epsilon, matmul_sums):
   # Statistics in float32 at least, as nnx.BatchNorm's.
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   count = np.prod(x.shape[:-1])
-  sum_x, sum_xx = _channel_sums(x32, x32)
+  sum_x, sum_xx = _channel_sums(x32, x32, matmul_sums)
   mean = sum_x / count
   var = jnp.maximum(0.0, sum_xx / count - jnp.square(mean))
   inv = lax.rsqrt(var + epsilon)
@@ -262,14 +267,14 @@ def _normalize_fwd(x, scale, bias, epsilon):
   return (y.astype(x.dtype), mean, var), (x, mean, inv, scale)
 
 
-def _normalize_bwd(epsilon, residuals, cotangents):
+def _normalize_bwd(epsilon, matmul_sums, residuals, cotangents):
   del epsilon
   x, mean, inv, scale = residuals
   dy, dmean, dvar = cotangents
   count = np.prod(x.shape[:-1])
   centred = x.astype(mean.dtype) - mean
   dy = dy.astype(mean.dtype)
-  dbias, sum_dy_x = _channel_sums(dy, x.astype(mean.dtype))
+  dbias, sum_dy_x = _channel_sums(dy, x.astype(mean.dtype), matmul_sums)
   # The sum of dy * x_hat, from sums over x itself rather than over a centred copy: the
   # same cancellation, when |mean| >> std, as the forward pass's fast variance.
   dscale = (sum_dy_x - mean * dbias) * inv
@@ -282,17 +287,17 @@ def _normalize_bwd(epsilon, residuals, cotangents):
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
-def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _channel_sums(a: jax.Array, b: jax.Array, matmul: bool) -> tuple[jax.Array, jax.Array]:
   """(sum of a, sum of a * b) over every axis but the last (the channels).
 
-  With the few channels of the CIFAR nets, as matrix products: a row of
-  ones times a, and the diagonal of a^T b. XLA's CPU backend splits a reduction
-  over 10^5 rows into a tree of partial reductions, each a pass of its own; the
-  products read each operand once. They cost channels times the FLOPs of a sum,
-  hence the limit.
+  With `matmul` (the few channels of the CIFAR nets), as matrix products: a row
+  of ones times a, and the diagonal of a^T b. XLA's CPU backend splits a
+  reduction over 10^5 rows into a tree of partial reductions, each a pass of its
+  own; the products read each operand once. They cost channels times the FLOPs
+  of a sum, hence `BatchNorm.matmul_sum_channels`.
   """
   channels = a.shape[-1]
-  if channels > _MATMUL_SUM_CHANNELS:
+  if not matmul:
     axes = tuple(range(a.ndim - 1))
     return jnp.sum(a, axes), jnp.sum(a * b, axes)
   rows_a, rows_b = a.reshape(-1, channels), b.reshape(-1, channels)

@@ -130,10 +130,10 @@ def test_training_layers_put_the_cpu_kernels_in_the_model_and_only_there():
   assert models.count_macs(model, (32, 32, 3)) == macs
 
 
-def bn_pair(features, dtype=jnp.float32):
+def bn_pair(features, dtype=jnp.float32, **fast_options):
   """An nnx.BatchNorm and an ops.BatchNorm with the same non-trivial variables."""
   pair = []
-  for cls in (nnx.BatchNorm, ops.BatchNorm):
+  for cls in (nnx.BatchNorm, functools.partial(ops.BatchNorm, **fast_options)):
     bn = cls(features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
              rngs=nnx.Rngs(0))
     bn.scale[...] = jnp.linspace(0.5, 2.0, features)
@@ -152,9 +152,8 @@ def bn_loss(bn, x):
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("matmul_sum_channels", [64, 0])  # Sums as matrix products, or not.
-def test_batch_norm_training_equals_nnx(jit, matmul_sum_channels, monkeypatch):
-  monkeypatch.setattr(ops, "_MATMUL_SUM_CHANNELS", matmul_sum_channels)
-  reference, fast = bn_pair(6)
+def test_batch_norm_training_equals_nnx(jit, matmul_sum_channels):
+  reference, fast = bn_pair(6, matmul_sum_channels=matmul_sum_channels)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 5, 5, 6)) * 3 + 1, jnp.float32)
   grad = nnx.grad(bn_loss, argnums=(0, 1), has_aux=True)
   grad = nnx.jit(grad) if jit else grad
@@ -189,7 +188,8 @@ def test_batch_norm_inference_is_nnx():
   np.testing.assert_array_equal(fast.mean[...], np.float32(0.3))
 
 
-def test_normalize_differentiates_its_statistics_too():
+@pytest.mark.parametrize("matmul_sums", [True, False])
+def test_normalize_differentiates_its_statistics_too(matmul_sums):
   """The custom VJP also carries cotangents of the returned mean and variance."""
   x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 4, 4, 5)), jnp.float32)
   scale, bias = jnp.linspace(0.5, 1.5, 5), jnp.linspace(-0.2, 0.2, 5)
@@ -203,7 +203,7 @@ def test_normalize_differentiates_its_statistics_too():
     y, mean, var = normalize(x, scale, bias)
     return jnp.sum(jnp.cos(y)) + jnp.sum(mean ** 3) + jnp.sum(jnp.sqrt(var) * scale)
 
-  fast = lambda x, scale, bias: ops._normalize(x, scale, bias, 1e-5)  # pylint: disable=protected-access
+  fast = lambda x, scale, bias: ops._normalize(x, scale, bias, 1e-5, matmul_sums)  # pylint: disable=protected-access
   got = jax.grad(loss, argnums=(1, 2, 3))(fast, x, scale, bias)
   expected = jax.grad(loss, argnums=(1, 2, 3))(reference, x, scale, bias)
   for actual, want in zip(got, expected):
