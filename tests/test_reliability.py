@@ -229,7 +229,7 @@ def test_disk_full_mid_run_is_one_error_and_leaves_no_checkpoint_to_resume(
       [line for line in first.splitlines() if "error" in line.lower()][-20:], first[-3000:])
   assert "No space left on device" in errors[0]
   status, listing = restart.split("\n", 2)[:2]
-  assert status == "2" and listing == "4.orbax-checkpoint-tmp"  # no step 4 to resume from
+  assert status == "1" and listing == "4.orbax-checkpoint-tmp"  # no step 4 to resume from
   assert "4 steps from step 0" in restart and "Resumed" not in restart
 
 
@@ -239,12 +239,16 @@ CONFIG, WORKDIR = "--config=configs/cifar_resnet20.py:smoke", "--workdir={tmp}/w
 BAD_COMMAND_LINES = [
     ([CONFIG, WORKDIR, "--config.bogus=1"], "--config.bogus: the config has no field 'bogus'"),
     ([CONFIG, WORKDIR, "--config.dataset.colour=1"], "--config.dataset.colour: the config has no"),
+    ([CONFIG, WORKDIR, "--config.batchsize=3"],
+     "--config.batchsize: the config has no field 'batchsize'; did you mean --config.batch_size?"),
+    ([CONFIG, WORKDIR, "--config.seed.x=1"], "--config.seed.x: the config's field 'seed' holds 0,"),
     ([CONFIG, WORKDIR, "--config.batch_size=abc"], "flag --config.batch_size=abc: invalid literal"),
     (["--config=configs/cifar_resnet20.py:bogus", WORKDIR], "ValueError: unknown config argument"),
     (["--config=configs/no_such_config.py", WORKDIR], "[Errno 2] No such file or directory"),
     (["--config={tmp}/broken.py", WORKDIR], "invalid syntax (broken.py, line 2)"),
-    ([CONFIG], "flag --workdir=None: Flag --workdir must have a value other than None"),
-    ([CONFIG, "--workdir="], "--workdir is empty"),
+    ([WORKDIR], "--config is missing; pass one of the repository's configs/*.py"),
+    ([CONFIG], "--workdir is missing or empty"),
+    ([CONFIG, "--workdir="], "--workdir is missing or empty"),
     ([CONFIG, WORKDIR, "extra"], "unexpected arguments: extra"),
     ([CONFIG, WORKDIR, "--epochs=3"], "Unknown command line flag 'epochs'"),
     ([CONFIG, WORKDIR, "--config.learning_rate=-0.1"], "learning_rate must be positive, got -0.1"),
@@ -269,8 +273,8 @@ BAD_COMMAND_LINES = [
 
 
 @pytest.mark.parametrize("args,message", BAD_COMMAND_LINES, ids=[
-    " ".join(arg for arg in args if arg not in (CONFIG, WORKDIR)) or "no --workdir"
-    for args, _ in BAD_COMMAND_LINES])
+    " ".join(arg for arg in args if arg not in (CONFIG, WORKDIR))
+    or ("no --workdir" if CONFIG in args else "no --config") for args, _ in BAD_COMMAND_LINES])
 def test_bad_command_line_is_one_error_line_and_exit_status_2(tmp_path, args, message):
   (tmp_path / "broken.py").write_text(BAD_CONFIG)
   (tmp_path / "empty").mkdir()

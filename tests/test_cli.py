@@ -1,0 +1,96 @@
+"""`python -m resnet_jax.main` as a user meets it: --help, --list_fields, typos, exit statuses.
+
+Each test runs the trainer from a directory outside the repository, with only the package
+importable (as an install would make it), so the configs must load from anywhere.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import processes
+
+CONFIGS = os.path.join(processes.REPO, "configs")
+SMOKE = f"--config={CONFIGS}/cifar_resnet20.py:smoke"
+
+
+def trainer(tmp_path, *args: str, unset: tuple[str, ...] = (), **env: str
+            ) -> subprocess.CompletedProcess:
+  """The trainer run in `tmp_path`, importing this checkout's package and nothing else of it."""
+  site = tmp_path / "site"
+  if not site.exists():
+    site.mkdir()
+    (site / "resnet_jax").symlink_to(os.path.join(processes.REPO, "resnet_jax"))
+  env = dict(processes.environment(8), PYTHONPATH=str(site), **env)
+  for name in unset:
+    env.pop(name, None)
+  return subprocess.run([sys.executable, "-m", "resnet_jax.main", *args], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def lines(text: str) -> list[str]:
+  return [line for line in text.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_help_exits_0_and_says_where_the_configs_are_and_how_to_list_their_fields(tmp_path, flag):
+  completed = trainer(tmp_path, flag)
+  assert completed.returncode == 0, completed.stderr
+  assert "configs/*.py of the repository, one per experiment" in completed.stdout
+  assert "--config=configs/cifar_resnet20.py --list_fields" in completed.stdout
+  assert "Exit status: 0 done; 2 the run could not start" in completed.stdout
+
+
+def test_list_fields_prints_each_field_as_the_flag_that_overrides_it(tmp_path):
+  completed = trainer(tmp_path, f"--config={CONFIGS}/cifar_resnet110.py", "--list_fields")
+  assert completed.returncode == 0 and completed.stderr == "", completed.stderr
+  fields = completed.stdout.splitlines()
+  for field in ["--config.batch_size=128", "--config.lr_boundaries=(32000, 48000)",
+                "--config.warmup_learning_rate=0.01", "--config.dataset.name=cifar10",
+                "--config.model_overrides.preact=False", "--config.dtype=None  # unset; takes a str"]:
+    assert field in fields
+  # Every line but the unset ones is a valid override, and overriding by all of them changes nothing.
+  overrides = [field for field in fields if "# unset" not in field]
+  again = trainer(tmp_path, f"--config={CONFIGS}/cifar_resnet110.py", *overrides, "--list_fields")
+  assert again.returncode == 0 and again.stdout == completed.stdout, again.stderr
+
+
+@pytest.mark.parametrize("override,field,suggestion", [
+    ("batchsize", "batchsize", "batch_size"),
+    ("dataset.seeed", "dataset.seeed", "dataset.seed"),
+    ("model_overrides.preactt", "model_overrides.preactt", "model_overrides.preact")])
+def test_near_miss_field_name_is_one_line_with_the_suggestion_and_status_2(
+    tmp_path, override, field, suggestion):
+  completed = trainer(tmp_path, SMOKE, f"--workdir={tmp_path}/w", f"--config.{override}=3")
+  assert completed.returncode == 2
+  assert lines(completed.stderr) == [
+      f"error: --config.{override}: the config has no field {field!r}; did you mean "
+      f"--config.{suggestion}? --list_fields lists them all."]
+  assert not (tmp_path / "w").exists()
+
+
+def test_start_up_error_is_printed_once_without_tensorflow_or_libtpu_notices(tmp_path):
+  # TFDS's CIFAR-10 in an empty folder: jax probes its backends (a TPU first, without
+  # JAX_PLATFORMS) and TensorFlow is imported before the error.
+  (tmp_path / "empty").mkdir()
+  completed = trainer(tmp_path, SMOKE, f"--workdir={tmp_path}/w", "--config.dataset.name=cifar10",
+                      f"--config.dataset.data_dir={tmp_path}/empty",
+                      unset=("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"))
+  assert completed.returncode == 2, completed.stderr
+  error, *others = lines(completed.stderr)[::-1]
+  assert error.startswith("error: TFDS dataset 'cifar10' is not prepared in"), completed.stderr
+  assert completed.stderr.count("is not prepared in") == 1
+  # All that may precede it: TFDS's warning about the very folder the error names.
+  assert [line for line in others if "has no dataset_info.json" not in line] == []
+
+
+def test_a_run_that_fails_after_it_started_exits_1(tmp_path, compilation_cache):
+  completed = trainer(tmp_path, SMOKE, f"--workdir={tmp_path}/w", "--config.model=cifar_resnet8",
+                      "--config.learning_rate=1e12", "--config.num_train_steps=4",
+                      "--config.lr_boundaries=(3,)", "--config.log_every_steps=1",
+                      **compilation_cache)
+  assert completed.returncode == 1, completed.stderr[-3000:]
+  assert lines(completed.stderr)[-1].startswith("error: non-finite loss or gradient at step ")
+  assert completed.stderr.count("non-finite loss or gradient") == 1
+  assert "Traceback" not in completed.stderr
