@@ -69,11 +69,21 @@ def learning_rate(config: ml_collections.ConfigDict, step, warmed_up):
 
 def plateau_scale(config: ml_collections.ConfigDict, opt_state):
   """The factor reduce_on_plateau applies on top of the scheduled rate (1 otherwise)."""
-  return opt_state[2].scale if config.lr_schedule == "plateau" else jnp.ones(())
+  if config.lr_schedule != "plateau":
+    return jnp.ones(())
+  return _only(opt_state, "ReduceLROnPlateauState").scale
 
 
 def set_learning_rate(opt_state, rate):
   """Writes `rate` into the injected SGD hyperparameters of `opt_state`."""
-  sgd_state = opt_state[1]
-  hyperparams = dict(sgd_state.hyperparams, learning_rate=jnp.asarray(rate, jnp.float32))
-  return opt_state[:1] + (sgd_state._replace(hyperparams=hyperparams),) + opt_state[2:]
+  _only(opt_state, "learning_rate")  # tree_set would write every field of that name.
+  return optax.tree_utils.tree_set(opt_state, learning_rate=jnp.asarray(rate, jnp.float32))
+
+
+def _only(opt_state, name: str):
+  """The one field or state named `name` in `opt_state`, found by name, never by position."""
+  found = optax.tree_utils.tree_get_all_with_path(opt_state, name)
+  if len(found) != 1:
+    raise KeyError(f"the optimizer state holds {len(found)} values named {name!r}, not one; "
+                   f"resnet_jax.optim.create's chain changed: {[path for path, _ in found]}")
+  return found[0][1]

@@ -82,3 +82,30 @@ def test_schedule_that_ends_before_it_starts_is_refused():
   config.num_train_steps = 0
   with pytest.raises(ValueError, match="num_train_steps must be positive"):
     optim.validate(config)
+
+
+@pytest.mark.parametrize("schedule", ["piecewise", "plateau"])
+def test_the_rate_and_the_plateau_scale_are_found_by_name(schedule):
+  config = imagenet_resnet50.get_config()
+  config.lr_schedule = schedule
+  state = optim.create(config).init({"w": jnp.ones(3)})
+  state = optim.set_learning_rate(state, 0.25)
+  assert optax.tree_utils.tree_get(state, "learning_rate") == 0.25
+  assert optax.tree_utils.tree_get(state, "momentum") == pytest.approx(0.9)
+  if schedule == "plateau":
+    state = optax.tree_utils.tree_set(state, scale=jnp.asarray(0.5))
+  assert optim.plateau_scale(config, state) == (0.5 if schedule == "plateau" else 1.0)
+
+
+@pytest.mark.parametrize("chain,count", [
+    (optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1)), 0),
+    (optax.chain(optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
+                 optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)), 2)],
+    ids=["missing", "ambiguous"])
+def test_a_chain_without_exactly_one_learning_rate_is_refused(chain, count):
+  state = chain.init({"w": jnp.ones(3)})
+  with pytest.raises(KeyError, match=f"holds {count} values named 'learning_rate', not one"):
+    optim.set_learning_rate(state, 0.1)
+  config = imagenet_resnet50.get_config()
+  with pytest.raises(KeyError, match="holds 0 values named 'ReduceLROnPlateauState'"):
+    optim.plateau_scale(config, state)
