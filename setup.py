@@ -4,24 +4,46 @@ import setuptools
 # Versions that install and pass the whole test suite together (.ci/run runs both ends):
 #   Python 3.11: jax 0.10.2 (the newest for 3.11), flax 0.12.8.
 #   Python 3.12 and 3.13: jax 0.12.0.1, flax 0.12.12; jax 0.11.2 (the GPU images) as well.
+# `pip install resnet_jax`: the models alone (resnet_jax.models, ops, linen, pretrained, analysis).
 INSTALL_REQUIRES = [
     "jax>=0.10.2,<0.13",
     "flax>=0.12.8,<0.13",
+    "numpy>=1.26",
+    "etils[epath]>=1.7",
+]
+# `pip install "resnet_jax[train]"`: the trainer, its data pipelines and the report.
+TRAIN_REQUIRES = [
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12.8,<0.13",
-    "chex>=0.1.92,<0.2",
     "ml_collections>=1.1.0,<2",
     "absl-py>=2.1",
-    "etils[epath]>=1.7",
-    "clu>=0.0.12",
     "tensorboardX>=2.6",
-    "numpy>=1.26",
-    "tensorflow-cpu>=2.21.0,<2.22",
+    "matplotlib>=3.8",  # resnet_jax.report's figures.
+    # tensorflow-cpu has no wheel for Linux aarch64 (GH200 and GB200 hosts): there, tensorflow's
+    # own (resnet_jax.data.sources hides the GPUs from TensorFlow either way).
+    "tensorflow-cpu>=2.21.0,<2.22; platform_machine != 'aarch64'",
+    "tensorflow>=2.21.0,<2.22; platform_machine == 'aarch64'",
     "tensorflow-datasets>=4.9.10,<5",
     # TFDS's dataset builders (resnet_jax.data.prepare) import it; TFDS does not declare it.
     "importlib_resources>=6",
     "requests>=2.31",  # resnet_jax.data.prepare checks the network with it, as TFDS downloads.
 ]
+# grain: the input-pipeline benchmark's comparison (resnet_jax.data.benchmark).
+# torch: the baseline of resnet_jax.benchmark, and the PyTorch twins that torchvision weights and
+# pre-activation nets are tested against (tests/test_torchvision.py, tests/test_preactivation.py);
+# its 2.13.0 CPU wheel is for Python 3.11, so those tests run in CI's Python 3.11 suite and skip
+# elsewhere, where you install the torch you want.
+TORCH = "torch==2.13.0; python_version < '3.12'"
+EXTRAS_REQUIRE = {
+    "train": TRAIN_REQUIRES,
+    # keras: tests/test_pretrained.py's reference models (it comes with tensorflow).
+    "test": [*TRAIN_REQUIRES, "pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3",
+             "grain>=0.2.18", "keras>=3", "pillow>=10", "packaging>=23", TORCH],
+    # PyTorch is only ever the benchmark's baseline, never a dependency of the package.
+    "benchmark": [*TRAIN_REQUIRES, "grain>=0.2.18", TORCH],
+    "tpu": ["jax[tpu]>=0.10.2,<0.13"],
+    "cuda13": ["jax[cuda13]>=0.10.2,<0.13"],
+}
 
 setuptools.setup(
     name="resnet_jax",
@@ -32,17 +54,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["resnet_jax", "resnet_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={
-        # grain: the input-pipeline benchmark's comparison (resnet_jax.data.benchmark), tested.
-        # torch: the PyTorch twins that torchvision weights and pre-activation nets are tested
-        # against (tests/test_torchvision.py, tests/test_preactivation.py); its 2.13.0 CPU wheel
-        # is for Python 3.11, so those tests run in CI's Python 3.11 suite and skip elsewhere.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "matplotlib>=3.8",
-                 "grain>=0.2.18", "torch==2.13.0; python_version < '3.12'"],
-        # PyTorch is only ever the benchmark's baseline, never a dependency of the package.
-        # torch 2.13.0's CPU wheel is for Python 3.11; elsewhere install the torch you want.
-        "benchmark": ["torch==2.13.0; python_version < '3.12'", "grain>=0.2.18"],
-        "tpu": ["jax[tpu]>=0.10.2,<0.13"],
-        "cuda13": ["jax[cuda13]>=0.10.2,<0.13"],
-    },
+    extras_require=EXTRAS_REQUIRE,
 )

@@ -42,11 +42,11 @@ TPU_VERSIONS = {"v2": "tpu-ubuntu2204-base", "v3": "tpu-ubuntu2204-base",
                 "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
 # Ubuntu 22.04's python3 is 3.10; the package needs 3.11.
 TPU_PACKAGES = "sudo apt-get update -q && sudo apt-get install -y -q python3.11-venv && "
-TARGETS = {  # target: (pip extra, stages)
-    "tpu-vm": ("tpu", ("create", "setup", "train")),
-    "tpu-pod": ("tpu", ("create", "setup", "train")),
-    "gpu-host": ("cuda13", ("setup", "train")),
-    "slurm": ("cuda13", ("setup", "train")),
+TARGETS = {  # target: (pip extras, stages)
+    "tpu-vm": ("train,tpu", ("create", "setup", "train")),
+    "tpu-pod": ("train,tpu", ("create", "setup", "train")),
+    "gpu-host": ("train,cuda13", ("setup", "train")),
+    "slurm": ("train,cuda13", ("setup", "train")),
 }
 
 
@@ -101,9 +101,9 @@ def tpu_commands(args, stage: str, machine: str, train: str) -> str:
 
 def setup_script(args, remote: bool) -> str:
   clone = f"([ -d {REPO_DIR} ] || git clone {args.repo} {REPO_DIR}) && cd {REPO_DIR} && "
-  extra = TARGETS[args.target][0]
+  extras = TARGETS[args.target][0]
   return ((clone if remote else "")
-          + f'{args.python} -m venv .venv && .venv/bin/pip install -e ".[{extra}]"')
+          + f'{args.python} -m venv .venv && .venv/bin/pip install -e ".[{extras}]"')
 
 
 def slurm_job(args, job_name: str, train: str) -> str:

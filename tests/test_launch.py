@@ -23,7 +23,7 @@ def test_tpu_pod_slice_creates_sets_up_and_trains_on_every_worker(capsys):
       "gcloud compute tpus tpu-vm ssh resnet --zone=us-central2-b --worker=all "
       "--command='sudo apt-get update -q && sudo apt-get install -y -q python3.11-venv && "
       "([ -d resnet_jax ] || git clone https://github.com/me/resnet_jax.git resnet_jax) && "
-      "cd resnet_jax && python3.11 -m venv .venv && .venv/bin/pip install -e \".[tpu]\"'",
+      "cd resnet_jax && python3.11 -m venv .venv && .venv/bin/pip install -e \".[train,tpu]\"'",
       "gcloud compute tpus tpu-vm ssh resnet --zone=us-central2-b --worker=all "
       "--command='cd resnet_jax && .venv/bin/python -m resnet_jax.main "
       "--config=configs/imagenet_resnet50.py --workdir=gs://bucket/runs/r50 "
@@ -45,7 +45,7 @@ def test_two_node_slurm_job_runs_one_process_per_gpu_with_the_scaled_learning_ra
           "--config=configs/imagenet_resnet50.py", "--workdir=/shared/runs/r50",
           "--batch_size=1024", "--print"]
   assert printed(capsys, argv) == "\n".join([
-      'python3.11 -m venv .venv && .venv/bin/pip install -e ".[cuda13]"',
+      'python3.11 -m venv .venv && .venv/bin/pip install -e ".[train,cuda13]"',
       "sbatch <<'EOF'",
       "#!/bin/bash",
       "#SBATCH --job-name=imagenet_resnet50",
