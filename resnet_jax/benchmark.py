@@ -156,7 +156,7 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
       "eval": Runner(jit(eval_step), jnp.zeros((), jnp.int32), state, batch),
   }
   if input_pipeline:
-    dataset = data.create(config.dataset, mesh)
+    dataset = data.create(train.dataset_config(config), mesh)
     if not isinstance(dataset, data.OnDeviceDataset):
       raise ValueError(f"--input_pipeline needs an on-device dataset; {config.model} at "
                        f"{size}x{size} gets a {type(dataset).__name__}.")

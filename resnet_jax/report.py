@@ -178,9 +178,10 @@ def trained_layer_responses(workdir: epath.Path, datasets: dict) -> np.ndarray:
 
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   mesh = data.core.make_mesh()
-  key = json.dumps(config.dataset.to_dict(), sort_keys=True)
+  dataset_config = train.dataset_config(config)
+  key = json.dumps(dataset_config.to_dict(), sort_keys=True)
   if key not in datasets:
-    datasets[key] = data.create(config.dataset, mesh)
+    datasets[key] = data.create(dataset_config, mesh)
   dataset = datasets[key]
   model = train.create_model(config, dataset.info.num_classes, config.seed)
   state = jax.device_put(train.create_train_state(config, model, optim.create(config)),

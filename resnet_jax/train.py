@@ -62,6 +62,14 @@ def dtype_for(config: ml_collections.ConfigDict) -> Any:
   return jnp.dtype(name)
 
 
+def dataset_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config.dataset`, its seed the run's (`config.seed`) unless `dataset.seed` sets it apart."""
+  dataset = config.dataset.copy_and_resolve_references()
+  if dataset.seed is None:
+    dataset.seed = config.seed
+  return dataset
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> models.ResNet:
   """The config's network, with the training kernels of the default backend (`ops`)."""
   return models.create(config.model, num_classes=num_classes, rngs=nnx.Rngs(seed),
@@ -210,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:  # Everything that can fail on a bad config fails here, before any compilation.
     validate(config, workdir)
     mesh = data.core.make_mesh()
-    dataset = data.create(config.dataset, mesh)
+    dataset = data.create(dataset_config(config), mesh)
     data.core.check_protocol(config.eval_protocol, dataset.info, dataset.eval_protocols)
     model = create_model(config, dataset.info.num_classes, config.seed)
     manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints,

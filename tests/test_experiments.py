@@ -47,6 +47,19 @@ def test_sweeps_name_existing_configs_and_the_papers_seeds():
       ("cifar_plain20", 0), ("cifar_plain20", 1), ("cifar_plain56", 0)]
 
 
+def test_the_papers_five_resnet110_runs_differ_in_data_order_as_in_initialisation(tmp_path):
+  _, members = sweeps.plan("table6_fig6", tmp_path)
+  seeds = [[arg for arg in m.command if arg.startswith("--config.seed=")] for m in members
+           if m.config == "cifar_resnet110"]
+  assert seeds == [[f"--config.seed={seed}"] for seed in range(5)]
+  assert not any("dataset.seed" in arg for m in members for arg in m.command)
+  config = cifar_resnet20.get_config()
+  assert config.dataset.seed is None  # So the trainer's data order follows the run seed:
+  for seed in range(5):
+    config.seed = seed
+    assert train.dataset_config(config).seed == seed
+
+
 def test_short_schedule_keeps_the_papers_fractions():
   overrides = sweeps.schedule_overrides("cifar_resnet56", "short", 2000)
   # 64k -> 2k: drops at 32k/64k and 48k/64k, evaluation every 2k/64k, logs every 100/64k.

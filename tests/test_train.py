@@ -7,6 +7,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -24,6 +25,29 @@ def smoke_config(**overrides):
   config.model = "cifar_resnet8"
   config.update(overrides)
   return config
+
+
+def first_batch(config) -> np.ndarray:
+  """The images of the first training batch the trainer would draw for `config`."""
+  config.dataset.update(synthetic_train_size=64, synthetic_eval_size=8)
+  dataset = data.create(train.dataset_config(config), data.core.make_mesh())
+  return np.asarray(dataset.train_batch(jnp.zeros((), jnp.int32), config.batch_size).images)
+
+
+def test_the_run_seed_sets_initialisation_and_data_and_dataset_seed_sets_data_alone():
+  run_seed_1 = smoke_config(seed=1)
+  data_alone, init_alone = smoke_config(), smoke_config(seed=1)
+  data_alone.dataset.seed, init_alone.dataset.seed = 1, 0
+  batches = {name: first_batch(config) for name, config in [
+      ("seed 0", smoke_config()), ("seed 1", run_seed_1), ("data alone", data_alone),
+      ("init alone", init_alone)]}
+  assert not np.array_equal(batches["seed 0"], batches["seed 1"])
+  np.testing.assert_array_equal(batches["data alone"], batches["seed 1"])
+  np.testing.assert_array_equal(batches["init alone"], batches["seed 0"])
+  kernel = lambda config: np.asarray(
+      train.create_model(config, 10, config.seed).stem_conv.kernel[...])
+  assert not np.array_equal(kernel(smoke_config()), kernel(init_alone))
+  np.testing.assert_array_equal(kernel(smoke_config()), kernel(data_alone))
 
 
 def final_state(workdir):

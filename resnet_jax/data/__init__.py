@@ -39,6 +39,7 @@ Config fields (`default_config(name)` gives the defaults; set only what differs)
     stratified 5k; image folders too); for image folders any split folder name.
   eval_split: "test" / "validation" (ImageNet), or "val5k" (the 5k held out of "train45k").
   seed: sampling and augmentation seed; a run's batches are a pure function of (seed, step).
+    None: the trainer's run seed (`config.seed`, which also initialises the model), else 0.
   image_size: side of synthetic images (> 64 streams them like ImageNet). Real data keeps its
     own size: CIFAR-sized images as they are, larger ones cropped to 224 (section 3.4).
   num_classes: the class count of synthetic data and image folders (a folder may hold fewer

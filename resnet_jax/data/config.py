@@ -14,7 +14,7 @@ def default_config(name: str = "cifar10") -> ml_collections.ConfigDict:
   config.data_dir = ml_collections.config_dict.placeholder(str)
   config.train_split = "train"
   config.eval_split = "validation" if imagenet_like else "test"
-  config.seed = 0
+  config.seed = ml_collections.config_dict.placeholder(int)  # None: the run's seed, else 0.
   config.image_size = 224 if imagenet_like else 32
   config.num_classes = NUM_CLASSES.get(name, 10)
   config.synthetic_train_size = 50_000
@@ -34,6 +34,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"unknown dataset config field(s) {unknown}; valid fields: {sorted(full.keys())}")
   for key in config.keys():
     full[key] = config[key]
+  if full.seed is None:
+    full.seed = 0
   if name in ("cifar10", "cifar100") and full.train_split not in ("train", "train45k"):
     raise ValueError(f"dataset.train_split for {name} must be 'train' or 'train45k', got {full.train_split!r}")
   if name in ("cifar10", "cifar100") and full.eval_split not in ("test", "val5k"):
