@@ -46,6 +46,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "environment jax can detect.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
+_HELP_FLAGS = {"-h", "-?", "--help", "-help", "--helpshort", "-helpshort", "--helpfull",
+               "-helpfull"}
 
 
 def _quiet_start_up() -> None:
@@ -114,26 +116,24 @@ def _unknown_override(argv: list[str], value: str) -> str | None:
   for override in overrides:
     node, names = config, override.split(".")
     for depth, name in enumerate(names):
-      field = ".".join(names[:depth + 1])
+      parent = names[:depth]
       if not isinstance(node, ml_collections.ConfigDict):
-        return (f"--config.{override}: the config's field {'.'.join(names[:depth])!r} holds "
-                f"{node!r}, not a group of fields.")
+        return (f"--config.{override}: the config's field {'.'.join(parent)!r} holds {node!r}, "
+                "not a group of fields.")
       if name not in node:
         close = difflib.get_close_matches(name, list(node.keys()), n=1)
-        hint = f"did you mean --config.{'.'.join([*names[:depth], close[0]])}? " if close else ""
-        return (f"--config.{override}: the config has no field {field!r}; {hint}"
-                "--list_fields lists them all.")
+        hint = f"did you mean --config.{'.'.join([*parent, close[0]])}? " if close else ""
+        return (f"--config.{override}: the config has no field {'.'.join([*parent, name])!r}; "
+                f"{hint}--list_fields lists them all.")
       node = node[name]
   return None
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, but every bad flag or config file is one line and exit status 2."""
-  if {"-h", "--help", "-help", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull"} & {
-      *argv[1:]}:
-    # absl's own --help exits with status 1.
-    app.usage(shorthelp="--helpfull" not in argv and "-helpfull" not in argv,
-              writeto_stdout=True, exitcode=0)
+  if _HELP_FLAGS & {*argv[1:]}:  # absl's own --help exits with status 1.
+    app.usage(shorthelp=not {"--helpfull", "-helpfull"} & {*argv}, writeto_stdout=True,
+              exitcode=0)
   value = _config_value(argv)
   if not value:
     _fail("--config is missing; pass one of the repository's configs/*.py (one per experiment "
@@ -166,7 +166,7 @@ def _fields(config: ml_collections.ConfigDict, prefix: str = "--config.") -> Ite
     if isinstance(value, ml_collections.ConfigDict):
       yield from _fields(value, f"{prefix}{name}.")
     elif value is None:
-      yield f"{prefix}{name}=None  # unset; takes a {config.get_type(name).__name__}"
+      yield f"{prefix}{name}=None  # unset; type {config.get_type(name).__name__}"
     else:
       yield f"{prefix}{name}={value}"
 

@@ -48,7 +48,7 @@ def test_list_fields_prints_each_field_as_the_flag_that_overrides_it(tmp_path):
   fields = completed.stdout.splitlines()
   for field in ["--config.batch_size=128", "--config.lr_boundaries=(32000, 48000)",
                 "--config.warmup_learning_rate=0.01", "--config.dataset.name=cifar10",
-                "--config.model_overrides.preact=False", "--config.dtype=None  # unset; takes a str"]:
+                "--config.model_overrides.preact=False", "--config.dtype=None  # unset; type str"]:
     assert field in fields
   # Every line but the unset ones is a valid override, and overriding by all of them changes nothing.
   overrides = [field for field in fields if "# unset" not in field]
