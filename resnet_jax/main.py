@@ -138,9 +138,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
   if not value:
     _fail("--config is missing; pass one of the repository's configs/*.py (one per experiment "
           "of the paper), e.g. --config=configs/cifar_resnet20.py.")
-  # Config files import their recipes as `configs.cifar_base`: the folder holding the config's
-  # folder goes first on sys.path, so that a config loads from any working directory.
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(value.split(":", 1)[0]))))
+  # A config file in a package (configs/ is one) imports its siblings by the package's name
+  # (`from configs import cifar_base`): the folder above the package goes first on sys.path, so
+  # that the config loads from any working directory.
+  package = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
+  if os.path.isfile(os.path.join(package, "__init__.py")):
+    sys.path.insert(0, os.path.dirname(package))
   try:
     argv = flags.FLAGS(argv)
     _CONFIG.value.keys()  # A config file that failed to load raises OSError only when read.
