@@ -1,8 +1,9 @@
 """The training loop: data-parallel SGD over a device mesh, evaluation and checkpoints.
 
 `train_and_evaluate(config, workdir)` reads as the algorithm: check the config,
-build the mesh, data, model and optimizer, resume from the newest checkpoint,
-then step, log, evaluate and save until `num_train_steps`.
+claim the workdir (one run per workdir: `claim`), build the mesh, data, model and
+optimizer, resume from the newest checkpoint, then step, log, evaluate and save
+until `num_train_steps`.
 
 Data parallelism is `jax.jit` over a one-axis mesh ("data"): batches are sharded
 on it, parameters, BN statistics and optimizer state replicated. Batch norm
@@ -27,7 +28,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoints, data, metrics, models, ops, optim
+from resnet_jax import checkpoints, claim, data, metrics, models, ops, optim
 
 # Exit status of a run stopped by SIGTERM (a preemption notice) after saving:
 # EX_TEMPFAIL, "try again", so schedulers and scripts can tell it from a failure.
@@ -215,8 +216,18 @@ def validate(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config.model` by the config's recipe; returns the final evaluation."""
   workdir = epath.Path(workdir)
-  try:  # Everything that can fail on a bad config fails here, before any compilation.
+  try:  # Before any data is read: a bad config, an unusable workdir, another run in it.
     validate(config, workdir)
+    run_claim = claim.acquire_for_job(workdir)
+  except ValueError as error:
+    raise StartupError(str(error)) from error
+  with run_claim or contextlib.nullcontext():
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
+                        ) -> dict[str, float]:
+  try:  # Everything else that can fail on a bad config fails here, before any compilation.
     mesh = data.core.make_mesh()
     dataset = data.create(dataset_config(config), mesh)
     data.core.check_protocol(config.eval_protocol, dataset.info, dataset.eval_protocols)

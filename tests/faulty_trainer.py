@@ -14,6 +14,8 @@ FAULT is one of
                 preemption notice reached every process (so that one sent to a peer at step N
                 settles on step N rather than racing the run's last steps)
   fill:N        once step N is dispatched, fill the workdir's filesystem to 100 kB short of full
+  hold:N        once step N is dispatched, wait (up to HOLD_SECONDS) until the file
+                <workdir>.go exists, so that a test can act while the run is surely live
 and is announced on stderr as "fault: FAULT" when it strikes.
 """
 import os
@@ -34,6 +36,7 @@ WORKDIR = next(arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--wor
 # jax.distributed agrees on a preemption step in the background, over the coordination
 # service: milliseconds on an idle machine, and generously covered here on a loaded one.
 PAUSE_SECONDS = 5
+HOLD_SECONDS = 300
 
 
 def strike(*args, signum=signal.SIGKILL, **kwargs):
@@ -64,6 +67,11 @@ def _after_step(self, step):
     print(f"fault: {FAULT}", file=sys.stderr, flush=True)
   elif step == int(ARG) and KIND == "pause":
     time.sleep(PAUSE_SECONDS)
+  elif step == int(ARG) and KIND == "hold":
+    print(f"fault: {FAULT}", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + HOLD_SECONDS
+    while not os.path.exists(f"{WORKDIR}.go") and time.monotonic() < deadline:
+      time.sleep(0.1)
   elif step == int(ARG):
     strike(signum=signal.SIGTERM if KIND == "sigterm" else signal.SIGKILL)
   return _reached(self, step)
@@ -76,7 +84,7 @@ elif KIND == "eval":
   train.evaluate = strike
 elif KIND == "restore":
   ocp.CheckpointManager.restore = strike
-elif KIND in ("step", "sigterm", "pause", "fill"):
+elif KIND in ("step", "sigterm", "pause", "fill", "hold"):
   train._Preemption.reached = _after_step
 elif KIND not in ("commit", "committed"):
   sys.exit(f"unknown fault {FAULT!r}")

@@ -1,0 +1,171 @@
+"""One run per workdir: a run claims its workdir at start-up and releases it when it ends.
+
+The claim is the directory `workdir/claim/`, made by an exclusive mkdir, holding `holder.json`:
+the holder's host, process id, start time and a heartbeat that a background thread refreshes
+every `HEARTBEAT_SECONDS`. A second run on a claimed workdir stops with one line naming the
+holder. A claim is stale, and taken over with a warning, when its holder is a process of this
+host that is no longer running, or when its heartbeat is older than `STALE_AFTER_SECONDS`
+(a holder on another host, or one whose process id was reused after a reboot).
+
+Locally the mkdir and the rename of a stale claim out of the way are atomic, so of two runs
+starting together exactly one holds the workdir. On gs:// a directory is a name prefix: epath
+can neither create one exclusively nor rename one atomically, so two runs reaching the claim
+within the same fraction of a second may both take it; a run started later is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+HEARTBEAT_SECONDS = 60.0
+STALE_AFTER_SECONDS = 600.0
+
+
+def _holder() -> dict:
+  now = time.time()
+  return {"host": socket.gethostname(), "pid": os.getpid(),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
+          "heartbeat": now, "token": uuid.uuid4().hex}
+
+
+def _describe(holder: dict) -> str:
+  return f"process {holder['pid']} on {holder['host']} since {holder['since']}"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Another user's process.
+    return True
+  return True
+
+
+def _stale_reason(holder: dict) -> str | None:
+  """Why `holder` no longer holds its claim, or None if it may still be running."""
+  if holder["host"] == socket.gethostname() and not _alive(holder["pid"]):
+    return "is no longer running"
+  silent = time.time() - holder["heartbeat"]
+  if silent > STALE_AFTER_SECONDS:
+    return f"has not renewed its claim for {silent / 60:.0f} min"
+  return None
+
+
+class Claim:
+  """This process's claim on a workdir; refreshed in the background until `release`."""
+
+  def __init__(self, directory: epath.Path, holder: dict):
+    self.directory, self.holder = directory, holder
+    self._stop = threading.Event()
+    self._heartbeat = threading.Thread(target=self._beat, daemon=True, name="workdir-claim")
+    self._heartbeat.start()
+
+  def _beat(self) -> None:
+    while not self._stop.wait(HEARTBEAT_SECONDS):
+      self.holder["heartbeat"] = time.time()
+      try:
+        _write(self.directory, self.holder)
+      except Exception as error:  # pylint: disable=broad-except  # Retried at the next beat.
+        logging.warning("Could not renew the claim on %s (%s).", self.directory.parent, error)
+
+  def release(self) -> None:
+    self._stop.set()
+    self._heartbeat.join()
+    if _read(self.directory).get("token") == self.holder["token"]:
+      self.directory.rmtree()
+
+  def __enter__(self) -> Claim:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.release()
+
+
+def _write(directory: epath.Path, holder: dict) -> None:
+  (directory / "holder.json").write_text(json.dumps(holder))
+
+
+def _read(directory: epath.Path) -> dict:
+  """The holder written in a claim; {} if it is unreadable (still being written, or gone)."""
+  try:
+    holder = json.loads((directory / "holder.json").read_text())
+  except (OSError, ValueError):
+    return {}
+  return holder if {"host", "pid", "since", "heartbeat", "token"} <= holder.keys() else {}
+
+
+def _create(directory: epath.Path, holder: dict) -> Claim | None:
+  try:
+    directory.mkdir()
+  except FileExistsError:
+    return None
+  try:
+    _write(directory, holder)
+  except BaseException:
+    directory.rmtree()  # A claim without its holder would refuse every later run.
+    raise
+  return Claim(directory, holder)
+
+
+def _in_use(workdir: epath.Path, holder: dict) -> ValueError:
+  if not holder:
+    return ValueError(f"workdir {workdir} is claimed by a run whose claim {workdir / 'claim'} "
+                      "is unreadable; if no run uses this workdir, delete that directory.")
+  return ValueError(f"workdir {workdir} is in use by {_describe(holder)}; wait for that run to "
+                    "end, or pass another --workdir.")
+
+
+def acquire(workdir: epath.Path) -> Claim:
+  """Claims `workdir` for this process, taking over a stale claim; ValueError if it is held."""
+  directory = workdir / "claim"
+  mine = _holder()
+  claim = _create(directory, mine)
+  if claim:
+    return claim
+  held = _read(directory)
+  reason = _stale_reason(held) if held else None
+  if reason is None:
+    raise _in_use(workdir, held)
+  # Renamed aside, not deleted: of several runs taking over together only one can move it.
+  aside = workdir / f"claim.stale-{mine['token']}"
+  try:
+    directory.rename(aside)
+  except FileNotFoundError:  # Another run moved it first.
+    raise _in_use(workdir, _read(directory)) from None
+  if _read(aside).get("token") != held["token"]:  # Moved a newer claim than the stale one read.
+    aside.rename(directory)
+    raise _in_use(workdir, _read(directory))
+  aside.rmtree()
+  logging.warning("Took over workdir %s from %s, which %s.", workdir, _describe(held), reason)
+  claim = _create(directory, mine)
+  if not claim:
+    raise _in_use(workdir, _read(directory))
+  return claim
+
+
+def acquire_for_job(workdir: epath.Path) -> Claim | None:
+  """Process 0 claims `workdir` for the whole job; every process raises if it cannot."""
+  claim, error = None, None
+  if jax.process_index() == 0:
+    try:
+      claim = acquire(workdir)
+    except ValueError as raised:
+      error = raised
+  if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(
+      np.int32(error is None)) and error is None:
+    error = ValueError(f"workdir {workdir} is in use by another run (process 0 names it).")
+  if error is not None:
+    raise error
+  return claim

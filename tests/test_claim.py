@@ -1,0 +1,125 @@
+"""One run per workdir: a live run's claim refuses a second run; a stale one is taken over."""
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from etils import epath
+
+import processes
+from resnet_jax import claim
+
+
+def write_holder(workdir: epath.Path, **fields) -> dict:
+  holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": "2026-01-01 00:00:00 UTC",
+            "heartbeat": time.time(), "token": "old", **fields}
+  (workdir / "claim").mkdir(parents=True)
+  (workdir / "claim" / "holder.json").write_text(json.dumps(holder))
+  return holder
+
+
+def dead_pid() -> int:
+  process = subprocess.Popen([sys.executable, "-c", ""])
+  process.wait()
+  return process.pid
+
+
+def test_a_claim_refuses_a_second_one_until_it_is_released(tmp_path):
+  workdir = epath.Path(tmp_path)
+  held = claim.acquire(workdir)
+  holder = json.loads((workdir / "claim" / "holder.json").read_text())
+  assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
+  with pytest.raises(ValueError) as refused:
+    claim.acquire(workdir)
+  assert str(refused.value) == (
+      f"workdir {workdir} is in use by process {os.getpid()} on {socket.gethostname()} since "
+      f"{holder['since']}; wait for that run to end, or pass another --workdir.")
+  held.release()
+  assert not (workdir / "claim").exists()
+  claim.acquire(workdir).release()
+
+
+@pytest.mark.parametrize("fields,reason", [
+    (lambda: {"pid": dead_pid()}, "which is no longer running"),
+    (lambda: {"host": "elsewhere", "heartbeat": time.time() - 11 * 60},
+     "which has not renewed its claim for 11 min"),
+    # Alive, but silent for too long: its process id was reused after a reboot.
+    (lambda: {"heartbeat": time.time() - 11 * 60}, "which has not renewed its claim for 11 min")],
+    ids=["dead_process", "silent_host", "silent_reused_pid"])
+def test_a_stale_claim_is_taken_over_with_a_warning(tmp_path, caplog, fields, reason):
+  workdir = epath.Path(tmp_path)
+  stale = write_holder(workdir, **fields())
+  with caplog.at_level(logging.WARNING):
+    held = claim.acquire(workdir)
+  assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+      f"Took over workdir {workdir} from process {stale['pid']} on {stale['host']} since "
+      f"{stale['since']}, {reason}."]
+  assert json.loads((workdir / "claim" / "holder.json").read_text())["token"] == held.holder["token"]
+  assert sorted(p.name for p in workdir.iterdir()) == ["claim"]  # Nothing left aside.
+  held.release()
+
+
+def test_a_live_claim_of_another_host_is_refused(tmp_path):
+  workdir = epath.Path(tmp_path)
+  write_holder(workdir, host="elsewhere", pid=dead_pid(), heartbeat=time.time() - 9 * 60)
+  with pytest.raises(ValueError, match=r"is in use by process \d+ on elsewhere since 2026-01-01"):
+    claim.acquire(workdir)
+
+
+def test_an_unreadable_claim_is_refused_and_named(tmp_path):
+  workdir = epath.Path(tmp_path)
+  (workdir / "claim").mkdir()
+  with pytest.raises(ValueError, match=re.escape(
+      f"workdir {workdir} is claimed by a run whose claim {workdir}/claim is unreadable; if no "
+      "run uses this workdir, delete that directory.")):
+    claim.acquire(workdir)
+
+
+def test_the_heartbeat_renews_the_claim_until_release(tmp_path, monkeypatch):
+  monkeypatch.setattr(claim, "HEARTBEAT_SECONDS", 0.05)
+  workdir = epath.Path(tmp_path)
+  held = claim.acquire(workdir)
+  first = json.loads((workdir / "claim" / "holder.json").read_text())["heartbeat"]
+  time.sleep(0.5)
+  assert json.loads((workdir / "claim" / "holder.json").read_text())["heartbeat"] > first
+  held.release()
+  time.sleep(0.2)
+  assert not (workdir / "claim").exists()  # The stopped heartbeat wrote nothing after.
+
+
+def test_a_second_run_on_a_live_workdir_stops_at_start_up_naming_the_first(
+    tmp_path, compilation_cache):
+  workdir = tmp_path / "w"
+  args = ["--config=configs/cifar_resnet20.py:smoke", "--config.model=cifar_resnet8",
+          "--config.num_train_steps=2", "--config.lr_boundaries=(1,)", f"--workdir={workdir}"]
+  env = processes.environment(8, **compilation_cache)
+  log = tmp_path / "first.log"
+  with open(log, "w") as stderr:  # Held at step 1 until workdir.go exists.
+    first = subprocess.Popen([sys.executable, processes.FAULTY_TRAINER, "hold:1", *args],
+                             cwd=processes.REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=stderr, text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while "fault: hold:1" not in log.read_text():
+      assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+      time.sleep(0.2)
+    holder = json.loads((workdir / "claim" / "holder.json").read_text())
+    assert holder["pid"] == first.pid
+    (second,) = processes.run([[sys.executable, "-m", "resnet_jax.main", *args]], env, 300)
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert [line for line in second.stderr.splitlines() if line.strip()] == [
+        f"error: workdir {workdir} is in use by process {first.pid} on {socket.gethostname()} "
+        f"since {holder['since']}; wait for that run to end, or pass another --workdir."]
+    (tmp_path / "w.go").touch()
+    assert first.wait(timeout=300) == 0, log.read_text()[-3000:]
+  finally:
+    if first.poll() is None:
+      first.kill()
+      first.wait()
+  assert not (workdir / "claim").exists()  # Released at the end of the run.
+  assert (workdir / "summary.json").exists()
