@@ -52,7 +52,8 @@ def training_curves(workdirs: Sequence[epath.PathLike]) -> dict[str, dict[str, n
 
   Returns {"train_step", "train_error", "test_step", "test_error"} arrays for each
   workdir. A resumed run logs again the steps between its last checkpoint and the
-  stop; the record written last for a step wins.
+  stop; the record written last for a step wins. Training records give `top1_error`
+  in percent; those of runs older than that, `train_error` as a fraction.
   """
   curves = {}
   for workdir in workdirs:
@@ -63,9 +64,12 @@ def training_curves(workdirs: Sequence[epath.PathLike]) -> dict[str, dict[str, n
     train_steps, test_steps = sorted(by_step["train"]), sorted(by_step["eval"])
     curves[str(workdir)] = {
         "train_step": np.asarray(train_steps, np.int64),
-        # The trainer logs the training error as a fraction, the test error in percent.
-        "train_error": np.asarray([100 * by_step["train"][s]["train_error"] for s in train_steps]),
+        "train_error": np.asarray([_train_error(by_step["train"][s]) for s in train_steps]),
         "test_step": np.asarray(test_steps, np.int64),
         "test_error": np.asarray([by_step["eval"][s]["top1_error"] for s in test_steps]),
     }
   return curves
+
+
+def _train_error(record: dict) -> float:
+  return record["top1_error"] if "top1_error" in record else 100 * record["train_error"]

@@ -1,8 +1,11 @@
 """What a run reports: a console progress line, TensorBoard scalars, a JSON-lines log and a summary.
 
 Files in the workdir (written by process 0 only, through etils.epath: local or gs://):
-  metrics.jsonl   one JSON object per train log or evaluation: {"step", "kind", ...}
-  events.out.*    TensorBoard event files (tensorboardX: no TensorFlow needed)
+  metrics.jsonl   one JSON object per train log or evaluation: {"step", "kind", ...}; errors
+                  (`top1_error`, `top5_error`) in percent for both kinds
+  events.out.*    TensorBoard event files (tensorboardX: no TensorFlow needed): the same scalars
+                  and the config; a resumed run hides the steps after its checkpoint that the
+                  interrupted run had logged (they are logged again)
   config.json     the run's full config
   summary.json    the final evaluation, parameter count and dataset
 """
@@ -59,7 +62,7 @@ class Writer:
   """Writes a run's metrics; a no-op on every process but the first."""
 
   def __init__(self, workdir: epath.Path, *, total_steps: int, batch_size: int, train_size: int,
-               dataset_name: str):
+               dataset_name: str, start_step: int):
     self.workdir = workdir
     self.total_steps, self.batch_size, self.train_size = total_steps, batch_size, train_size
     self.dataset_name = dataset_name
@@ -70,7 +73,9 @@ class Writer:
       scheme, separator, _ = str(workdir).partition("://")
       if separator:
         record_writer.register_writer_factory(scheme, _EpathEventFiles())
-      self._tensorboard = SummaryWriter(str(workdir))
+      # TensorBoard drops the steps from purge_step on that earlier event files hold.
+      self._tensorboard = SummaryWriter(str(workdir), purge_step=start_step + 1 if start_step
+                                        else None)
     self._last_step, self._last_time = 0, time.time()
 
   def start_timer(self, step: int) -> None:
@@ -82,7 +87,10 @@ class Writer:
 
   def write_config(self, config: ml_collections.ConfigDict) -> None:
     if self.active:
-      (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+      text = config.to_json_best_effort(indent=2)
+      (self.workdir / "config.json").write_text(text)
+      # Indented four spaces: a Markdown code block in TensorBoard's text tab.
+      self._tensorboard.add_text("config", "".join(f"    {line}\n" for line in text.splitlines()))
 
   def write_train(self, step: int, step_metrics: Sequence[dict[str, np.ndarray]]) -> None:
     """Averages the metrics of the steps since the last call and reports them."""
@@ -98,10 +106,10 @@ class Writer:
     eta = (self.total_steps - step) * self.batch_size / max(images_per_second, 1e-9)
     logging.info("[%s] step %d/%d  epoch %.2f  loss %.4f  train error %.2f%%  lr %.4g  "
                  "%.0f img/s  ETA %s", self.dataset_name, step, self.total_steps, record["epoch"],
-                 means["loss"], 100 * means["train_error"], means["learning_rate"],
+                 means["loss"], means["top1_error"], means["learning_rate"],
                  images_per_second, _duration(eta))
     self._append(record)
-    for key in ("loss", "train_error", "learning_rate", "images_per_second"):
+    for key in (*means, "images_per_second"):
       self._tensorboard.add_scalar(f"train/{key}", record[key], step)
 
   def write_eval(self, step: int, result: dict[str, float], split: str = "eval") -> None:

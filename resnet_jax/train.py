@@ -129,11 +129,15 @@ def train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   # step; the host stops at its next check, so no NaN ever reaches a checkpoint.
   # (One global norm, not a test per leaf: per-leaf tests made XLA's CPU
   # compile of a ResNet-56 step 5x slower.)
-  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   new_state = new_state.replace(nonfinite_step=jnp.where(
       finite | (state.nonfinite_step >= 0), state.nonfinite_step, state.step))
-  step_metrics = {"loss": loss, "train_error": train_error,
+  # Errors in percent, as evaluate() reports them.
+  step_metrics = {"loss": loss, "top1_error": 100 * train_error,
+                  "top5_error": 100 * errors["top5_errors"] / errors["count"],
+                  "grad_norm": grad_norm, "param_norm": optax.tree.norm(new_state.params),
                   "learning_rate": rate * optim.plateau_scale(config, opt_state)}
   return new_state, step_metrics
 
@@ -260,7 +264,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
 
   writer = metrics.Writer(workdir, total_steps=config.num_train_steps,
                           batch_size=config.batch_size, train_size=info.train_size,
-                          dataset_name=info.name)
+                          dataset_name=info.name, start_step=start_step)
   writer.write_config(config)
   logging.info("Training %s on %s for %d steps from step %d (%d devices, batch %d).",
                config.model, info.name, config.num_train_steps, start_step,

@@ -59,13 +59,17 @@ def test_layer_responses_of_bottlenecks_are_their_3x3_convs():
   assert analysis.layer_responses(model, images).shape == (16,)  # 3 + 4 + 6 + 3 blocks
 
 
-def test_training_curves_read_metrics_and_keep_the_last_record_of_a_step(tmp_path):
+@pytest.mark.parametrize("train_error", [
+    lambda percent: {"top1_error": percent},
+    lambda percent: {"train_error": percent / 100}],  # Runs logged before errors were percent.
+    ids=["percent", "fraction"])
+def test_training_curves_read_metrics_and_keep_the_last_record_of_a_step(tmp_path, train_error):
   records = [
-      {"step": 10, "kind": "train", "loss": 2.0, "train_error": 0.9},
+      {"step": 10, "kind": "train", "loss": 2.0, **train_error(90.0)},
       {"step": 10, "kind": "eval", "top1_error": 85.0},
-      {"step": 20, "kind": "train", "loss": 1.5, "train_error": 0.7},
+      {"step": 20, "kind": "train", "loss": 1.5, **train_error(70.0)},
       # Stopped after step 20, resumed from the checkpoint at step 10: step 20 again.
-      {"step": 20, "kind": "train", "loss": 1.4, "train_error": 0.6},
+      {"step": 20, "kind": "train", "loss": 1.4, **train_error(60.0)},
       {"step": 20, "kind": "eval", "top1_error": 70.0},
   ]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

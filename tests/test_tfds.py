@@ -103,7 +103,7 @@ def test_the_papers_command_trains_and_evaluates_on_tfds_cifar10(cifar10_tfds, t
   training = [r for r in records if r["kind"] == "train"]
   assert [r["step"] for r in training] == [2, 4]
   # Sec. 4.2's warm-up: 0.01 while the training error is above 80%, as it is after 4 steps.
-  assert all(r["learning_rate"] == pytest.approx(0.01) and r["train_error"] > 0.8
+  assert all(r["learning_rate"] == pytest.approx(0.01) and r["top1_error"] > 80
              for r in training)
   (evaluation,) = [r for r in records if r["kind"] != "train"]
   assert evaluation["step"] == 4 and evaluation["examples"] == 10_000  # the whole test set

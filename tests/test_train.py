@@ -1,7 +1,9 @@
 """The training loop: resume equality, preemption, start-up errors, one compilation, real data."""
 import json
 import os
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -13,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jax.sharding import NamedSharding, PartitionSpec
+from tensorboardX.proto import event_pb2
 
 from configs import cifar_resnet20
 from resnet_jax import data, optim, train
@@ -108,6 +111,30 @@ def test_streaming_run_resumes_bitwise_from_its_data_state(tmp_path, monkeypatch
   assert resumed["loss"] == result["loss"]
 
 
+def event_files(workdir) -> list[list[event_pb2.Event]]:
+  """The events of each TensorBoard file of `workdir`, files in the order they were written."""
+  files = []
+  for path in sorted(workdir.glob("events.out.tfevents.*")):  # Named by their creation time.
+    data, offset, events = path.read_bytes(), 0, []
+    while offset < len(data):  # TFRecords: length (8 bytes), its CRC (4), data, its CRC (4).
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
+      offset += 16 + length
+    files.append(events)
+  return files
+
+
+def shown_by_tensorboard(files) -> list[tuple[str, int]]:
+  """(tag, step) of each summary TensorBoard shows: a session START at step s hides every
+  earlier event at step s or later (its `purge_step`)."""
+  shown = []
+  for event in (event for events in files for event in events):
+    if event.session_log.status == event_pb2.SessionLog.START:
+      shown = [(tag, step) for tag, step in shown if step < event.step]
+    shown += [(value.tag, event.step) for value in event.summary.value]
+  return shown
+
+
 def test_run_writes_metrics_tensorboard_and_summary(tmp_path):
   config = smoke_config(num_train_steps=4, lr_boundaries=(2,), log_every_steps=2,
                         eval_every_steps=2, checkpoint_every_steps=2)
@@ -118,10 +145,35 @@ def test_run_writes_metrics_tensorboard_and_summary(tmp_path):
   assert records[0]["learning_rate"] == pytest.approx(0.1)
   assert records[2]["learning_rate"] == pytest.approx(0.01)
   assert records[1]["examples"] == 200  # every synthetic eval example, once
+  # Errors in percent for training as for evaluation: about 90% at chance on 10 classes.
+  for record in records:
+    assert 50 <= record["top1_error"] <= 100 and record["top5_error"] <= record["top1_error"]
+  assert all(r["grad_norm"] > 0 and r["param_norm"] > 1 for r in records if r["kind"] == "train")
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["model"] == "cifar_resnet8" and summary["num_params"] == 75_290  # ResNet-20 less 2 x 97,216
   assert "synthetic" in summary["dataset"]
-  assert list(tmp_path.glob("events.out.tfevents.*"))
+  (events,) = event_files(tmp_path)
+  tags = {value.tag: value for event in events for value in event.summary.value}
+  assert {"train/top1_error", "train/top5_error", "train/grad_norm", "train/param_norm",
+          "train/loss", "train/learning_rate", "eval/top1_error"} <= tags.keys()
+  config_text = tags["config/text_summary"].tensor.string_val[0].decode()
+  assert '      "model": "cifar_resnet8",' in config_text.splitlines()  # JSON in a code block
+
+
+def test_a_resumed_run_hides_in_tensorboard_the_steps_it_logs_again(tmp_path):
+  config = smoke_config(num_train_steps=4, lr_boundaries=(2,), log_every_steps=2,
+                        eval_every_steps=2, checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  shutil.rmtree(tmp_path / "checkpoints" / "4")  # As if stopped before saving step 4.
+  train.train_and_evaluate(config, str(tmp_path))  # Resumes at step 2, logs step 4 again.
+  files = event_files(tmp_path)
+  assert len(files) == 2
+  logged = [(value.tag, event.step) for events in files for event in events
+            for value in event.summary.value if value.tag == "train/loss"]
+  assert logged == [("train/loss", 2), ("train/loss", 4), ("train/loss", 4)]
+  shown = [key for key in shown_by_tensorboard(files) if key[0].startswith(("train/", "eval/"))]
+  assert len(shown) == len(set(shown))
+  assert [step for tag, step in shown if tag == "train/loss"] == [2, 4]
 
 
 @pytest.mark.parametrize("overrides,message", [
