@@ -123,3 +123,19 @@ def test_a_second_run_on_a_live_workdir_stops_at_start_up_naming_the_first(
       first.wait()
   assert not (workdir / "claim").exists()  # Released at the end of the run.
   assert (workdir / "summary.json").exists()
+
+
+def test_every_process_of_a_job_stops_on_a_claimed_workdir(tmp_path, compilation_cache):
+  workdir = tmp_path / "w"
+  holder = write_holder(epath.Path(workdir))  # This test's own process: alive, on this host.
+  args = ["--config=configs/cifar_resnet20.py:smoke", "--config.model=cifar_resnet8"]
+  first, second = processes.train(workdir, args, num_processes=2, timeout=300,
+                                  **compilation_cache)
+  assert (first.returncode, second.returncode) == (2, 2), (first.stderr[-3000:],
+                                                           second.stderr[-3000:])
+  assert first.stderr.strip().splitlines()[-1] == (
+      f"error: workdir {workdir} is in use by process {os.getpid()} on {socket.gethostname()} "
+      f"since {holder['since']}; wait for that run to end, or pass another --workdir.")
+  assert second.stderr.strip().splitlines()[-1] == (
+      f"error: workdir {workdir} is in use by another run (process 0 names it).")
+  assert json.loads((workdir / "claim" / "holder.json").read_text()) == holder
