@@ -141,9 +141,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
   # A config file in a package (configs/ is one) imports its siblings by the package's name
   # (`from configs import cifar_base`): the folder above the package goes first on sys.path, so
   # that the config loads from any working directory.
-  package = os.path.dirname(os.path.abspath(value.split(":", 1)[0]))
-  if os.path.isfile(os.path.join(package, "__init__.py")):
-    sys.path.insert(0, os.path.dirname(package))
+  package = epath.Path(value.split(":", 1)[0]).absolute().parent
+  if (package / "__init__.py").is_file():
+    sys.path.insert(0, str(package.parent))
   try:
     argv = flags.FLAGS(argv)
     _CONFIG.value.keys()  # A config file that failed to load raises OSError only when read.
