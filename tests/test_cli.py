@@ -94,3 +94,4 @@ def test_a_run_that_fails_after_it_started_exits_1(tmp_path, compilation_cache):
   assert lines(completed.stderr)[-1].startswith("error: non-finite loss or gradient at step ")
   assert completed.stderr.count("non-finite loss or gradient") == 1
   assert "Traceback" not in completed.stderr
+  assert not (tmp_path / "w" / "claim").exists()  # Released by a failed run too.

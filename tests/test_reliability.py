@@ -56,6 +56,7 @@ def test_kill_9_anywhere_resumes_from_the_newest_complete_checkpoint_bitwise(
   (reference,) = processes.train(tmp_path / "reference", ARGS, **compilation_cache)
   assert reference.returncode == 0, reference.stderr[-3000:]
   workdir = tmp_path / "faulty"
+  killed = False
   # One workdir through every fault in turn, each run restarted with the same command.
   for fault, status in [("compile", -signal.SIGKILL), ("step:6", -signal.SIGKILL),
                         ("commit:8", -signal.SIGKILL), ("committed:8", -signal.SIGKILL),
@@ -67,6 +68,10 @@ def test_kill_9_anywhere_resumes_from_the_newest_complete_checkpoint_bitwise(
     assert run.returncode == status, (fault, run.stderr[-3000:])
     if fault:
       assert f"fault: {fault}" in run.stderr
+    # A killed run leaves its claim on the workdir, which the next run takes over.
+    assert (f"Took over workdir {workdir} from process" in run.stderr) == killed, fault
+    assert (workdir / "claim").exists() == (status == -signal.SIGKILL), fault
+    killed = status == -signal.SIGKILL
     if newest is None:
       assert "12 steps from step 0" in run.stderr, fault
     else:  # "restore" dies while resuming, before it can say so.
