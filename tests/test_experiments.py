@@ -14,13 +14,13 @@ from experiments import sweeps
 from resnet_jax import checkpoints, optim, report, train
 
 
-def _finish(workdir: pathlib.Path, model: str, top1_error: float, train_error: float = 0.05,
+def _finish(workdir: pathlib.Path, model: str, top1_error: float, train_error: float = 5.0,
             dataset: str = "image_folder(/data/cifar10-jpeg)", num_params: int = 1000):
   """A fabricated finished run: metrics.jsonl and summary.json."""
   workdir.mkdir(parents=True, exist_ok=True)
-  records = [{"step": 100, "kind": "train", "loss": 2.0, "train_error": 0.8},
+  records = [{"step": 100, "kind": "train", "loss": 2.0, "top1_error": 80.0},
              {"step": 100, "kind": "eval", "top1_error": 70.0},
-             {"step": 200, "kind": "train", "loss": 0.3, "train_error": train_error},
+             {"step": 200, "kind": "train", "loss": 0.3, "top1_error": train_error},
              {"step": 200, "kind": "eval", "top1_error": top1_error}]
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   (workdir / "summary.json").write_text(json.dumps({
@@ -135,7 +135,7 @@ def _fabricated_sweep(root: pathlib.Path) -> pathlib.Path:
   sweeps.write_record(root, record)
   for seed, error in enumerate([6.5, 6.7, 6.9]):
     _finish(root / "cifar_resnet110" / f"seed{seed}", "cifar_resnet110", error,
-            train_error=0.01 * (seed + 1), num_params=1_727_962)
+            train_error=seed + 1.0, num_params=1_727_962)
   _finish(root / "cifar_plain20" / "seed0", "cifar_plain20", 10.0, num_params=269_722)
   (root / "cifar_resnet20" / "seed0").mkdir(parents=True)  # Started, nothing logged yet.
   return root
