@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from resnet_jax import models
@@ -103,7 +104,7 @@ _KERAS_CONSTRUCTORS = {"resnet50": "ResNet50", "resnet101": "ResNet101",
 def _load_keras(path: str | os.PathLike, name: str | None) -> Any:
   """The Keras model a local `.keras` file holds, or the `name` network with an `.h5`'s weights."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise ValueError(f"Keras file {path!r} does not exist.")
   if not path.endswith(".keras") and name not in _KERAS_CONSTRUCTORS:
     raise ValueError(f"A Keras weights file needs the network's name: from_keras({path!r}, "
@@ -255,16 +256,16 @@ def _read_state_dict(source: Any) -> Mapping[str, Any]:
   if not isinstance(source, (str, os.PathLike)):
     raise ValueError(f"from_torchvision takes a state dict (a mapping of names to arrays) "
                      f"or a .pth/.pt/.npz path, got {type(source).__name__}.")
-  path = os.fspath(source)
-  suffix = os.path.splitext(path)[1].lower()
+  path, file = os.fspath(source), epath.Path(source)
+  suffix = file.suffix.lower()
   if suffix not in (".pth", ".pt", ".npz"):
     raise ValueError(f"Cannot read {path!r}: from_torchvision reads .pth, .pt (PyTorch) or "
                      ".npz (numpy) state dicts.")
-  if not os.path.isfile(path):
+  if not file.is_file():
     raise ValueError(f"State dict file {path!r} does not exist.")
   if suffix == ".npz":
     try:
-      with np.load(path, allow_pickle=False) as archive:
+      with file.open("rb") as stream, np.load(stream, allow_pickle=False) as archive:
         return {key: archive[key] for key in archive.files}
     except Exception as error:
       raise ValueError(f"Cannot read {path!r} as a .npz state dict: {error}") from error
@@ -275,7 +276,8 @@ def _read_state_dict(source: Any) -> Mapping[str, Any]:
                      "save the state dict as .npz (np.savez(path, **{k: v.numpy() for k, v "
                      "in state_dict.items()})) and pass that.") from error
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with file.open("rb") as stream:
+      state = torch.load(stream, map_location="cpu", weights_only=True)
   except Exception as error:
     raise ValueError(f"Cannot read {path!r} as a PyTorch state dict: {error}") from error
   if not isinstance(state, Mapping):

@@ -108,10 +108,11 @@ def test_every_transformation(name, train):
   for got, want in zip(jax.tree.leaves(per_example), jax.tree.leaves(first)):
     assert_close(got[0], want, 1e-5)
 
-  # Rematerialisation changes nothing but memory.
+  # Rematerialisation changes nothing but memory, and XLA's fusion, hence float32 rounding
+  # (up to 1.7e-6 of the largest entry measured on jax 0.12).
   remat_grads = jax.jit(jax.grad(jax.checkpoint(loss)))(params)
   for got, want in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
-    assert_close(got, want, 1e-6)
+    assert_close(got, want, 1e-5)
 
 
 def test_cpu_training_kernels_support_reverse_mode_and_say_forward_mode_is_unsupported():
