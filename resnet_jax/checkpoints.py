@@ -7,7 +7,11 @@ a workdir of another model is refused with a clear error instead of a shape
 mismatch deep inside orbax. An unreadable newest checkpoint is reported in one
 line, renamed to `<step>.unreadable-<time>` (kept, never overwritten) and the
 next older one is used; if none is readable, nothing is renamed and the run
-stops. A failed write raises `CheckpointError`.
+stops. A failed write raises `CheckpointError`. Each checkpoint written after an
+evaluation also records that evaluation's top-1 error, which picks the best one.
+
+`Reader` reads a run's checkpoints without writing, renaming or deleting anything,
+so it may read those of a run that is still training (`resnet_jax.evaluate`).
 """
 
 from __future__ import annotations
@@ -28,16 +32,25 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = "top1_error"
+_ITEM_NAMES = ("state", "data", "identity")
+# Orbax warnings about what this module does on purpose: a save without metrics (a checkpoint
+# between evaluations, or at a preemption, has none) and a read-only manager (`Reader`).
+_EXPECTED_ORBAX_WARNINGS = ("did not provide metrics", "Given directory is read only")
 
 
 def quiet_orbax_info(record: std_logging.LogRecord) -> bool:
-  """A logging filter: False for orbax's INFO records, True for everything else.
+  """A logging filter: False for orbax's INFO records and expected warnings, else True.
 
   Orbax logs every save step at INFO through absl (dozens of lines a checkpoint on
-  many hosts); its warnings and errors stay. Records carry the standard library's
-  levels, not absl's (whose WARNING is -1).
+  many hosts); its warnings and errors stay, but for those about what this module
+  does on purpose. Records carry the standard library's levels, not absl's (whose
+  WARNING is -1).
   """
-  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+  if "/orbax/" not in record.pathname:
+    return True
+  message = record.getMessage()
+  return (record.levelno >= std_logging.WARNING
+          and not any(expected in message for expected in _EXPECTED_ORBAX_WARNINGS))
 
 
 def check_writable(workdir: epath.Path) -> None:
@@ -81,21 +94,76 @@ def run_identity(config: ml_collections.ConfigDict, num_classes: int | None) -> 
   return identity
 
 
-class Manager:
+def _best_metric(metrics: dict[str, float]) -> float:
+  return metrics[BEST_METRIC]
+
+
+def _orbax_manager(workdir: epath.Path, **options) -> ocp.CheckpointManager:
+  # best_fn (lowest first) makes orbax write each save's metrics and answer best_step().
+  return ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(best_fn=_best_metric, best_mode="min", **options),
+      item_names=_ITEM_NAMES)
+
+
+def check_identity(saved: dict[str, Any], identity: dict[str, Any]) -> None:
+  """Raises ValueError if a checkpoint's `saved` identity is not the run's `identity`."""
+  # Checkpoints written before a field joined the identity still match on the others.
+  if any(saved.get(key, value) != value for key, value in identity.items()):
+    raise ValueError(
+        f"the workdir holds checkpoints of a different run ({saved}) than this config "
+        f"({identity}); use a new --workdir, or the config that wrote them.")
+
+
+class Reader:
+  """Reads one run's checkpoints under `workdir/checkpoints`; changes nothing there."""
+
+  def __init__(self, workdir: epath.Path):
+    self._manager = _orbax_manager(workdir, read_only=True, create=False, save_interval_steps=0)
+
+  @property
+  def directory(self) -> epath.Path:
+    """The folder of the checkpoints, one subfolder per step."""
+    return self._manager.directory
+
+  def steps(self) -> list[int]:
+    """The steps of the checkpoints, oldest first."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The kept step with the lowest eval top-1 error; None if no checkpoint records one."""
+    return self._manager.best_step()
+
+  def saved_identity(self, step: int) -> dict[str, Any]:
+    """The identity of the run that wrote `step` (see `run_identity`)."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        identity=ocp.args.JsonRestore())).identity
+
+  def restore(self, step: int, state) -> tuple[Any, dict | None]:
+    """The (state, data state) saved at `step`, laid out as `state` (arrays or their shapes)."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    has_data = (self.directory / str(step) / "data").exists()
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        **({"data": ocp.args.JsonRestore()} if has_data else {})))
+    return restored.state, restored.get("data")
+
+
+class Manager(Reader):
   """Saves and restores one run's checkpoints under `workdir/checkpoints`."""
 
   def __init__(self, workdir: epath.Path, config: ml_collections.ConfigDict, keep: int,
-               num_classes: int | None = None):
+               num_classes: int | None = None):  # pylint: disable=super-init-not-called
     self.identity = run_identity(config, num_classes)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+        checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=True, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
-    self._manager = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(preservation_policy=policy, create=True),
-        item_names=("state", "data", "identity"))
+    self._manager = _orbax_manager(workdir, preservation_policy=policy, create=True)
 
   def save(self, step: int, state, data_state: dict | None, eval_metrics: dict | None) -> None:
     items = {"state": ocp.args.StandardSave(state), "identity": ocp.args.JsonSave(self.identity)}
@@ -109,17 +177,18 @@ class Manager:
 
   def restore_latest(self, state):
     """The newest readable checkpoint's (state, data state), or (`state`, None) if there is none."""
-    steps = sorted(self._manager.all_steps(), reverse=True)
+    steps = self.steps()[::-1]
     if not steps:
       return state, None
-    self._check_identity(steps[0])
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    try:
+      saved = self.saved_identity(steps[0])
+    except Exception:  # Unreadable: reported below, where the older ones are tried.
+      saved = {}
+    check_identity(saved, self.identity)
     damaged = []
     for step in steps:
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            **({"data": ocp.args.JsonRestore()} if self._has_item(step, "data") else {})))
+        restored = self.restore(step, state)
       except Exception as error:  # Any damage: truncated, missing or garbage files.
         logging.error("Checkpoint at step %d is unreadable (%s: %s); trying the previous one.",
                       step, type(error).__name__, _first_line(error)[:200])
@@ -128,34 +197,19 @@ class Manager:
       for bad in damaged:
         self._set_aside(bad)
       logging.info("Resumed from the checkpoint at step %d.", step)
-      return restored.state, restored.get("data")
+      return restored
     # Left in place: a rerun must fail the same way, not silently train from scratch.
-    raise ValueError(f"none of the checkpoints {steps} in {self._manager.directory} is readable; "
+    raise ValueError(f"none of the checkpoints {steps} in {self.directory} is readable; "
                      "move the directory away to start afresh, or restore it from a backup.")
 
   def _set_aside(self, step: int) -> None:
     """Renames a damaged step out of orbax's view (kept for inspection, not overwritten)."""
-    damaged = self._manager.directory / str(step)
+    damaged = self.directory / str(step)
     if jax.process_index() == 0:
       damaged.rename(damaged.parent / f"{step}.unreadable-{int(time.time())}")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
     self._manager.reload()
-
-  def _has_item(self, step: int, name: str) -> bool:
-    return (self._manager.directory / str(step) / name).exists()
-
-  def _check_identity(self, step: int) -> None:
-    try:
-      saved = self._manager.restore(step, args=ocp.args.Composite(
-          identity=ocp.args.JsonRestore())).identity
-    except Exception:  # Unreadable: restore_latest reports it and falls back.
-      return
-    # Checkpoints written before a field joined the identity still match on the others.
-    if any(saved.get(key, value) != value for key, value in self.identity.items()):
-      raise ValueError(
-          f"the workdir holds checkpoints of a different run ({saved}) than this config "
-          f"({self.identity}); use a new --workdir, or the config that wrote them.")
 
   def wait(self) -> None:
     try:
