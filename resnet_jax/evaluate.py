@@ -1,0 +1,234 @@
+"""Evaluates a saved run: its best or latest checkpoint, or a given step, by any protocol.
+
+  python -m resnet_jax.evaluate --workdir=/tmp/resnet110
+  python -m resnet_jax.evaluate --workdir=/tmp/resnet50 --checkpoint=latest --eval_protocol=10crop
+
+The run's config is the workdir's config.json (written by the trainer as it starts); the
+checkpoint is read without changing anything under checkpoints/ and without claiming the
+workdir, so a run may be evaluated while it is still training. The result goes to
+WORKDIR/evaluations/<step>-<protocol>.json, and one line sums it up.
+
+  --checkpoint     best (default): the kept checkpoint with the lowest top-1 error in the
+                   run's own evaluations; latest; or a step number
+  --eval_protocol  center, 10crop (the paper's ImageNet crops) or multiscale (its fully
+                   convolutional scales); default the run's own; the multi-view ones need
+                   images larger than 64 pixels (ImageNet, image folders)
+
+Exit status: 0 done; 2 nothing was evaluated (a bad command line, no such workdir, step or
+protocol, an unreadable or vanished checkpoint, a missing dataset); 1 the evaluation failed
+once it had begun (a corrupt image, a failing disk).
+
+On a TPU pod slice or a multi-process GPU job every process runs this same command, as for
+the trainer (--coordinator_address, --num_processes, --process_id).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from resnet_jax import checkpoints, data, ops, optim, train
+from resnet_jax import main as trainer_cli
+
+# The trainer's one-line errors and exit statuses.
+_fail = trainer_cli._fail  # pylint: disable=protected-access
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", "best", "Which checkpoint: best (lowest top-1 error in the run's own "
+    "evaluations), latest, or a step number.")
+_EVAL_PROTOCOL = flags.DEFINE_string(
+    "eval_protocol", None, "center, 10crop or multiscale (default: the run's own).")
+_EVAL_BATCH_SIZE = flags.DEFINE_integer(
+    "eval_batch_size", None, "Global evaluation batch size (default: the run's own); a multiple "
+    "of the device count.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Where the run's dataset is now, if it moved (default: the run's "
+    "dataset.data_dir).")
+# Defined by the trainer's command line, with the same meaning here.
+for _name in ("workdir", "coordinator_address", "num_processes", "process_id"):
+  flags.declare_key_flag(_name)
+
+
+class EvaluationError(ValueError):
+  """Nothing can be evaluated; the message names the problem and the fix."""
+
+
+def evaluate_run(workdir: epath.PathLike, checkpoint: str = "best", protocol: str | None = None,
+                 batch_size: int | None = None, data_dir: str | None = None
+                 ) -> tuple[epath.Path, dict[str, Any]]:
+  """Evaluates a checkpoint of the run in `workdir`; returns the result file and its record.
+
+  Raises EvaluationError for anything that stops the evaluation before it begins.
+  """
+  workdir = epath.Path(workdir)
+  config = _run_config(workdir)
+  protocol = protocol or config.eval_protocol
+  if protocol not in data.core.EVAL_PROTOCOLS:
+    raise EvaluationError(f"unknown --eval_protocol {protocol!r}; choose one of "
+                          f"{', '.join(data.core.EVAL_PROTOCOLS)}.")
+  if data_dir:
+    config.dataset.data_dir = data_dir
+  batch_size = batch_size or config.eval_batch_size
+  reader = _reader(workdir)
+  step = _pick_step(reader, checkpoint)
+  mesh = data.core.make_mesh()
+  try:
+    data.core.check_batch_size(batch_size, mesh)
+  except ValueError as error:
+    raise EvaluationError(f"--eval_batch_size: {error}") from None
+  try:
+    checkpoints.check_writable(workdir / "evaluations")
+    dataset = data.create(train.dataset_config(config), mesh)
+    data.core.check_protocol(protocol, dataset.info, dataset.eval_protocols)
+  except ValueError as error:
+    raise EvaluationError(str(error)) from None
+  info = dataset.info
+
+  saved = _read_checkpoint(workdir, step, lambda: reader.saved_identity(step))
+  try:
+    checkpoints.check_identity(saved, checkpoints.run_identity(config, info.num_classes))
+  except ValueError as error:
+    raise EvaluationError(f"{workdir / 'config.json'} is not the config of checkpoint {step}: "
+                          f"{error}") from None
+  replicated = NamedSharding(mesh, PartitionSpec())
+  tx = optim.create(config)
+  abstract_state = jax.eval_shape(lambda: train.create_train_state(
+      config, train.create_model(config, info.num_classes, config.seed), tx))
+  abstract_state = jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
+      abstract_state)
+  state, _ = _read_checkpoint(workdir, step, lambda: reader.restore(step, abstract_state))
+  logging.info("Evaluating step %d of %s (%s checkpoint) on %s %s by %s.", step, workdir,
+               checkpoint, info.name, config.dataset.eval_split, protocol)
+
+  eval_fn = jax.jit(train.eval_step, compiler_options=ops.compiler_options())
+  result = train.evaluate(eval_fn, state, dataset.eval_batches(batch_size, protocol))
+  record = {"step": step, "checkpoint": checkpoint, "protocol": protocol, **result,
+            "model": config.model, "dataset": info.name, "eval_split": config.dataset.eval_split,
+            "eval_batch_size": batch_size,
+            "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+  path = workdir / "evaluations" / f"{step}-{protocol}.json"
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(record, indent=2) + "\n")
+  return path, record
+
+
+def _run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
+  """The run's config, as the trainer recorded it in config.json."""
+  if not workdir.is_dir():
+    raise EvaluationError(f"workdir {workdir} does not exist; pass the --workdir of a run.")
+  path = workdir / "config.json"
+  if not path.exists():
+    raise EvaluationError(f"{workdir} holds no config.json, so no run has started there; pass "
+                          "the --workdir the trainer was given.")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except ValueError as error:
+    raise EvaluationError(f"{path} is not a config the trainer wrote ({error}); restore it, or "
+                          "rerun the trainer on this workdir, which writes it again.") from None
+
+
+def _reader(workdir: epath.Path) -> checkpoints.Reader:
+  try:
+    reader = checkpoints.Reader(workdir)
+    steps = reader.steps()
+  except Exception as error:  # pylint: disable=broad-except  # orbax's, of many types.
+    raise EvaluationError(
+        f"could not list the checkpoints in {workdir / 'checkpoints'} ({type(error).__name__}: "
+        f"{_first_line(error)}); rerun, since a training run may have been removing one.") from None
+  if not steps:
+    raise EvaluationError(
+        f"{workdir} has no checkpoint yet; the run saves one every checkpoint_every_steps steps "
+        "and at its end: rerun once it has.")
+  return reader
+
+
+def _pick_step(reader: checkpoints.Reader, checkpoint: str) -> int:
+  """The step `checkpoint` ("best", "latest" or a step number) names."""
+  steps = reader.steps()
+  if checkpoint == "latest":
+    return reader.latest_step()
+  if checkpoint == "best":
+    best = reader.best_step()
+    if best is None:
+      raise EvaluationError(
+          f"no checkpoint in {reader.directory} records an evaluation (they were saved between "
+          f"evaluations, or by an older trainer); pass --checkpoint=latest or a step of {steps}.")
+    return best
+  if not checkpoint.isdigit():
+    raise EvaluationError(f"--checkpoint={checkpoint} is none of best, latest or a step number; "
+                          f"the steps in {reader.directory} are {steps}.")
+  if int(checkpoint) not in steps:
+    raise EvaluationError(f"no checkpoint of step {checkpoint} in {reader.directory}; its steps "
+                          f"are {steps}.")
+  return int(checkpoint)
+
+
+def _read_checkpoint(workdir: epath.Path, step: int, read):
+  """`read()`, whose failure is an EvaluationError that says whether the step vanished."""
+  try:
+    return read()
+  except Exception as error:  # pylint: disable=broad-except  # Any damage or a deletion.
+    reader = checkpoints.Reader(workdir)
+    if step not in reader.steps():
+      raise EvaluationError(
+          f"checkpoint {step} was removed while it was read (a training run keeps only its "
+          f"last checkpoints and the best); rerun, with one of the steps kept now: "
+          f"{reader.steps()}.") from None
+    raise EvaluationError(
+        f"checkpoint {step} in {reader.directory} is unreadable ({type(error).__name__}: "
+        f"{_first_line(error)[:200]}); evaluate another with --checkpoint=STEP, one of "
+        f"{reader.steps()}.") from None
+
+
+def _first_line(error: Exception) -> str:
+  return (str(error).splitlines() or [""])[0]
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, but every bad command line is one line and exit status 2."""
+  if trainer_cli._HELP_FLAGS & {*argv[1:]}:  # pylint: disable=protected-access
+    app.usage(shorthelp=not {"--helpfull", "-helpfull"} & {*argv}, writeto_stdout=True,
+              exitcode=0)
+  try:
+    argv = flags.FLAGS(argv)
+  except flags.Error as error:
+    _fail(str(error))
+  if len(argv) > 1:
+    _fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
+  if flags.FLAGS["config"].present:
+    _fail("--config is not taken: the run's own config is read from WORKDIR/config.json.")
+  if not flags.FLAGS.workdir:
+    _fail("--workdir is missing or empty; pass the workdir of the run to evaluate.")
+  return argv
+
+
+def main(argv):
+  del argv  # Checked by _parse_flags.
+  trainer_cli._quiet_start_up()  # pylint: disable=protected-access
+  trainer_cli._initialize_distributed()  # pylint: disable=protected-access
+  logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
+  try:
+    path, record = evaluate_run(flags.FLAGS.workdir, _CHECKPOINT.value, _EVAL_PROTOCOL.value,
+                                _EVAL_BATCH_SIZE.value, _DATA_DIR.value)
+  except EvaluationError as error:
+    _fail(str(error))
+  # OSError: a disk failing; CorruptImageError: an image that does not decode.
+  except (OSError, data.CorruptImageError) as error:
+    _fail(str(error), trainer_cli.RUN_FAILED)
+  if jax.process_index() == 0:
+    print(f"{record['model']} step {record['step']} ({record['checkpoint']}) on "
+          f"{record['dataset']} {record['eval_split']}, {record['protocol']}: top-1 error "
+          f"{record['top1_error']:.2f}%  top-5 error {record['top5_error']:.2f}%  loss "
+          f"{record['loss']:.4f}  ({record['examples']} examples); written to {path}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=_parse_flags)

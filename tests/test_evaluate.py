@@ -1,0 +1,335 @@
+"""Evaluating a saved run (`python -m resnet_jax.evaluate`): which checkpoint, which protocol,
+the numbers against the trainer's own, a run still training, and one line for each error."""
+import calendar
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from etils import epath
+
+import processes
+from configs import cifar_resnet20
+from resnet_jax import checkpoints, claim, data, evaluate, optim, train
+
+
+def smoke_config(**overrides):
+  config = cifar_resnet20.get_config("smoke")
+  config.model = "cifar_resnet8"
+  config.update(overrides)
+  return config
+
+
+def evaluator(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
+  """`python -m resnet_jax.evaluate ARGS`, or `python -c CODE ARGS` where CODE runs it."""
+  head = ["-c", code] if code else ["-m", "resnet_jax.evaluate"]
+  return subprocess.run([sys.executable, *head, *args], cwd=processes.REPO,
+                        env=processes.environment(8), capture_output=True, text=True,
+                        timeout=300)
+
+
+def lines(text: str) -> list[str]:
+  return [line for line in text.splitlines() if line.strip()]
+
+
+def logged_evals(workdir) -> dict[int, dict]:
+  records = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+  return {record["step"]: record for record in records if record["kind"] == "eval"}
+
+
+def tree(directory) -> dict[str, tuple[int, int]]:
+  """Every file under `directory`: its size and modification time."""
+  return {str(path.relative_to(directory)): (path.stat().st_size, path.stat().st_mtime_ns)
+          for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """A 20-step smoke run, evaluated and checkpointed at steps 10 and 20."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  train.train_and_evaluate(smoke_config(), str(workdir))
+  return workdir
+
+
+def fabricated_run(workdir, errors: dict[int, float | None], keep: int):
+  """config.json and, at each step, a checkpoint of the model initialised with the step as seed,
+  saved with `errors[step]` as the top-1 error of its evaluation (None: saved without one)."""
+  config = smoke_config()
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  manager = checkpoints.Manager(epath.Path(workdir), config, keep=keep, num_classes=10)
+  for step, error in errors.items():
+    manager.save(step, initial_state(config, step), None,
+                 None if error is None else {"top1_error": error})
+  manager.wait()
+  return config, manager
+
+
+def initial_state(config, seed: int) -> train.TrainState:
+  state = train.create_train_state(config, train.create_model(config, 10, seed),
+                                   optim.create(config))
+  return state.replace(step=jnp.asarray(seed, jnp.int32))
+
+
+def test_latest_checkpoint_gives_the_trainers_final_evaluation(trained_run):
+  path, record = evaluate.evaluate_run(trained_run, checkpoint="latest")
+  summary = json.loads((trained_run / "summary.json").read_text())
+  assert record["step"] == 20 and record["protocol"] == "center"
+  assert (record["top1_error"], record["top5_error"], record["examples"]) == (
+      summary["top1_error"], summary["top5_error"], 200)
+  assert record["loss"] == pytest.approx(summary["loss"], rel=1e-6)
+  assert path == epath.Path(trained_run) / "evaluations" / "20-center.json"
+
+
+def test_a_given_step_gives_the_trainers_evaluation_at_that_step_and_its_json(trained_run):
+  logged, final = logged_evals(trained_run)[10], logged_evals(trained_run)[20]
+  assert logged["loss"] != pytest.approx(final["loss"], rel=1e-6)
+  before = time.time()
+  path, record = evaluate.evaluate_run(trained_run, checkpoint="10")
+  written = json.loads(path.read_text())
+  assert written == record
+  assert sorted(written) == ["checkpoint", "dataset", "eval_batch_size", "eval_split", "examples",
+                             "loss", "model", "protocol", "step", "top1_error", "top5_error",
+                             "written"]
+  assert {key: written[key] for key in ("step", "checkpoint", "protocol", "top1_error",
+                                        "top5_error", "examples", "model", "dataset",
+                                        "eval_split", "eval_batch_size")} == {
+      "step": 10, "checkpoint": "10", "protocol": "center", "top1_error": logged["top1_error"],
+      "top5_error": logged["top5_error"], "examples": 200, "model": "cifar_resnet8",
+      "dataset": "synthetic(32x32x3,10 classes)", "eval_split": "test", "eval_batch_size": 64}
+  assert written["loss"] == pytest.approx(logged["loss"], rel=1e-6)
+  written_at = calendar.timegm(time.strptime(written["written"], "%Y-%m-%d %H:%M:%S UTC"))
+  assert before - 1 <= written_at <= time.time() + 1
+  # Another batch size evaluates the same examples to the same errors.
+  _, halved = evaluate.evaluate_run(trained_run, checkpoint="10", batch_size=32)
+  assert (halved["top1_error"], halved["examples"]) == (logged["top1_error"], 200)
+  # Nothing else (the probe of the folder's writability) was left behind.
+  assert all(re.fullmatch(r"(10|20)-center\.json", p.name)
+             for p in (trained_run / "evaluations").iterdir())
+
+
+def test_best_is_the_kept_step_of_lowest_logged_error_also_after_a_resume(tmp_path):
+  workdir = tmp_path / "run"
+  # keep=1: the latest (6) and the best (4) are kept.
+  config, manager = fabricated_run(workdir, {2: 60.0, 4: 30.0, 6: 50.0}, keep=1)
+  assert manager.steps() == [4, 6] and manager.best_step() == 4
+  assert manager.directory == epath.Path(workdir) / "checkpoints"
+  # A resumed run (a new manager) still knows step 4 as the best: it keeps it, and says so.
+  resumed = checkpoints.Manager(epath.Path(workdir), config, keep=1, num_classes=10)
+  assert resumed.best_step() == 4
+  resumed.save(8, initial_state(config, 8), None, None)
+  resumed.wait()
+  assert resumed.steps() == [4, 8] and resumed.best_step() == 4
+  assert checkpoints.Reader(epath.Path(workdir)).best_step() == 4
+
+  _, best = evaluate.evaluate_run(workdir)
+  _, latest = evaluate.evaluate_run(workdir, checkpoint="latest")
+  assert (best["step"], best["checkpoint"], latest["step"]) == (4, "best", 8)
+  # The numbers are those of the model saved at step 4, evaluated here directly.
+  mesh = data.core.make_mesh()
+  dataset = data.create(train.dataset_config(config), mesh)
+  direct = {seed: train.evaluate(jax.jit(train.eval_step), initial_state(config, seed),
+                                 dataset.eval_batches(64, "center")) for seed in (4, 8)}
+  assert best["top1_error"] == direct[4]["top1_error"]
+  assert best["loss"] == pytest.approx(direct[4]["loss"], rel=1e-6)
+  assert latest["loss"] == pytest.approx(direct[8]["loss"], rel=1e-6)
+  assert direct[4]["loss"] != pytest.approx(direct[8]["loss"], rel=1e-6)
+
+
+def test_evaluating_a_claimed_workdir_leaves_the_claim_and_checkpoints_untouched(trained_run):
+  held = claim.acquire(epath.Path(trained_run))
+  try:
+    claim_before, checkpoints_before = (tree(trained_run / "claim"),
+                                        tree(trained_run / "checkpoints"))
+    completed = evaluator(f"--workdir={trained_run}", "--checkpoint=10")
+    assert tree(trained_run / "claim") == claim_before
+    assert tree(trained_run / "checkpoints") == checkpoints_before
+  finally:
+    held.release()
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  logged = logged_evals(trained_run)[10]
+  assert lines(completed.stdout) == [
+      f"cifar_resnet8 step 10 (10) on synthetic(32x32x3,10 classes) test, center: top-1 error "
+      f"{logged['top1_error']:.2f}%  top-5 error {logged['top5_error']:.2f}%  loss "
+      f"{logged['loss']:.4f}  (200 examples); written to {trained_run}/evaluations/10-center.json"]
+  assert "Traceback" not in completed.stderr and "WARNING" not in completed.stderr
+
+
+@pytest.mark.slow
+def test_a_run_still_training_is_evaluated_without_disturbing_it(tmp_path, compilation_cache):
+  workdir = tmp_path / "run"
+  log = tmp_path / "trainer.log"
+  with log.open("w") as stderr:
+    trainer = subprocess.Popen(
+        [sys.executable, processes.FAULTY_TRAINER, "hold:15",
+         f"--config={processes.REPO}/configs/cifar_resnet20.py:smoke",
+         "--config.model=cifar_resnet8", f"--workdir={workdir}"],
+        cwd=processes.REPO, env=processes.environment(8, **compilation_cache),
+        stdout=subprocess.DEVNULL, stderr=stderr)
+  try:
+    deadline = time.monotonic() + 300
+    while "fault: hold:15" not in log.read_text():
+      assert trainer.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+      time.sleep(0.5)
+    holder = json.loads((workdir / "claim" / "holder.json").read_text())
+    completed = evaluator(f"--workdir={workdir}")  # The best: step 10, the one evaluated.
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads((workdir / "claim" / "holder.json").read_text())["token"] == holder["token"]
+    assert trainer.poll() is None
+  finally:
+    (tmp_path / "run.go").touch()
+    assert trainer.wait(timeout=300) == 0, log.read_text()[-3000:]
+  record = json.loads((workdir / "evaluations" / "10-center.json").read_text())
+  assert (record["step"], record["checkpoint"]) == (10, "best")
+  assert record["top1_error"] == logged_evals(workdir)[10]["top1_error"]
+  assert not (workdir / "claim").exists()
+
+
+def write_image_folder(root, sizes: dict[str, int]) -> None:
+  """Two classes of random JPEGs, larger than 64 pixels (so streamed, as ImageNet is)."""
+  tf = data.sources.tensorflow()
+  rng = np.random.default_rng(0)
+  for split, count in sizes.items():
+    for label in ("a", "b"):
+      (root / split / label).mkdir(parents=True)
+      for index in range(count):
+        height, width = rng.integers(72, 120, 2)
+        image = rng.integers(0, 256, (height, width, 3), np.uint8)
+        (root / split / label / f"{index}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
+
+
+@pytest.mark.slow
+def test_10crop_matches_a_run_evaluated_by_10crop_and_every_protocol_is_sane(tmp_path):
+  write_image_folder(tmp_path / "images", {"train": 8, "test": 5})
+  config = smoke_config(num_train_steps=2, lr_boundaries=(1,), batch_size=8, eval_batch_size=8,
+                        log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2,
+                        eval_protocol="10crop")
+  config.dataset.update(name="image_folder", data_dir=str(tmp_path / "images"), num_classes=2,
+                        cache_dir=str(tmp_path / "cache"))
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  # The images moved: --data_dir finds them.
+  shutil.move(tmp_path / "images", tmp_path / "moved")
+  results = {protocol: evaluate.evaluate_run(tmp_path / "run", protocol=protocol,
+                                             data_dir=str(tmp_path / "moved"))[1]
+             for protocol in (None, "center", "multiscale")}
+  assert results[None]["protocol"] == "10crop"  # The run's own.
+  assert results[None]["top1_error"] == summary["top1_error"]
+  assert results[None]["loss"] == pytest.approx(summary["loss"], rel=1e-6)
+  for result in results.values():
+    assert result["examples"] == 10 and result["top1_error"] in np.arange(0, 101, 10)
+    assert result["top5_error"] == 0  # Two classes: the true one is always among the top 5.
+    assert 0 < result["loss"] < 20
+  losses = [result["loss"] for result in results.values()]
+  assert len(set(losses)) == 3, losses  # Three protocols, three different averages of views.
+
+
+def unreadable(workdir):
+  for path in (workdir / "checkpoints" / "20" / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+
+
+def mismatched(workdir):
+  config = json.loads((workdir / "config.json").read_text())
+  (workdir / "config.json").write_text(json.dumps({**config, "model": "cifar_resnet20"}))
+
+
+# The steps of trained_run are [10, 20].
+@pytest.mark.parametrize("args,damage,message", [
+    (["--workdir={tmp}/nowhere"], None,
+     "workdir {tmp}/nowhere does not exist; pass the --workdir of a run."),
+    (["--workdir={tmp}"], None,
+     "{tmp} holds no config.json, so no run has started there; pass the --workdir the trainer "
+     "was given."),
+    (["--workdir={run}"], lambda run: shutil.rmtree(run / "checkpoints"),
+     "{run} has no checkpoint yet; the run saves one every checkpoint_every_steps steps and at "
+     "its end: rerun once it has."),
+    (["--workdir={run}", "--checkpoint=15"], None,
+     "no checkpoint of step 15 in {run}/checkpoints; its steps are [10, 20]."),
+    (["--workdir={run}", "--checkpoint=last"], None,
+     "--checkpoint=last is none of best, latest or a step number; the steps in "
+     "{run}/checkpoints are [10, 20]."),
+    (["--workdir={run}", "--eval_protocol=10crop"], None,
+     "eval_protocol '10crop' is not available for synthetic(32x32x3,10 classes), whose 32x32 "
+     "images are evaluated by 'center'; use one of those."),
+    (["--workdir={run}", "--eval_protocol=5crop"], None,
+     "unknown --eval_protocol '5crop'; choose one of center, 10crop, multiscale."),
+    (["--workdir={run}", "--eval_batch_size=12"], None,
+     "--eval_batch_size: global batch size 12 is not divisible by the 8 devices on the mesh's "
+     "'data' axis; use a multiple of 8 (e.g. 16)."),
+    (["--workdir={run}", "--checkpoint=20"], unreadable,
+     "checkpoint 20 in {run}/checkpoints is unreadable ("),
+    (["--workdir={run}", "--checkpoint=20"], mismatched,
+     "{run}/config.json is not the config of checkpoint 20: the workdir holds checkpoints of a "
+     "different run ("),
+    (["--workdir={run}", "--config=configs/cifar_resnet20.py"], None,
+     "--config is not taken: the run's own config is read from WORKDIR/config.json."),
+    (["--workdir={run}", "10"], None,
+     "unexpected arguments: 10 (flags take the form --name=value)."),
+], ids=["no_workdir", "no_config", "no_checkpoints", "unknown_step", "bad_checkpoint",
+        "unsupported_protocol", "unknown_protocol", "bad_batch_size", "unreadable", "other_run",
+        "config_flag", "stray_argument"])
+def test_each_error_is_one_line_and_exit_status_2(trained_run, tmp_path, args, damage, message):
+  run = tmp_path / "run"
+  shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("evaluations"))
+  if damage:
+    damage(run)
+  checkpoints_before = tree(run / "checkpoints") if (run / "checkpoints").exists() else None
+  completed = evaluator(*(arg.format(tmp=tmp_path, run=run) for arg in args))
+  assert completed.returncode == 2, completed.stderr[-3000:]
+  errors = [line for line in lines(completed.stderr) if line.startswith("error:")]
+  assert len(errors) == 1 and errors == lines(completed.stderr)[-1:], completed.stderr[-3000:]
+  assert errors[0].startswith(f"error: {message.format(tmp=tmp_path, run=run)}"), errors[0]
+  assert "Traceback" not in completed.stderr
+  if checkpoints_before is not None:
+    assert tree(run / "checkpoints") == checkpoints_before
+  assert not (run / "evaluations").exists() or not any((run / "evaluations").iterdir())
+
+
+def test_best_of_checkpoints_without_an_evaluation_is_one_line_naming_the_fix(tmp_path):
+  fabricated_run(tmp_path / "run", {2: None, 4: None}, keep=3)
+  completed = evaluator(f"--workdir={tmp_path}/run")
+  assert completed.returncode == 2, completed.stderr[-3000:]
+  assert lines(completed.stderr)[-1] == (
+      f"error: no checkpoint in {tmp_path}/run/checkpoints records an evaluation (they were "
+      "saved between evaluations, or by an older trainer); pass --checkpoint=latest or a step "
+      "of [2, 4].")
+
+
+# Stands in for a training run that removes the step (an old one past keep_checkpoints) after
+# the evaluator listed it and before it read it.
+REMOVED_BEFORE_READ = """
+import runpy, shutil
+from resnet_jax import checkpoints
+read = checkpoints.Reader.restore
+def removed_first(self, step, state):
+  shutil.rmtree(self.directory / str(step))
+  return read(self, step, state)
+checkpoints.Reader.restore = removed_first
+runpy.run_module("resnet_jax.evaluate", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_step_removed_while_it_is_read_is_one_line_naming_the_kept_steps(trained_run, tmp_path):
+  shutil.copytree(trained_run, tmp_path / "run")
+  completed = evaluator(f"--workdir={tmp_path}/run", "--checkpoint=10", code=REMOVED_BEFORE_READ)
+  assert completed.returncode == 2, completed.stderr[-3000:]
+  assert lines(completed.stderr)[-1] == (
+      "error: checkpoint 10 was removed while it was read (a training run keeps only its last "
+      "checkpoints and the best); rerun, with one of the steps kept now: [20].")
+  assert "Traceback" not in completed.stderr
+
+
+def test_help_exits_0_and_names_the_choices():
+  completed = evaluator("--help")
+  assert completed.returncode == 0, completed.stderr
+  for text in ("--checkpoint", "--eval_protocol", "--workdir", "--data_dir",
+               "best (default)", "10crop", "multiscale", "Exit status: 0 done; 2 nothing"):
+    assert text in completed.stdout, text
+  assert "--config" not in completed.stdout
