@@ -38,6 +38,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, configs/X.py[:smoke]: one per experiment of the "
     "paper.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for everything a run writes.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "Directory (local or gs://) of jax's persistent compilation cache, "
+    "which spares a resumed run the compile of its step (default: $JAX_COMPILATION_CACHE_DIR if "
+    "set, else WORKDIR/compilation_cache, which survives a restart as the workdir does; runs of "
+    "one model and batch can share one); 'off' for none.")
 _LIST_FIELDS = flags.DEFINE_bool(
     "list_fields", False, "Print every field of --config as the --config.FIELD=VALUE flag that "
     "overrides it, and exit.")
@@ -73,6 +78,13 @@ def _initialize_distributed() -> None:
   elif _on_cloud_tpu_vm() or any(key in os.environ for key in (
       "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
     jax.distributed.initialize()  # Cloud TPU, Slurm and Open MPI are detected by jax.
+
+
+def _use_compilation_cache() -> None:
+  import jax
+  directory = (_COMPILATION_CACHE.value or jax.config.jax_compilation_cache_dir
+               or str(epath.Path(_WORKDIR.value) / "compilation_cache"))
+  jax.config.update("jax_compilation_cache_dir", None if directory == "off" else directory)
 
 
 def _on_cloud_tpu_vm() -> bool:
@@ -181,6 +193,7 @@ def main(argv):
     return
   _quiet_start_up()
   _initialize_distributed()
+  _use_compilation_cache()
   from resnet_jax import checkpoints, data, train
   logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
   try:

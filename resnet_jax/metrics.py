@@ -7,7 +7,11 @@ Files in the workdir (written by process 0 only, through etils.epath: local or g
                   and the config; a resumed run hides the steps after its checkpoint that the
                   interrupted run had logged (they are logged again)
   config.json     the run's full config
-  summary.json    the final evaluation, parameter count and dataset
+  summary.json    the final evaluation, parameter count, dataset and where the time went
+
+The console's throughput and ETA count training steps only: the time spent evaluating and
+checkpointing is measured apart (`Writer.paused`), and compilation happens before the timer
+starts; the closing line (`Writer.write_summary`) gives each total.
 """
 
 from __future__ import annotations
@@ -15,13 +19,19 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
+
+
+def report(message: str, *args: Any) -> None:
+  """A line on the console, from the first process only (every process would repeat it)."""
+  if jax.process_index() == 0:
+    logging.info(message, *args)
 
 
 def _duration(seconds: float) -> str:
@@ -76,10 +86,25 @@ class Writer:
       # TensorBoard drops the steps from purge_step on that earlier event files hold.
       self._tensorboard = SummaryWriter(str(workdir), purge_step=start_step + 1 if start_step
                                         else None)
-    self._last_step, self._last_time = 0, time.time()
+    self._last_step, self._last_time = start_step, time.perf_counter()
+    self._paused_in_window = 0.0
+    # Seconds spent in each part of the run since this process started it.
+    self.seconds = {"training": 0.0, "evaluation": 0.0, "checkpoints": 0.0}
 
   def start_timer(self, step: int) -> None:
-    self._last_step, self._last_time = step, time.time()
+    """Starts timing training steps from `step` (after compilation)."""
+    self._last_step, self._last_time, self._paused_in_window = step, time.perf_counter(), 0.0
+
+  @contextlib.contextmanager
+  def paused(self, part: str) -> Iterator[None]:
+    """Times a `part` of the run ("evaluation", "checkpoints") apart from training throughput."""
+    started = time.perf_counter()
+    try:
+      yield
+    finally:
+      elapsed = time.perf_counter() - started
+      self._paused_in_window += elapsed
+      self.seconds[part] += elapsed
 
   def _append(self, record: dict[str, Any]) -> None:
     with (self.workdir / "metrics.jsonl").open("a") as log:
@@ -94,9 +119,11 @@ class Writer:
 
   def write_train(self, step: int, step_metrics: Sequence[dict[str, np.ndarray]]) -> None:
     """Averages the metrics of the steps since the last call and reports them."""
-    now = time.time()
-    images_per_second = (step - self._last_step) * self.batch_size / max(now - self._last_time, 1e-9)
-    self._last_step, self._last_time = step, now
+    now = time.perf_counter()
+    training_seconds = max(now - self._last_time - self._paused_in_window, 1e-9)
+    self.seconds["training"] += training_seconds
+    images_per_second = (step - self._last_step) * self.batch_size / training_seconds
+    self._last_step, self._last_time, self._paused_in_window = step, now, 0.0
     if not self.active:
       return
     means = {key: float(np.mean([m[key] for m in step_metrics])) for key in step_metrics[0]}
@@ -112,23 +139,40 @@ class Writer:
     for key in (*means, "images_per_second"):
       self._tensorboard.add_scalar(f"train/{key}", record[key], step)
 
-  def write_eval(self, step: int, result: dict[str, float], split: str = "eval") -> None:
+  def write_eval(self, step: int, result: dict[str, float], split: str = "eval",
+                 logged: bool = True) -> None:
+    """Reports an evaluation; `logged=False`: on the console only (a repeat of a logged step)."""
     if not self.active:
       return
     logging.info("[%s] step %d  %s: top-1 error %.2f%%  top-5 error %.2f%%  loss %.4f  (%d examples)",
                  self.dataset_name, step, split, result["top1_error"], result["top5_error"],
                  result["loss"], result["examples"])
+    if not logged:
+      return
     self._append({"step": step, "kind": split, **result})
     for key in ("top1_error", "top5_error", "loss"):
       self._tensorboard.add_scalar(f"{split}/{key}", result[key], step)
     self._tensorboard.flush()
 
-  def write_summary(self, config: ml_collections.ConfigDict, result: dict[str, float],
-                    num_params: int) -> None:
-    if self.active:
-      summary = {"model": config.model, "dataset": self.dataset_name, "steps": self.total_steps,
-                 "num_params": num_params, **result}
-      (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  def write_summary(self, config: ml_collections.ConfigDict, result: dict[str, float], *,
+                    num_params: int, steps_run: int, wall_seconds: float,
+                    compile_seconds: float, best_checkpoint: epath.Path | None) -> None:
+    """Writes summary.json and the run's closing line."""
+    if not self.active:
+      return
+    seconds = {"wall": wall_seconds, "compile": compile_seconds, **self.seconds}
+    summary_path = self.workdir / "summary.json"
+    summary = {"model": config.model, "dataset": self.dataset_name, "steps": self.total_steps,
+               "num_params": num_params, **result, "steps_this_run": steps_run,
+               "seconds_this_run": seconds,
+               "best_checkpoint": str(best_checkpoint) if best_checkpoint else None}
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    logging.info("done: %d steps, %d in this run, in %s (compile %.1f s, training %.1f s, "
+                 "evaluation %.1f s, checkpoints %.1f s); final top-1 error %.2f%%; summary %s; "
+                 "best checkpoint %s", self.total_steps, steps_run, _duration(wall_seconds),
+                 compile_seconds, self.seconds["training"], self.seconds["evaluation"],
+                 self.seconds["checkpoints"], result["top1_error"], summary_path,
+                 best_checkpoint or "none (no evaluation was saved with a checkpoint)")
 
   def close(self) -> None:
     if self._tensorboard is not None:

@@ -14,8 +14,11 @@ on 2 GPUs), a difference the paper does not measure and BN is robust to.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import signal
+import time
 from typing import Any
 
 import flax
@@ -231,20 +234,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
                         ) -> dict[str, float]:
+  run_started = time.perf_counter()
+  metrics.report("run: %s for %d steps of batch %d on %d %s devices, in %s", config.model,
+                 config.num_train_steps, config.batch_size, jax.device_count(),
+                 jax.default_backend(), workdir)
   try:  # Everything else that can fail on a bad config fails here, before any compilation.
+    started = time.perf_counter()
     mesh = data.core.make_mesh()
     dataset = data.create(dataset_config(config), mesh)
     data.core.check_protocol(config.eval_protocol, dataset.info, dataset.eval_protocols)
-    model = create_model(config, dataset.info.num_classes, config.seed)
+    info = dataset.info
+    metrics.report("data: %s ready in %.1f s (%d training, %d evaluation images)", info.name,
+                   time.perf_counter() - started, info.train_size, info.eval_size)
+    started = time.perf_counter()
+    model = create_model(config, info.num_classes, config.seed)
+    metrics.report("model: %s, %s parameters, built in %.1f s", config.model,
+                   f"{models.count_params(model):,}", time.perf_counter() - started)
     manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints,
-                                  num_classes=dataset.info.num_classes)
+                                  num_classes=info.num_classes)
   except ValueError as error:
     raise StartupError(str(error)) from error
-  info = dataset.info
   replicated = NamedSharding(mesh, PartitionSpec())
   tx = optim.create(config)
   state = jax.device_put(create_train_state(config, model, tx), replicated)
   try:
+    started = time.perf_counter()
     checkpoints.check_space(workdir, state)
     state, data_state = manager.restore_latest(state)
     start_step = int(state.step)
@@ -253,22 +267,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
     raise StartupError(str(error)) from error
   if data_state is not None:
     train_iter.set_state(data_state)
+  _report_restore(config, start_step, manager, time.perf_counter() - started)
 
   # The iterator turns its inputs into the batch inside the step: an on-device dataset samples
   # and augments there, so no host work runs between steps.
   step_fn = lambda state, inputs: train_step(config, tx, state, train_iter.batch(inputs, state.step))
-  train_fn = jax.jit(step_fn, out_shardings=replicated, donate_argnums=0,
-                     compiler_options=ops.compiler_options())
   eval_fn = jax.jit(eval_step, compiler_options=ops.compiler_options())
   eval_batches = lambda: dataset.eval_batches(config.eval_batch_size, config.eval_protocol)
-
   writer = metrics.Writer(workdir, total_steps=config.num_train_steps,
                           batch_size=config.batch_size, train_size=info.train_size,
                           dataset_name=info.name, start_step=start_step)
   writer.write_config(config)
-  logging.info("Training %s on %s for %d steps from step %d (%d devices, batch %d).",
-               config.model, info.name, config.num_train_steps, start_step,
-               jax.device_count(), config.batch_size)
   with contextlib.ExitStack() as cleanup:
     preemption = cleanup.enter_context(_Preemption())
     cleanup.callback(writer.close)
@@ -276,9 +285,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
     cleanup.callback(manager.wait)
     cleanup.callback(train_iter.close)
     pending, eval_result = [], None
-    writer.start_timer(start_step)
-    for step in range(start_step + 1, config.num_train_steps + 1):
-      inputs = next(train_iter)
+    steps = range(start_step + 1, config.num_train_steps + 1)
+    batches, compile_seconds = iter(()), 0.0
+    if steps:
+      first_inputs = next(train_iter)
+      train_fn, compile_seconds = _compile(
+          jax.jit(step_fn, out_shardings=replicated, donate_argnums=0,
+                  compiler_options=ops.compiler_options()), state, first_inputs)
+      metrics.report("train: throughput and ETA count training steps only; evaluation and "
+                     "checkpoint time is totalled in the closing line")
+      batches = itertools.chain([first_inputs], train_iter)
+      writer.start_timer(start_step)
+    for step, inputs in zip(steps, batches):
       with jax.transfer_guard("disallow"):  # Nothing may move between host and device here.
         state, step_metrics = train_fn(state, inputs)
       pending.append(step_metrics)
@@ -289,28 +307,73 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
         writer.write_train(step, jax.device_get(pending))
         pending = []
       if step % config.eval_every_steps == 0 or is_last:
-        eval_result = evaluate(eval_fn, state, eval_batches())
+        jax.block_until_ready(state)  # Steps still queued count as training, not evaluation.
+        with writer.paused("evaluation"):
+          eval_result = evaluate(eval_fn, state, eval_batches())
         writer.write_eval(step, eval_result)
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
         _check_finite(state)
-        manager.save(step, state, train_iter.get_state(),
-                     eval_result if step % config.eval_every_steps == 0 or is_last else None)
+        with writer.paused("checkpoints"):
+          manager.save(step, state, train_iter.get_state(),
+                       eval_result if step % config.eval_every_steps == 0 or is_last else None)
       if preempted:
         manager.wait()
         logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
                         step, workdir)
         raise SystemExit(PREEMPTED_EXIT_CODE)
-    manager.wait()
-    # One compilation of the step for the whole run: a second would mean a shape
-    # or sharding drifted between steps.
-    compilations = train_fn._cache_size()  # pylint: disable=protected-access
-    if compilations > 1:
-      logging.warning("The train step compiled %d times; expected once.", compilations)
+    with writer.paused("checkpoints"):
+      manager.wait()
     if eval_result is None:  # Resumed at the final step: evaluate what was restored.
-      eval_result = evaluate(eval_fn, state, eval_batches())
-    eval_result["train_step_compilations"] = compilations
-    writer.write_summary(config, eval_result, num_params=models.count_params(model))
+      with writer.paused("evaluation"):
+        eval_result = evaluate(eval_fn, state, eval_batches())
+      writer.write_eval(start_step, eval_result, logged=False)
+    best_step = manager.best_step()
+    writer.write_summary(config, eval_result, num_params=models.count_params(model),
+                         steps_run=len(steps), wall_seconds=time.perf_counter() - run_started,
+                         compile_seconds=compile_seconds,
+                         best_checkpoint=None if best_step is None
+                         else manager.directory / str(best_step))
   return eval_result
+
+
+def _report_restore(config: ml_collections.ConfigDict, start_step: int,
+                    manager: checkpoints.Manager, seconds: float) -> None:
+  if not start_step:
+    metrics.report("restore: no checkpoint in %s; training from step 0", manager.directory)
+  elif start_step >= config.num_train_steps:
+    metrics.report("restore: the run finished already (step %d of %d, restored in %.1f s); "
+                   "evaluating its final state again, nothing to train", start_step,
+                   config.num_train_steps, seconds)
+  else:
+    metrics.report("restore: resumed at step %d of %d from %s in %.1f s; the data order "
+                   "continues from there", start_step, config.num_train_steps,
+                   manager.directory / str(start_step), seconds)
+
+
+def _compile(train_fn, state: TrainState, inputs) -> tuple[jax.stages.Compiled, float]:
+  """The train step compiled ahead of the first step: its time is reported alone, and the loop
+  can only run this one executable (a shape or sharding drifting between steps is an error,
+  not a silent recompilation)."""
+  cache_dir = jax.config.jax_compilation_cache_dir
+  hits_before = _jax_events["/jax/compilation_cache/cache_hits"]
+  started = time.perf_counter()
+  compiled = train_fn.lower(state, inputs).compile()
+  seconds = time.perf_counter() - started
+  if not cache_dir:
+    source = "no persistent compilation cache"
+  elif _jax_events["/jax/compilation_cache/cache_hits"] > hits_before:
+    source = f"loaded from the persistent compilation cache {cache_dir}"
+  elif seconds >= jax.config.jax_persistent_cache_min_compile_time_secs:
+    source = f"compiled, and stored in the persistent compilation cache {cache_dir}"
+  else:
+    source = "compiled; too quick to be worth the persistent compilation cache"
+  metrics.report("compile: train step in %.1f s (%s)", seconds, source)
+  return compiled, seconds
+
+
+# jax's monitoring events since this module's import (the persistent cache's hits among them).
+_jax_events: collections.Counter[str] = collections.Counter()
+jax.monitoring.register_event_listener(lambda event, **kwargs: _jax_events.update([event]))
 
 
 def _check_finite(state: TrainState) -> None:
