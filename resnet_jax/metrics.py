@@ -2,12 +2,14 @@
 
 Files in the workdir (written by process 0 only, through etils.epath: local or gs://):
   metrics.jsonl   one JSON object per train log or evaluation: {"step", "kind", ...}; errors
-                  (`top1_error`, `top5_error`) in percent for both kinds
+                  (`top1_error`, `top5_error`) in percent for both kinds; at the end of each
+                  command that ran to the end, a "run" record: its steps and seconds by part
   events.out.*    TensorBoard event files (tensorboardX: no TensorFlow needed): the same scalars
                   and the config; a resumed run hides the steps after its checkpoint that the
                   interrupted run had logged (they are logged again)
   config.json     the run's full config
-  summary.json    the final evaluation, parameter count, dataset and where the time went
+  summary.json    the final evaluation, parameter count, dataset and best checkpoint's step:
+                  the same bytes for the same run, however often it was resumed
 
 The console's throughput and ETA count training steps only: the time spent evaluating and
 checkpointing is measured apart (`Writer.paused`), and compilation happens before the timer
@@ -160,13 +162,13 @@ class Writer:
     """Writes summary.json and the run's closing line."""
     if not self.active:
       return
-    seconds = {"wall": wall_seconds, "compile": compile_seconds, **self.seconds}
     summary_path = self.workdir / "summary.json"
     summary = {"model": config.model, "dataset": self.dataset_name, "steps": self.total_steps,
-               "num_params": num_params, **result, "steps_this_run": steps_run,
-               "seconds_this_run": seconds,
-               "best_checkpoint": str(best_checkpoint) if best_checkpoint else None}
+               "num_params": num_params, **result,
+               "best_checkpoint_step": int(best_checkpoint.name) if best_checkpoint else None}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    self._append({"step": self.total_steps, "kind": "run", "steps": steps_run, "seconds": {
+        "wall": wall_seconds, "compile": compile_seconds, **self.seconds}})
     logging.info("done: %d steps, %d in this run, in %s (compile %.1f s, training %.1f s, "
                  "evaluation %.1f s, checkpoints %.1f s); final top-1 error %.2f%%; summary %s; "
                  "best checkpoint %s", self.total_steps, steps_run, _duration(wall_seconds),
