@@ -52,7 +52,8 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Where the run's dataset is now, if it moved (default: the run's "
     "dataset.data_dir).")
 # Defined by the trainer's command line, with the same meaning here.
-for _name in ("workdir", "coordinator_address", "num_processes", "process_id"):
+for _name in ("workdir", "compilation_cache", "coordinator_address", "num_processes",
+              "process_id"):
   flags.declare_key_flag(_name)
 
 
@@ -214,6 +215,8 @@ def main(argv):
   del argv  # Checked by _parse_flags.
   trainer_cli._quiet_start_up()  # pylint: disable=protected-access
   trainer_cli._initialize_distributed()  # pylint: disable=protected-access
+  # The run's own cache (WORKDIR/compilation_cache by default) may hold the evaluation step.
+  trainer_cli._use_compilation_cache()  # pylint: disable=protected-access
   logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
   try:
     path, record = evaluate_run(flags.FLAGS.workdir, _CHECKPOINT.value, _EVAL_PROTOCOL.value,
