@@ -118,8 +118,10 @@ def check_identity(saved: dict[str, Any], identity: dict[str, Any]) -> None:
 class Reader:
   """Reads one run's checkpoints under `workdir/checkpoints`; changes nothing there."""
 
-  def __init__(self, workdir: epath.Path):
-    self._manager = _orbax_manager(workdir, read_only=True, create=False, save_interval_steps=0)
+  def __init__(self, workdir: epath.Path, **writing_options):
+    # `writing_options`: orbax's CheckpointManagerOptions for a `Manager`, which writes.
+    self._manager = _orbax_manager(workdir, **(writing_options or dict(
+        read_only=True, create=False, save_interval_steps=0)))
 
   @property
   def directory(self) -> epath.Path:
@@ -156,14 +158,14 @@ class Manager(Reader):
   """Saves and restores one run's checkpoints under `workdir/checkpoints`."""
 
   def __init__(self, workdir: epath.Path, config: ml_collections.ConfigDict, keep: int,
-               num_classes: int | None = None):  # pylint: disable=super-init-not-called
+               num_classes: int | None = None):
     self.identity = run_identity(config, num_classes)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, reverse=True, n=1,
                                   keep_checkpoints_without_metrics=False),
     ])
-    self._manager = _orbax_manager(workdir, preservation_policy=policy, create=True)
+    super().__init__(workdir, preservation_policy=policy, create=True)
 
   def save(self, step: int, state, data_state: dict | None, eval_metrics: dict | None) -> None:
     items = {"state": ocp.args.StandardSave(state), "identity": ocp.args.JsonSave(self.identity)}
@@ -196,7 +198,6 @@ class Manager(Reader):
         continue
       for bad in damaged:
         self._set_aside(bad)
-      logging.info("Resumed from the checkpoint at step %d.", step)
       return restored
     # Left in place: a rerun must fail the same way, not silently train from scratch.
     raise ValueError(f"none of the checkpoints {steps} in {self.directory} is readable; "

@@ -34,11 +34,7 @@ from absl import app, flags, logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoints, data, ops, optim, train
-from resnet_jax import main as trainer_cli
-
-# The trainer's one-line errors and exit statuses.
-_fail = trainer_cli._fail  # pylint: disable=protected-access
+from resnet_jax import checkpoints, cli, data, ops, optim, train
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "best", "Which checkpoint: best (lowest top-1 error in the run's own "
@@ -51,9 +47,7 @@ _EVAL_BATCH_SIZE = flags.DEFINE_integer(
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Where the run's dataset is now, if it moved (default: the run's "
     "dataset.data_dir).")
-# Defined by the trainer's command line, with the same meaning here.
-for _name in ("workdir", "compilation_cache", "coordinator_address", "num_processes",
-              "process_id"):
+for _name in cli.FLAG_NAMES:
   flags.declare_key_flag(_name)
 
 
@@ -195,37 +189,32 @@ def _first_line(error: Exception) -> str:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, but every bad command line is one line and exit status 2."""
-  if trainer_cli._HELP_FLAGS & {*argv[1:]}:  # pylint: disable=protected-access
-    app.usage(shorthelp=not {"--helpfull", "-helpfull"} & {*argv}, writeto_stdout=True,
-              exitcode=0)
+  cli.help_if_asked(argv)
+  if any(arg.lstrip("-").split("=")[0].split(".")[0] == "config" for arg in argv[1:]):
+    cli.fail("--config is not taken: the run's own config is read from WORKDIR/config.json.")
   try:
     argv = flags.FLAGS(argv)
   except flags.Error as error:
-    _fail(str(error))
+    cli.fail(str(error))
   if len(argv) > 1:
-    _fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
-  if flags.FLAGS["config"].present:
-    _fail("--config is not taken: the run's own config is read from WORKDIR/config.json.")
-  if not flags.FLAGS.workdir:
-    _fail("--workdir is missing or empty; pass the workdir of the run to evaluate.")
+    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
+  if not cli.WORKDIR.value:
+    cli.fail("--workdir is missing or empty; pass the workdir of the run to evaluate.")
   return argv
 
 
 def main(argv):
   del argv  # Checked by _parse_flags.
-  trainer_cli._quiet_start_up()  # pylint: disable=protected-access
-  trainer_cli._initialize_distributed()  # pylint: disable=protected-access
-  # The run's own cache (WORKDIR/compilation_cache by default) may hold the evaluation step.
-  trainer_cli._use_compilation_cache()  # pylint: disable=protected-access
+  cli.start()  # The run's own compilation cache may hold the evaluation step.
   logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
   try:
-    path, record = evaluate_run(flags.FLAGS.workdir, _CHECKPOINT.value, _EVAL_PROTOCOL.value,
+    path, record = evaluate_run(cli.WORKDIR.value, _CHECKPOINT.value, _EVAL_PROTOCOL.value,
                                 _EVAL_BATCH_SIZE.value, _DATA_DIR.value)
   except EvaluationError as error:
-    _fail(str(error))
+    cli.fail(str(error))
   # OSError: a disk failing; CorruptImageError: an image that does not decode.
   except (OSError, data.CorruptImageError) as error:
-    _fail(str(error), trainer_cli.RUN_FAILED)
+    cli.fail(str(error), cli.RUN_FAILED)
   if jax.process_index() == 0:
     print(f"{record['model']} step {record['step']} ({record['checkpoint']}) on "
           f"{record['dataset']} {record['eval_split']}, {record['protocol']}: top-1 error "

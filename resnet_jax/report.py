@@ -186,8 +186,8 @@ def trained_layer_responses(workdir: epath.Path, datasets: dict) -> np.ndarray:
   model = train.create_model(config, dataset.info.num_classes, config.seed)
   state = jax.device_put(train.create_train_state(config, model, optim.create(config)),
                          NamedSharding(mesh, PartitionSpec()))
-  manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints)
-  state, _ = manager.restore_latest(state)
+  reader = checkpoints.Reader(workdir)  # Reads only: the run may still be training.
+  state, _ = reader.restore(reader.latest_step(), state)
   nnx.update(model, state.params, state.batch_stats)
   # The run's own evaluation batches (a size its devices and data allow), up to N images.
   images, count = [], 0

@@ -338,14 +338,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
 
 def _report_restore(config: ml_collections.ConfigDict, start_step: int,
                     manager: checkpoints.Manager, seconds: float) -> None:
+  # On every process: each restores its own part of the state.
   if not start_step:
-    metrics.report("restore: no checkpoint in %s; training from step 0", manager.directory)
+    logging.info("restore: no checkpoint in %s; training from step 0", manager.directory)
   elif start_step >= config.num_train_steps:
-    metrics.report("restore: the run finished already (step %d of %d, restored in %.1f s); "
+    logging.info("restore: the run finished already (step %d of %d, restored in %.1f s); "
                    "evaluating its final state again, nothing to train", start_step,
                    config.num_train_steps, seconds)
   else:
-    metrics.report("restore: resumed at step %d of %d from %s in %.1f s; the data order "
+    logging.info("restore: resumed at step %d of %d from %s in %.1f s; the data order "
                    "continues from there", start_step, config.num_train_steps,
                    manager.directory / str(start_step), seconds)
 

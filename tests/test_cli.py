@@ -81,8 +81,11 @@ def test_start_up_error_is_printed_once_without_tensorflow_or_libtpu_notices(tmp
   error, *others = lines(completed.stderr)[::-1]
   assert error.startswith("error: TFDS dataset 'cifar10' is not prepared in"), completed.stderr
   assert completed.stderr.count("is not prepared in") == 1
-  # All that may precede it: TFDS's warning about the very folder the error names.
-  assert [line for line in others if "has no dataset_info.json" not in line] == []
+  # All that may precede it: the run's opening line, and TFDS's warning about the very folder
+  # the error names.
+  assert [line for line in others
+          if "has no dataset_info.json" not in line and "] run: cifar_resnet20 for 20" not in line
+          ] == []
 
 
 def test_a_run_that_fails_after_it_started_exits_1(tmp_path, compilation_cache):
@@ -95,3 +98,37 @@ def test_a_run_that_fails_after_it_started_exits_1(tmp_path, compilation_cache):
   assert completed.stderr.count("non-finite loss or gradient") == 1
   assert "Traceback" not in completed.stderr
   assert not (tmp_path / "w" / "claim").exists()  # Released by a failed run too.
+
+
+@pytest.mark.slow
+def test_persistent_compilation_cache_in_the_workdir_serves_the_resumed_run(tmp_path):
+  cache_settings = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  args = [SMOKE, "--config.model=cifar_resnet8", "--config.lr_boundaries=(1,)",
+          "--config.eval_every_steps=4", "--config.checkpoint_every_steps=2"]
+  workdir = tmp_path / "run"
+
+  def compile_line(*more):
+    run = trainer(tmp_path, *args, f"--workdir={workdir}", *more,
+                  unset=("JAX_COMPILATION_CACHE_DIR",), **cache_settings)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = [line for line in run.stderr.splitlines() if "] compile: " in line]
+    return line.split("] ", 1)[1]
+
+  cache = workdir / "compilation_cache"
+  assert compile_line("--config.num_train_steps=2").endswith(
+      f"(compiled, and stored in the persistent compilation cache {cache})")
+  assert any(cache.iterdir())
+  assert compile_line("--config.num_train_steps=4").endswith(
+      f"(loaded from the persistent compilation cache {cache})")
+
+  # Off with one flag: the resumed run compiles, and nothing is cached anywhere.
+  cache_files = sorted(cache.iterdir())
+  assert compile_line("--config.num_train_steps=6", "--compilation_cache=off").endswith(
+      "(no persistent compilation cache)")
+  assert sorted(cache.iterdir()) == cache_files
+
+  # Elsewhere, e.g. one cache shared by a sweep's runs.
+  shared = tmp_path / "shared_cache"
+  assert compile_line("--config.num_train_steps=8", f"--compilation_cache={shared}").endswith(
+      f"(compiled, and stored in the persistent compilation cache {shared})")
+  assert any(shared.iterdir())

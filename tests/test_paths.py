@@ -101,9 +101,9 @@ def test_trainer_runs_with_every_path_a_uri(ram, tmp_path, monkeypatch, dataset)
 
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["kind"]) for r in records] == [(2, "train"), (2, "eval"), (4, "train"),
-                                                        (4, "eval")]
+                                                        (4, "eval"), (4, "run")]
   summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["steps"] == 4 and summary["top1_error"] == records[-1]["top1_error"]
+  assert summary["steps"] == 4 and summary["top1_error"] == records[-2]["top1_error"]
   assert json.loads((workdir / "config.json").read_text())["model"] == "cifar_resnet8"
   events = list(workdir.glob("events.out.tfevents.*"))
   assert len(events) == 1 and len(events[0].read_bytes()) > 100

@@ -1,6 +1,8 @@
 """The training loop: resume equality, preemption, start-up errors, one compilation, real data."""
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import struct
@@ -18,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tensorboardX.proto import event_pb2
 
 from configs import cifar_resnet20
-from resnet_jax import data, optim, train
+from resnet_jax import checkpoints, data, optim, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,7 +142,8 @@ def test_run_writes_metrics_tensorboard_and_summary(tmp_path):
   train.train_and_evaluate(config, str(tmp_path))
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   kinds = [(r["step"], r["kind"]) for r in records]
-  assert kinds == [(2, "train"), (2, "eval"), (4, "train"), (4, "eval")]
+  assert kinds == [(2, "train"), (2, "eval"), (4, "train"), (4, "eval"), (4, "run")]
+  records.pop()  # The command's run record, checked by the tests of progress below.
   assert records[0]["learning_rate"] == pytest.approx(0.1)
   assert records[2]["learning_rate"] == pytest.approx(0.01)
   assert records[1]["examples"] == 200  # every synthetic eval example, once
@@ -327,6 +330,106 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     result = train.train_and_evaluate(config, str(tmp_path))
   messages = [r.getMessage() for r in caplog.records]
   assert any("Checkpoint at step 4 is unreadable" in m for m in messages), messages
-  assert any("Resumed from the checkpoint at step 2" in m for m in messages), messages
+  assert any("restore: resumed at step 2 of" in m for m in messages), messages
   assert result["examples"] == 200 and final_state(str(tmp_path))[0] == 6
   assert list((tmp_path / "checkpoints").glob("4.unreadable-*"))  # kept for inspection
+
+
+# What a run tells its user: start-up phases, honest throughput, the closing line, resume
+# messages.
+PAUSE = 2.0  # Seconds each slowed-down part of the run takes on top of its own work.
+
+
+def records(workdir, kind):
+  return [record for record in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+          if record["kind"] == kind]
+
+
+def console(caplog) -> list[str]:
+  """The lines the package logged (orbax logs through absl too)."""
+  return [record.getMessage() for record in caplog.records
+          if record.name == "absl" and "/resnet_jax/" in record.pathname]
+
+
+def test_throughput_and_eta_exclude_compilation_evaluation_and_checkpoints(tmp_path, monkeypatch):
+  # Each of the three takes PAUSE seconds more than it would; no training window may see them.
+  def slowed(function):
+    def slow(*args, **kwargs):
+      time.sleep(PAUSE)
+      return function(*args, **kwargs)
+    return slow
+  monkeypatch.setattr(train, "_compile", slowed(train._compile))
+  monkeypatch.setattr(train, "evaluate", slowed(train.evaluate))
+  monkeypatch.setattr(checkpoints.Manager, "save", slowed(checkpoints.Manager.save))
+  config = smoke_config(num_train_steps=6, lr_boundaries=(4,), log_every_steps=1,
+                        eval_every_steps=2, checkpoint_every_steps=3)
+  train.train_and_evaluate(config, str(tmp_path))
+
+  windows = [config.batch_size / record["images_per_second"] for record in records(tmp_path, "train")]
+  assert len(windows) == 6 and max(windows) < PAUSE, windows
+  (run,) = records(tmp_path, "run")
+  assert run["steps"] == 6
+  seconds = run["seconds"]
+  assert seconds["evaluation"] >= 3 * PAUSE  # steps 2, 4, 6
+  assert seconds["checkpoints"] >= 2 * PAUSE  # steps 3, 6
+  assert seconds["training"] == pytest.approx(sum(windows), rel=1e-3)
+  assert seconds["wall"] >= 6 * PAUSE + seconds["compile"] + seconds["training"]
+
+
+def test_start_up_phases_then_the_closing_line_with_error_summary_and_best_checkpoint(
+    tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  config = smoke_config(num_train_steps=4, lr_boundaries=(2,), log_every_steps=2,
+                        eval_every_steps=2, checkpoint_every_steps=2)
+  result = train.train_and_evaluate(config, str(tmp_path))
+
+  lines = console(caplog)
+  phases = [line.split(":", 1)[0] for line in lines if re.match(r"[a-z]+: ", line)]
+  assert phases == ["run", "data", "model", "restore", "compile", "train", "done"], lines
+  compile_line = next(line for line in lines if line.startswith("compile:"))
+  assert re.fullmatch(r"compile: train step in \d+\.\d s \(no persistent compilation cache\)",
+                      compile_line)
+  done = lines[-1]
+  assert done.startswith("done: 4 steps, 4 in this run, in ")
+  assert f"final top-1 error {result['top1_error']:.2f}%" in done
+  assert f"summary {tmp_path / 'summary.json'}" in done
+  # The best of the evaluations at steps 2 and 4 is the kept checkpoint the line names.
+  evaluations = {record["step"]: record["top1_error"] for record in records(tmp_path, "eval")}
+  best = min(evaluations, key=lambda step: (evaluations[step], -step))
+  assert done.endswith(f"best checkpoint {tmp_path / 'checkpoints' / str(best)}")
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["best_checkpoint_step"] == best
+  assert summary["top1_error"] == result["top1_error"]
+  (run,) = records(tmp_path, "run")
+  compile_seconds = float(re.search(r"in (\d+\.\d) s", compile_line).group(1))
+  assert run["steps"] == 4
+  assert run["seconds"]["compile"] == pytest.approx(compile_seconds, abs=0.05)
+
+
+def test_resume_and_rerun_of_a_finished_run_say_what_they_do(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  config = smoke_config(num_train_steps=2, lr_boundaries=(1,), log_every_steps=1,
+                        eval_every_steps=2, checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert f"restore: no checkpoint in {tmp_path / 'checkpoints'}; training from step 0" in console(caplog)
+
+  caplog.clear()
+  config.num_train_steps = 4
+  train.train_and_evaluate(config, str(tmp_path))
+  (restore,) = [line for line in console(caplog) if line.startswith("restore:")]
+  assert restore.startswith(f"restore: resumed at step 2 of 4 from {tmp_path / 'checkpoints' / '2'}")
+  assert console(caplog)[-1].startswith("done: 4 steps, 2 in this run")
+
+  caplog.clear()
+  logged = (tmp_path / "metrics.jsonl").read_text()
+  rerun = train.train_and_evaluate(config, str(tmp_path))
+  lines = console(caplog)
+  (restore,) = [line for line in lines if line.startswith("restore:")]
+  assert restore.startswith("restore: the run finished already (step 4 of 4")
+  assert restore.endswith("evaluating its final state again, nothing to train")
+  assert not any(line.startswith(("compile:", "train:")) for line in lines)
+  assert f"step 4  eval: top-1 error {rerun['top1_error']:.2f}%" in "\n".join(lines)
+  assert lines[-1].startswith("done: 4 steps, 0 in this run")
+  # The repeated evaluation is shown, not logged a second time: only the command's run record.
+  (new,) = (tmp_path / "metrics.jsonl").read_text()[len(logged):].splitlines()
+  assert json.loads(new)["kind"] == "run" and json.loads(new)["steps"] == 0

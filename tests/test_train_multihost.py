@@ -97,9 +97,9 @@ def test_two_processes_killed_and_preempted_resume_and_train_as_one(
   saved = processes.newest_checkpoint(tmp_path)
   assert saved in (6, 7, 8)
   for result in preempted:
-    assert f"Resumed from the checkpoint at step {newest}." in result.stderr
+    assert f"restore: resumed at step {newest} of" in result.stderr
     assert f"Preempted: saved step {saved} " in result.stderr
   finished = _train(tmp_path, 2, compilation_cache)
   for result in finished:
-    assert f"Resumed from the checkpoint at step {saved}." in result.stderr
+    assert f"restore: resumed at step {saved} of" in result.stderr
   _assert_train_as_one(one_process, tmp_path)
