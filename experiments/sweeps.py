@@ -58,6 +58,10 @@ SWEEPS = {
         "Fig. 1 / Fig. 6 at CPU scale: plain and residual nets of 20 and 56 layers",
         ("cifar_plain20", "cifar_plain56", "cifar_resnet20", "cifar_resnet56"),
         default_schedule="short"),
+    "cifar_resnet20_long_cpu": Sweep(
+        "ResNet-20 on CIFAR-10 for a few hours of CPU: the paper's recipe over --steps "
+        "iterations (16000, a quarter of its schedule, in experiments/results)",
+        ("cifar_resnet20",), default_schedule="short"),
     "table2_fig4": Sweep(
         "ImageNet plain vs residual 18/34 (Table 2, Fig. 4), residual nets with option A as in "
         "Table 2",
