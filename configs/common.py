@@ -25,6 +25,7 @@ def base(dataset: str) -> ml_collections.ConfigDict:
   config.lr_boundaries = ()
   config.warmup_learning_rate = 0.0  # 0: no warm-up.
   config.warmup_until_train_error = 0.8
+  config.warmup_window = 100  # Iterations whose mean training error ends the warm-up.
   config.plateau_patience = 0
   config.plateau_accumulation_steps = 0
   config.dtype = ml_collections.config_dict.placeholder(str)  # None: bfloat16 on TPU, else float32.

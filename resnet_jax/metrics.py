@@ -3,7 +3,8 @@
 Files in the workdir (written by process 0 only, through etils.epath: local or gs://):
   metrics.jsonl   one JSON object per train log or evaluation: {"step", "kind", ...}; errors
                   (`top1_error`, `top5_error`) in percent for both kinds; at the end of each
-                  command that ran to the end, a "run" record: its steps and seconds by part
+                  command that ran to the end, a "run" record: its steps and seconds by part;
+                  a "warmup_end" record at the iteration the ResNet-110 warm-up ended
   events.out.*    TensorBoard event files (tensorboardX: no TensorFlow needed): the same scalars
                   and the config; a resumed run hides the steps after its checkpoint that the
                   interrupted run had logged (they are logged again)
@@ -140,6 +141,17 @@ class Writer:
     self._append(record)
     for key in (*means, "images_per_second"):
       self._tensorboard.add_scalar(f"train/{key}", record[key], step)
+
+  def write_warmup_end(self, step: int, train_error: float,
+                       config: ml_collections.ConfigDict) -> None:
+    """Reports the iteration the warm-up ended at (Sec. 4.2) and the error that ended it."""
+    if not self.active:
+      return
+    logging.info("warm-up: over after iteration %d, the mean training error of the last %d "
+                 "iterations being %.2f%% (below %.0f%%); the schedule's learning rate from "
+                 "iteration %d", step, config.warmup_window, 100 * train_error,
+                 100 * config.warmup_until_train_error, step + 1)
+    self._append({"step": step, "kind": "warmup_end", "top1_error": 100 * train_error})
 
   def write_eval(self, step: int, result: dict[str, float], split: str = "eval",
                  logged: bool = True) -> None:

@@ -52,7 +52,7 @@ LAYER_RESPONSE_IMAGES = 512  # Evaluation images the Fig. 7 statistics are taken
 
 
 def find_members(sweep_dir: epath.Path) -> list[dict]:
-  """Each member with its config, seed, summary (None until it finishes) and curves.
+  """Each member with its config, seed, summary (None until it finishes), curves and warm-up end.
 
   The members are those sweep.json plans (started or not) and any other
   `<config>/seed<k>` workdir found, in the sweep's order.
@@ -67,7 +67,10 @@ def find_members(sweep_dir: epath.Path) -> list[dict]:
         "config": workdir.parent.name, "seed": int(workdir.name.removeprefix("seed")),
         "workdir": workdir,
         "summary": json.loads(summary_path.read_text()) if summary_path.exists() else None,
-        "curves": analysis.training_curves([workdir])[str(workdir)]})
+        "curves": analysis.training_curves([workdir])[str(workdir)],
+        # The ResNet-110 warm-up's end (Sec. 4.2), None without one or while it lasts.
+        "warmup_end": next((record for record in reversed(analysis.read_metrics(workdir))
+                            if record.get("kind") == "warmup_end"), None)})
   return members
 
 
@@ -255,6 +258,14 @@ def write_report(sweep_dir: epath.PathLike, out: epath.PathLike,
       "| Paper (%) | Δ |",
       "|---|---|---|---|---|---|---|---|---|"]
   lines += [_format_row(row) for row in rows] + [""]
+  warmed = [m for m in members if m["warmup_end"]]
+  if warmed:
+    lines += ["## Warm-up (Sec. 4.2)", "",
+              "Learning rate 0.01 until the training error, the mean of the last "
+              "`warmup_window` batches, is below 80% (the paper: \"about 400 iterations\").", "",
+              "| Run | Warm-up ended after iteration | Training error then (%) |", "|---|---|---|"]
+    lines += [f"| {m['config']} seed {m['seed']} | {m['warmup_end']['step']} | "
+              f"{m['warmup_end']['top1_error']:.2f} |" for m in warmed] + [""]
 
   lines += ["## Training curves", ""]
   if plot_curves(members, out / "curves.png"):

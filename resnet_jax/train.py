@@ -52,8 +52,7 @@ class TrainState:
   params: nnx.State
   batch_stats: nnx.State
   opt_state: optax.OptState
-  warmed_up: jax.Array  # bool: the ResNet-110 warm-up is over (Sec. 4.2).
-  train_error_ema: jax.Array  # smoothed training error that ends the warm-up.
+  warmup: optim.Warmup  # The ResNet-110 warm-up (Sec. 4.2).
   nonfinite_step: jax.Array  # int32: first step with a non-finite loss or gradient, else -1.
   graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
 
@@ -86,8 +85,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-      opt_state=tx.init(params), warmed_up=jnp.asarray(not config.warmup_learning_rate),
-      train_error_ema=jnp.ones((), jnp.float32), nonfinite_step=-jnp.ones((), jnp.int32),
+      opt_state=tx.init(params), warmup=optim.warmup_init(config),
+      nonfinite_step=-jnp.ones((), jnp.int32),
       graphdef=graphdef)
 
 
@@ -117,17 +116,15 @@ def train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats)
-  rate = optim.learning_rate(config, state.step, state.warmed_up)
+  rate = optim.learning_rate(config, state.step, state.warmup)
   opt_state = optim.set_learning_rate(state.opt_state, rate)
   updates, opt_state = tx.update(grads, opt_state, state.params, value=loss)
   errors = topk_errors(logits, batch.labels, batch.mask)
   train_error = errors["top1_errors"] / errors["count"]
-  error_ema = 0.9 * state.train_error_ema + 0.1 * train_error
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates),
       batch_stats=batch_stats, opt_state=opt_state,
-      warmed_up=state.warmed_up | (error_ema < config.warmup_until_train_error),
-      train_error_ema=error_ema)
+      warmup=optim.warmup_update(config, state.warmup, state.step, train_error))
   # A non-finite loss or gradient leaves the state as it was and records the
   # step; the host stops at its next check, so no NaN ever reaches a checkpoint.
   # (One global norm, not a test per leaf: per-leaf tests made XLA's CPU
@@ -287,6 +284,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
     pending, eval_result = [], None
     steps = range(start_step + 1, config.num_train_steps + 1)
     batches, compile_seconds = iter(()), 0.0
+    warming_up = not bool(state.warmup.over)
     if steps:
       first_inputs = next(train_iter)
       train_fn, compile_seconds = _compile(
@@ -306,6 +304,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
         _check_finite(state)
         writer.write_train(step, jax.device_get(pending))
         pending = []
+        if warming_up and state.warmup.over:
+          warming_up = False
+          writer.write_warmup_end(int(state.warmup.end_step), float(state.warmup.end_error),
+                                  config)
       if step % config.eval_every_steps == 0 or is_last:
         jax.block_until_ready(state)  # Steps still queued count as training, not evaluation.
         with writer.paused("evaluation"):

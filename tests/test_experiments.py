@@ -153,8 +153,14 @@ def test_report_table_against_the_paper(tmp_path):
   assert rows["cifar_plain20"]["paper"] == "—" and rows["cifar_plain20"]["difference"] is None
   assert rows["cifar_resnet20"]["finished"] == 0 and rows["cifar_resnet20"]["test_mean"] is None
 
+  # The trainer's record of the iteration ResNet-110's warm-up ended at, in one run's log.
+  with (sweep_dir / "cifar_resnet110" / "seed1" / "metrics.jsonl").open("a") as log:
+    log.write(json.dumps({"step": 412, "kind": "warmup_end", "top1_error": 79.61}) + "\n")
   path = report.write_report(sweep_dir, tmp_path / "out")
   text = path.read_text()
+  warmup = text.split("## Warm-up (Sec. 4.2)")[1].split("##")[0]
+  assert [line for line in warmup.splitlines() if line.startswith("| cifar")] == [
+      "| cifar_resnet110 seed 1 | 412 | 79.61 |"]
   assert ("| cifar_resnet110 | cifar_resnet110 | image_folder(/data/cifar10-jpeg) | 1,727,962 "
           "| 3/5 | 2.00 | 6.70 ± 0.20 | 6.61 ± 0.16 (5 runs; best 6.43) | +0.09 |") in text
   assert "| cifar_plain20 | cifar_plain20 | image_folder(/data/cifar10-jpeg) | 269,722 | 1/1 " \

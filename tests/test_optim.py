@@ -11,24 +11,77 @@ from resnet_jax import optim
 
 def test_cifar_schedule_divides_by_10_at_32k_and_48k():
   config = cifar_resnet20.get_config()
-  rates = {step: float(optim.learning_rate(config, step, True))
+  warmup = optim.warmup_init(config)  # ResNet-20 has none: over before it starts.
+  rates = {step: float(optim.learning_rate(config, step, warmup))
            for step in (0, 31_999, 32_000, 47_999, 48_000, 63_999)}
   assert rates == pytest.approx({0: 0.1, 31_999: 0.1, 32_000: 0.01, 47_999: 0.01,
                                  48_000: 0.001, 63_999: 0.001})
 
 
-def test_resnet110_warm_up_holds_0_01_until_the_switch():
+def run_warmup(config, errors):
+  """The warm-up state after each iteration with these batch errors (fractions)."""
+  update = jax.jit(lambda warmup, step, error: optim.warmup_update(config, warmup, step, error))
+  warmup, states = optim.warmup_init(config), []
+  for step, error in enumerate(errors):
+    warmup = update(warmup, step, error)
+    states.append(warmup)
+  return states
+
+
+def end_step(states) -> int:
+  return int(states[-1].end_step)
+
+
+def test_resnet110_warm_up_ends_when_the_mean_of_the_last_100_batches_is_below_80_percent():
   config = cifar_resnet110.get_config()
-  assert float(optim.learning_rate(config, 10, False)) == pytest.approx(0.01)
-  assert float(optim.learning_rate(config, 10, True)) == pytest.approx(0.1)
-  # After the switch the ordinary schedule applies, boundaries included.
-  assert float(optim.learning_rate(config, 40_000, True)) == pytest.approx(0.01)
+  assert config.warmup_window == 100 and config.warmup_until_train_error == 0.8
+  # Errors falling steadily from 100% to 65% over 400 iterations: the window's mean crosses 80%
+  # at the iteration numpy finds, and not before.
+  errors = np.linspace(1.0, 0.65, 400, dtype=np.float32)
+  means = np.convolve(errors, np.ones(100) / 100, mode="valid")  # means[i]: iterations i..i+99
+  expected = 100 + int(np.argmax(means < 0.8))
+  states = run_warmup(config, errors)
+  assert end_step(states) == expected == 279
+  assert float(states[-1].end_error) == pytest.approx(means[expected - 100], abs=1e-6)
+  assert [bool(s.over) for s in states].index(True) == expected - 1
+  # The rate is 0.01 for every iteration before the switch, the schedule's 0.1 after it.
+  rates = [float(optim.learning_rate(config, step + 1, state)) for step, state in enumerate(states)]
+  assert rates[:expected - 1] == pytest.approx([0.01] * (expected - 1))
+  assert rates[expected - 1:] == pytest.approx([0.1] * (400 - expected + 1))
+
+
+@pytest.mark.parametrize("lucky", [
+    [0.0],  # one batch with every image right
+    [0.5] * 10,  # ten batches in a row 10 standard deviations below the rest
+])
+def test_a_run_of_lucky_batches_does_not_end_the_warm_up(lucky):
+  config = cifar_resnet110.get_config()
+  errors = [0.85] * 150 + lucky + [0.85] * 50
+  assert end_step(run_warmup(config, errors)) == -1
+
+
+def test_the_warm_up_waits_for_a_full_window_and_never_restarts():
+  config = cifar_resnet110.get_config()
+  # Below 80% from the first batch: over once 100 batches were seen, not at the first.
+  assert end_step(run_warmup(config, [0.7] * 100)) == 100
+  assert end_step(run_warmup(config, [0.7] * 99)) == -1
+  # Over is over: errors above 80% again do not bring 0.01 back.
+  states = run_warmup(config, [0.7] * 100 + [0.95] * 200)
+  assert end_step(states) == 100 and all(bool(s.over) for s in states[99:])
+
+
+def test_without_a_warm_up_rate_there_is_no_warm_up():
+  config = cifar_resnet20.get_config()
+  assert not config.warmup_learning_rate
+  states = run_warmup(config, [1.0] * 5)
+  assert all(bool(s.over) and int(s.end_step) == 0 for s in states)
+  assert float(optim.learning_rate(config, 0, states[0])) == pytest.approx(0.1)
 
 
 def _one_update(config, grads, params, loss=1.0, step=0):
   tx = optim.create(config)
   opt_state = optim.set_learning_rate(tx.init(params),
-                                      optim.learning_rate(config, step, True))
+                                      optim.learning_rate(config, step, optim.warmup_init(config)))
   updates, _ = tx.update(grads, opt_state, params, value=jnp.asarray(loss))
   return optax.apply_updates(params, updates)
 

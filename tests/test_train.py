@@ -433,3 +433,20 @@ def test_resume_and_rerun_of_a_finished_run_say_what_they_do(tmp_path, caplog):
   # The repeated evaluation is shown, not logged a second time: only the command's run record.
   (new,) = (tmp_path / "metrics.jsonl").read_text()[len(logged):].splitlines()
   assert json.loads(new)["kind"] == "run" and json.loads(new)["steps"] == 0
+
+
+def test_warm_up_ends_at_the_iteration_its_window_says_and_the_run_reports_it(tmp_path, caplog):
+  caplog.set_level(logging.INFO)
+  # An error threshold every batch meets: the warm-up ends once the 3-batch window is full.
+  config = smoke_config(num_train_steps=6, lr_boundaries=(), log_every_steps=1,
+                        eval_every_steps=6, checkpoint_every_steps=6, warmup_learning_rate=0.01,
+                        warmup_window=3, warmup_until_train_error=1.01)
+  train.train_and_evaluate(config, str(tmp_path))
+  rates = [record["learning_rate"] for record in records(tmp_path, "train")]
+  assert rates == pytest.approx([0.01] * 3 + [0.1] * 3)
+  (end,) = records(tmp_path, "warmup_end")
+  first_errors = [record["top1_error"] for record in records(tmp_path, "train")[:3]]
+  assert end["step"] == 3 and end["top1_error"] == pytest.approx(sum(first_errors) / 3, abs=1e-4)
+  assert [line for line in console(caplog) if line.startswith("warm-up:")] == [
+      f"warm-up: over after iteration 3, the mean training error of the last 3 iterations being "
+      f"{end['top1_error']:.2f}% (below 101%); the schedule's learning rate from iteration 4"]
