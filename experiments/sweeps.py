@@ -5,10 +5,14 @@
 
 `--print` writes one `python -m resnet_jax.main ...` command per member still to
 run, for a fleet of TPU VMs or GPU hosts; `--run` runs them one after another
-here. Each member trains in `<workdir>/<config name>/seed<k>`. A member with a
-`summary.json` has finished and is skipped; one with checkpoints but no summary
-was stopped and its command resumes it (the trainer restores the newest
-checkpoint of its workdir). `sweep.json` at the root records the schedule, so a
+here. Each member trains in `<workdir>/<config name>/seed<k>`. A sweep of a table
+the paper reports by another test protocol than the configs' centre view (10-crop
+for Tables 2 and 3, multi-scale for Table 4) follows training with
+`python -m resnet_jax.evaluate` of the final checkpoint by that protocol. A member
+with a `summary.json` (and that evaluation) has finished and is skipped; one with
+checkpoints but no summary was stopped and its command resumes it (the trainer
+restores the newest checkpoint of its workdir); one trained but not yet evaluated
+is evaluated. `sweep.json` at the root records the schedule, so a
 sweep directory never mixes schedules and the report can say which one it used.
 
 `--run` starts each member as a subprocess running exactly the printed command:
@@ -43,6 +47,8 @@ class Sweep:
   configs: tuple[str, ...]  # Config file names under configs/.
   seeds: dict[str, int] = dataclasses.field(default_factory=dict)  # Runs per config; default 1.
   default_schedule: str = "full"
+  # The paper's test protocol for the table (resnet_jax.data.core.EVAL_PROTOCOLS).
+  eval_protocol: str = "center"
 
 
 SWEEPS = {
@@ -65,13 +71,19 @@ SWEEPS = {
     "table2_fig4": Sweep(
         "ImageNet plain vs residual 18/34 (Table 2, Fig. 4), residual nets with option A as in "
         "Table 2",
-        ("imagenet_plain18", "imagenet_plain34", "imagenet_resnet18_a", "imagenet_resnet34_a")),
+        ("imagenet_plain18", "imagenet_plain34", "imagenet_resnet18_a", "imagenet_resnet34_a"),
+        eval_protocol="10crop"),
     "table3_shortcuts": Sweep("ImageNet ResNet-34 with shortcut options A, B, C (Table 3)",
                               ("imagenet_resnet34_a", "imagenet_resnet34_b",
-                               "imagenet_resnet34_c")),
-    "table3_table4_bottleneck": Sweep("ImageNet bottleneck ResNet-50/101/152 (Tables 3, 4)",
+                               "imagenet_resnet34_c"), eval_protocol="10crop"),
+    "table3_table4_bottleneck": Sweep("ImageNet bottleneck ResNet-50/101/152 (Table 3)",
                                       ("imagenet_resnet50", "imagenet_resnet101",
-                                       "imagenet_resnet152")),
+                                       "imagenet_resnet152"), eval_protocol="10crop"),
+    # Table 4's single models are Table 3's, tested fully convolutionally at five scales.
+    "table4": Sweep("ImageNet single models by multi-scale testing: ResNet-34 B and C, "
+                    "ResNet-50/101/152 (Table 4)",
+                    ("imagenet_resnet34_b", "imagenet_resnet34_c", "imagenet_resnet50",
+                     "imagenet_resnet101", "imagenet_resnet152"), eval_protocol="multiscale"),
 }
 
 
@@ -81,11 +93,18 @@ class Member:
   seed: int
   workdir: epath.Path
   command: tuple[str, ...]  # argv, starting with "python".
+  # `python -m resnet_jax.evaluate` of the final checkpoint by the sweep's protocol, and the
+  # file it writes; None where the run's own evaluation is the paper's protocol.
+  evaluation: tuple[str, ...] | None = None
+  evaluation_file: epath.Path | None = None
 
   @property
   def status(self) -> str:
-    """"finished" (summary.json), "stopped" (checkpoints, no summary) or "new"."""
+    """"finished" (summary.json, and the evaluation if any), "trained" (summary.json, the
+    evaluation missing), "stopped" (checkpoints, no summary) or "new"."""
     if (self.workdir / "summary.json").exists():
+      if self.evaluation_file and not self.evaluation_file.exists():
+        return "trained"
       return "finished"
     checkpoints = self.workdir / "checkpoints"
     if checkpoints.is_dir() and any(path.name.isdigit() for path in checkpoints.iterdir()):
@@ -144,16 +163,24 @@ def plan(sweep_name: str, workdir: epath.PathLike, schedule: str | None = None,
   root = root if "://" in str(root) else root.resolve()  # resolve() would mangle gs://.
   members = []
   for config in sweep.configs:
-    extra = [f"--config.{field}={value}"
-             for field, value in schedule_overrides(config, schedule, steps).items()]
+    schedule_fields = schedule_overrides(config, schedule, steps)
+    extra = [f"--config.{field}={value}" for field, value in schedule_fields.items()]
     extra += [f"--config.{override}" for override in overrides]
+    final_step = int(schedule_fields.get(
+        "num_train_steps", importlib.import_module(f"configs.{config}").get_config().num_train_steps))
     for seed in range(seeds or sweep.seeds.get(config, 1)):
       member_dir = root / config / f"seed{seed}"
       command = ("python", "-m", "resnet_jax.main", f"--config=configs/{config}.py",
                  f"--workdir={member_dir}", f"--config.seed={seed}", *extra)
-      members.append(Member(config, seed, member_dir, command))
+      evaluation = evaluation_file = None
+      if sweep.eval_protocol != "center":
+        evaluation = ("python", "-m", "resnet_jax.evaluate", f"--workdir={member_dir}",
+                      f"--checkpoint={final_step}", f"--eval_protocol={sweep.eval_protocol}")
+        evaluation_file = member_dir / "evaluations" / f"{final_step}-{sweep.eval_protocol}.json"
+      members.append(Member(config, seed, member_dir, command, evaluation, evaluation_file))
   record = {"sweep": sweep_name, "description": sweep.description, "schedule": schedule,
             "steps": steps if schedule == "short" else None, "overrides": list(overrides),
+            "eval_protocol": sweep.eval_protocol,
             "members": [{"config": m.config, "seed": m.seed,
                          "workdir": str(m.workdir.relative_to(root))} for m in members]}
   return record, members
@@ -173,16 +200,26 @@ def write_record(workdir: epath.PathLike, record: dict) -> None:
   path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def commands(member: Member) -> list[tuple[str, ...]]:
+  """What the member has still to run: training (unless it finished) and its evaluation."""
+  todo = [] if member.status in ("finished", "trained") else [member.command]
+  if member.evaluation and member.status != "finished":
+    todo.append(member.evaluation)
+  return todo
+
+
 def shell_command(member: Member) -> str:
-  return shlex.join(member.command)
+  """The member's remaining commands as one shell line."""
+  return " && ".join(shlex.join(command) for command in commands(member))
 
 
-def run_in_subprocess(member: Member) -> int:
-  """Runs a member's command from the repository root; returns its exit status."""
-  return subprocess.run([sys.executable, *member.command[1:]], cwd=REPO_ROOT).returncode
+def run_in_subprocess(command: tuple[str, ...]) -> int:
+  """Runs a command of a member from the repository root; returns its exit status."""
+  return subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT).returncode
 
 
-def run(members: Sequence[Member], runner: Callable[[Member], int] = run_in_subprocess) -> int:
+def run(members: Sequence[Member],
+        runner: Callable[[tuple[str, ...]], int] = run_in_subprocess) -> int:
   """Runs the unfinished members in order; returns 0, 75 if one was preempted, else 1."""
   failed = []
   for member in members:
@@ -190,14 +227,16 @@ def run(members: Sequence[Member], runner: Callable[[Member], int] = run_in_subp
     if status == "finished":
       print(f"skip   {member.config} seed {member.seed} (finished)", flush=True)
       continue
-    print(f"{'resume' if status == 'stopped' else 'start '} {member.config} seed {member.seed}",
-          flush=True)
-    code = runner(member)
-    if code == PREEMPTED_EXIT_CODE:
-      print(f"preempted: {member.config} seed {member.seed}; rerun to resume.", flush=True)
-      return PREEMPTED_EXIT_CODE
-    if code:
-      failed.append(f"{member.config} seed {member.seed} (exit status {code})")
+    action = {"stopped": "resume", "trained": "evaluate"}.get(status, "start")
+    print(f"{action:6s} {member.config} seed {member.seed}", flush=True)
+    for command in commands(member):
+      code = runner(command)
+      if code == PREEMPTED_EXIT_CODE:
+        print(f"preempted: {member.config} seed {member.seed}; rerun to resume.", flush=True)
+        return PREEMPTED_EXIT_CODE
+      if code:
+        failed.append(f"{member.config} seed {member.seed} (exit status {code})")
+        break
   if failed:
     print("failed: " + "; ".join(failed), flush=True)
   return 1 if failed else 0

@@ -95,28 +95,77 @@ def test_print_lists_exactly_the_unfinished_members(tmp_path):
   assert len(record["members"]) == 4
 
 
+def _member_of(command) -> tuple[str, pathlib.Path]:
+  """The (config, workdir) a member's command runs in."""
+  workdir = pathlib.Path(next(arg for arg in command if arg.startswith("--workdir="))[10:])
+  return workdir.parent.name, workdir
+
+
 def test_run_skips_finished_resumes_stopped_and_stops_on_preemption(tmp_path):
   _, members = sweeps.plan("fig1_fig6_cpu", tmp_path)
   _finish(tmp_path / "cifar_plain20" / "seed0", "cifar_plain20", 9.0)
   _stop(tmp_path / "cifar_resnet20" / "seed0")
   assert [m.status for m in members] == ["finished", "new", "stopped", "new"]
+  assert all(shlex.split(sweeps.shell_command(m)) == list(m.command) for m in members[1:])
   calls = []
 
-  def fake_runner(member):
-    calls.append(member.config)
-    assert shlex.split(sweeps.shell_command(member)) == list(member.command)
-    if member.config == "cifar_resnet20":
+  def fake_runner(command):
+    config, workdir = _member_of(command)
+    calls.append(config)
+    if config == "cifar_resnet20":
       return sweeps.PREEMPTED_EXIT_CODE
-    _finish(member.workdir, member.config, 8.0)
+    _finish(workdir, config, 8.0)
     return 0
 
   assert sweeps.run(members, fake_runner) == sweeps.PREEMPTED_EXIT_CODE
   assert calls == ["cifar_plain56", "cifar_resnet20"]
   # Rerunning the same sweep resumes the preempted member and runs the rest.
   calls.clear()
-  assert sweeps.run(members, lambda m: calls.append(m.config) or 0) == 0
+  assert sweeps.run(members, lambda command: calls.append(_member_of(command)[0]) or 0) == 0
   assert calls == ["cifar_resnet20", "cifar_resnet56"]
-  assert sweeps.run(members, lambda m: 1) == 1  # Failures are reported, the sweep goes on.
+  assert sweeps.run(members, lambda command: 1) == 1  # Failures are reported, the sweep goes on.
+
+
+def test_a_table_sweep_evaluates_the_final_checkpoint_by_the_papers_protocol(tmp_path):
+  record, members = sweeps.plan("table4", tmp_path, schedule="short", steps=600)
+  assert record["eval_protocol"] == "multiscale"
+  assert [m.config for m in members] == ["imagenet_resnet34_b", "imagenet_resnet34_c",
+                                          "imagenet_resnet50", "imagenet_resnet101",
+                                          "imagenet_resnet152"]
+  first = members[0]
+  assert first.evaluation == ("python", "-m", "resnet_jax.evaluate", f"--workdir={first.workdir}",
+                              "--checkpoint=600", "--eval_protocol=multiscale")
+  assert first.evaluation_file == first.workdir / "evaluations" / "600-multiscale.json"
+  assert shell_command_parts(first) == [list(first.command), list(first.evaluation)]
+  assert {m.evaluation[-1] for m in sweeps.plan("table3_shortcuts", tmp_path)[1]} == {
+      "--eval_protocol=10crop"}
+  assert all(m.evaluation is None for m in sweeps.plan("table6_fig6", tmp_path)[1])
+
+  # Trained, not yet evaluated: only the evaluation runs; then the member is finished.
+  _finish(first.workdir, first.config, 30.0)
+  assert first.status == "trained"
+  assert shell_command_parts(first) == [list(first.evaluation)]
+  calls = []
+
+  def fake_runner(command):
+    config, workdir = _member_of(command)
+    calls.append((config, command[2]))
+    if command[2] == "resnet_jax.main":
+      _finish(workdir, config, 30.0)
+    else:
+      (workdir / "evaluations").mkdir()
+      (workdir / "evaluations" / "600-multiscale.json").write_text("{}")
+    return 0
+
+  assert sweeps.run(members[:2], fake_runner) == 0
+  assert calls == [("imagenet_resnet34_b", "resnet_jax.evaluate"),
+                   ("imagenet_resnet34_c", "resnet_jax.main"),
+                   ("imagenet_resnet34_c", "resnet_jax.evaluate")]
+  assert [m.status for m in members[:2]] == ["finished", "finished"]
+
+
+def shell_command_parts(member) -> list[list[str]]:
+  return [shlex.split(part) for part in sweeps.shell_command(member).split(" && ")]
 
 
 def test_a_sweep_directory_keeps_its_schedule(tmp_path):
@@ -171,6 +220,33 @@ def test_report_table_against_the_paper(tmp_path):
   assert "No checkpoints to measure." in text
   curves = tmp_path / "out" / "curves.png"
   assert curves.read_bytes().startswith(b"\x89PNG") and curves.stat().st_size > 10_000
+
+
+def test_report_of_a_table_tested_by_another_protocol_reads_the_evaluations(tmp_path):
+  sweep_dir = tmp_path / "sweep"
+  record, members = sweeps.plan("table4", sweep_dir, schedule="short", steps=200)
+  sweeps.write_record(sweep_dir, record)
+  for member, error in zip(members[:3], (26.0, 25.0, 24.0)):
+    _finish(member.workdir, member.config, error, dataset="imagenet2012")
+  # ResNet-34 B and 50 tested multi-scale (lower than their centre-crop errors); C not yet.
+  for member, error in ((members[0], 23.5), (members[2], 21.25)):
+    (member.workdir / "evaluations").mkdir()
+    (member.workdir / "evaluations" / "200-multiscale.json").write_text(
+        json.dumps({"step": 200, "protocol": "multiscale", "top1_error": error}))
+  rows = {row["config"]: row for row in report.table_rows(report.find_members(sweep_dir),
+                                                           "multiscale")}
+  assert rows["imagenet_resnet34_b"]["test_mean"] == 23.5
+  assert rows["imagenet_resnet34_b"]["difference"] == pytest.approx(23.5 - 21.84)
+  assert rows["imagenet_resnet34_c"]["finished"] == 0
+  assert rows["imagenet_resnet50"]["paper"] == "20.74 (top-5 5.25)"
+
+  text = report.write_report(sweep_dir, tmp_path / "out", layer_responses=False).read_text()
+  assert "by multi-scale testing, as the paper's" in text
+  assert "| imagenet_resnet50 | imagenet_resnet50 | imagenet2012 | 1,000 | 1/1 | 5.00 | 21.25 | " \
+         "20.74 (top-5 5.25) | +0.51 |" in text
+  assert "Trained, not yet tested by multi-scale testing (not counted above; " in text
+  assert text.split("Trained, not yet tested")[1].split("\n")[0].endswith(
+      "imagenet_resnet34_c seed 0.")
 
 
 def _checkpointed_run(workdir: pathlib.Path, model: str):
