@@ -54,7 +54,7 @@ def test_center_view_of_a_256_square_is_its_middle():
   image = random_image(256, 256)
   view, offset = imagenet.center_view(image)
   np.testing.assert_array_equal(view.numpy(), image.numpy()[16:240, 16:240])
-  np.testing.assert_allclose(offset.numpy(), -imagenet.MEAN_RGB)
+  np.testing.assert_array_equal(offset.numpy(), np.zeros(3))  # The device subtracts the mean.
 
 
 def test_ten_crops_are_corners_centre_and_mirrors():
@@ -96,10 +96,56 @@ def jpeg_folder(tmp_path_factory):
   return root
 
 
-def folder_dataset(root, mesh):
+def folder_dataset(root, mesh, **fields):
   config = data.default_config("image_folder")
   config.data_dir, config.eval_split, config.image_size = str(root), "val", 224
+  config.cache_dir = str(root.parent / f"{root.name}_cache")
+  config.update(fields)
   return data.create(config, mesh)
+
+
+def mean_centre_view(root) -> np.ndarray:
+  """The mean 224 centre view of the folder's training images, computed here, image by image."""
+  views = [imagenet.center_view(tf.io.decode_image(path.read_bytes(), channels=3))[0].numpy()
+           for path in sorted(root.glob("train/*/*.jpg"))]
+  return np.mean(views, axis=0, dtype=np.float64)
+
+
+def test_the_per_pixel_mean_is_the_mean_centre_view_of_the_training_images_cached(
+    jpeg_folder, tmp_path):
+  ds = folder_dataset(jpeg_folder, mesh_of(8), cache_dir=str(tmp_path))
+  assert ds.mean.shape == (224, 224, 3)
+  np.testing.assert_allclose(ds.mean, mean_centre_view(jpeg_folder), atol=1e-3)
+  # Computed once: a later start reads the cache file (here altered, to tell the two apart).
+  (cached,) = tmp_path.glob("mean_*.npy")
+  np.save(cached, np.full((224, 224, 3), 7.0, np.float32))
+  assert np.all(folder_dataset(jpeg_folder, mesh_of(8), cache_dir=str(tmp_path)).mean == 7.0)
+  per_channel = folder_dataset(jpeg_folder, mesh_of(8), cache_dir=str(tmp_path), mean="per_channel")
+  np.testing.assert_array_equal(per_channel.mean, np.full((1, 1, 3), 7.0))
+
+
+@pytest.mark.parametrize("mean", ["per_pixel", "per_channel"])
+def test_each_view_has_the_mean_resized_to_it_subtracted(jpeg_folder, mean):
+  # The validation images are flat colours: a view plus the mean that was subtracted from it
+  # must be flat again, whatever the view's size.
+  ds = folder_dataset(jpeg_folder, mesh_of(8), mean=mean)
+  expected = mean_centre_view(jpeg_folder)
+  if mean == "per_channel":
+    expected = expected.mean(axis=(0, 1), keepdims=True)
+  np.testing.assert_allclose(ds.mean, expected, atol=1e-3)
+  batch = next(ds.eval_batches(8, "multiscale"))
+  views = data.views(batch)
+  assert [view.shape[1] for view in views] == list(imagenet.MULTISCALE_SIDES)
+  for view in views:
+    side = view.shape[1]
+    added_back = np.asarray(view)[np.asarray(batch.mask)] + np.asarray(ds.mean_of(side, side))
+    flat = added_back - added_back[:, :1, :1]
+    np.testing.assert_allclose(flat, 0, atol=1e-3)
+  resized = np.asarray(ds.mean_of(480, 480))
+  if mean == "per_pixel":  # The mean image stretched to 480 as TensorFlow's bilinear resize does.
+    np.testing.assert_allclose(resized, tf.image.resize(ds.mean, (480, 480)).numpy(), atol=1e-3)
+  else:
+    np.testing.assert_array_equal(resized, ds.mean)
 
 
 def test_streaming_folder_train_is_deterministic_and_resumable(jpeg_folder):
@@ -134,7 +180,7 @@ def test_streaming_eval_visits_every_example_once(jpeg_folder, num_devices, batc
   for batch in ds.eval_batches(batch_size, protocol):
     views = data.views(batch)
     assert len(views) == {"center": 1, "10crop": 10, "multiscale": 5}[protocol]
-    colours = np.asarray(views[-1])[:, 100, 100] + imagenet.MEAN_RGB
+    colours = np.asarray(views[-1])[:, 100, 100] + np.asarray(ds.mean_of(*views[-1].shape[1:3]))[100, 100]
     seen.extend(np.rint(colours[np.asarray(batch.mask), 0] / 20).astype(int))
   assert sorted(seen) == list(range(11))
 
@@ -211,14 +257,22 @@ class CountingSource:
     return (self[index] for index in range(len(self)))
 
 
-def labels_of(batch):
+def labels_of(ds, batch):
   """The labels the batch's flat-coloured centre views show, and the labels it carries."""
-  colours = np.asarray(data.views(batch)[0])[:, 112, 112, 0] + imagenet.MEAN_RGB[0]
+  colours = np.asarray(data.views(batch)[0])[:, 112, 112, 0] + np.asarray(ds.mean_of(224, 224))[112, 112, 0]
   mask = np.asarray(batch.mask)
   return np.rint((colours[mask] - 20) / 40).astype(int), np.asarray(batch.labels)[mask]
 
 
-def test_tfds_start_up_reads_no_records_and_labels_travel_with_their_images(tfds_dir, monkeypatch, caplog):
+def test_tfds_start_up_reads_no_records_and_labels_travel_with_their_images(tfds_dir, tmp_path,
+                                                                           monkeypatch, caplog):
+  config = data.default_config("imagenet2012")
+  config.seed = 0  # data.create's default, which this test bypasses.
+  config.augment = False  # The centre view: a flat colour, so the image shows its label.
+  config.cache_dir = str(tmp_path)
+  # The per-pixel mean reads the training images once; later starts load it from the cache.
+  streaming.mean_image(config, sources.tfds_random_access("tiny_images", str(tfds_dir), "train"),
+                       "tiny_images")
   opened = []
   as_data_source = tfds.core.DatasetBuilder.as_data_source
 
@@ -227,12 +281,11 @@ def test_tfds_start_up_reads_no_records_and_labels_travel_with_their_images(tfds
     return opened[-1]
 
   monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", counting)
-  config = data.default_config("imagenet2012")
-  config.augment = False  # The centre view: a flat colour, so the image shows its label.
   with caplog.at_level("INFO"):
     train = sources.tfds_random_access("tiny_images", str(tfds_dir), "train")
     evaluation = sources.tfds_random_access("tiny_images", str(tfds_dir), "validation")
-    ds = streaming.from_records(config, mesh_of(8), train, evaluation, name="tiny_images", num_classes=5)
+    ds = streaming.from_records(config, mesh_of(8), train, evaluation, name="tiny_images", num_classes=5,
+                                cache_key="tiny_images")
   assert [source.reads for source in opened] == [0, 0]  # Start-up read only the metadata.
   assert (ds.info.train_size, ds.info.eval_size) == (30, 13)
   messages = [record.getMessage() for record in caplog.records]
@@ -242,11 +295,11 @@ def test_tfds_start_up_reads_no_records_and_labels_travel_with_their_images(tfds
 
   iterator = ds.train_iterator(8)
   for _ in range(4):  # Crosses into the second epoch (3 steps per epoch).
-    shown, carried = labels_of(iterator.batch(next(iterator), 0))
+    shown, carried = labels_of(ds, iterator.batch(next(iterator), 0))
     np.testing.assert_array_equal(shown, carried)
   iterator.close()
   assert opened[0].reads >= 32 and opened[1].reads == 0
-  shown, carried = np.concatenate([np.stack(labels_of(batch)) for batch in ds.eval_batches(8)], axis=1)
+  shown, carried = np.concatenate([np.stack(labels_of(ds, batch)) for batch in ds.eval_batches(8)], axis=1)
   np.testing.assert_array_equal(shown, carried)
   assert len(carried) == 13
   np.testing.assert_array_equal(np.sort(carried), np.sort([int(evaluation.data_source.source[i]["label"])

@@ -49,6 +49,9 @@ Config fields (`default_config(name)` gives the defaults; set only what differs)
     augmentation + 224 crop + flip + PCA lighting). Evaluation is never augmented.
   cache_dir: where the per-pixel mean is cached, local or gs:// (default $RESNET_JAX_CACHE_DIR,
     else ~/.cache/resnet_jax).
+  mean: "per_pixel" (the paper: the training split's mean image, CIFAR's over every image,
+    ImageNet's the mean 224 centre view of up to 50,000 images, resized to views of other
+    sizes; computed once and cached) or "per_channel" (that image's channel means).
 
 Synthetic datasets say so: `info.synthetic` is True and `info.name` reads like
 "synthetic(32x32x3,10 classes)". The synthetic and in-memory (`from_arrays`) paths never import

@@ -27,12 +27,11 @@ import time
 from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from resnet_jax import data
-from resnet_jax.data import prepare, source_files, sources
+from resnet_jax.data import prepare, source_files, sources, streaming
 
 IMAGE_HEIGHT = 375  # Widths 375 to 562: ImageNet's typical 500x375 and its neighbours.
 
@@ -66,6 +65,10 @@ def write_folder(data_dir: epath.PathLike, root: epath.PathLike) -> epath.Path:
   """The training JPEGs of `data_dir`'s imagenet2012 as an image folder root/train/<label>/."""
   root = epath.Path(root)
   records = sources.tfds_random_access("imagenet2012", str(data_dir), "train")
+  config = data.default_config("imagenet2012")
+  config.data_dir = str(data_dir)
+  # The trainer's mean image (computed and cached by `data.create`, as the trainer's start does).
+  mean = jax.device_put(data.create(config, data.core.make_mesh(jax.devices()[:1])).mean)
   for index in range(len(records)):
     example = records.data_source[index]
     folder = root / "train" / f"{int(example['label']):04d}"
@@ -107,11 +110,6 @@ def _train_view() -> Callable:
                      input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([2], tf.int64)])
 
 
-@jax.jit
-def _normalize(images, offsets):
-  return images.astype(jnp.float32) + offsets[:, None, None, :]
-
-
 def grain_batches(data_dir: epath.PathLike, batch_size: int, workers: int,
                   seed: int = 0) -> Iterator[jax.Array]:
   """The same records, decode and augmentation in Grain: a seeded shuffle per epoch, `workers`
@@ -121,13 +119,18 @@ def grain_batches(data_dir: epath.PathLike, batch_size: int, workers: int,
   if not flags.FLAGS.is_parsed():  # Grain reads its options from absl flags: their defaults.
     flags.FLAGS.mark_as_parsed()
   records = sources.tfds_random_access("imagenet2012", str(data_dir), "train")
+  config = data.default_config("imagenet2012")
+  config.data_dir = str(data_dir)
+  # The trainer's mean image (computed and cached by `data.create`, as the trainer's start does).
+  mean = jax.device_put(data.create(config, data.core.make_mesh(jax.devices()[:1])).mean)
   dataset = (grain.MapDataset.source(records.data_source).seed(seed).shuffle().repeat()
              .map_with_index(TrainView(seed)).batch(batch_size, drop_remainder=True))
   iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
                   .mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
   try:
     for batch in iterator:
-      yield _normalize(jax.device_put(batch["images"]), jax.device_put(batch["offsets"]))
+      yield streaming.normalize(jax.device_put(batch["images"]), mean,
+                                jax.device_put(batch["offsets"]))
   finally:
     iterator.close()
 

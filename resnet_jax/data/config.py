@@ -2,6 +2,9 @@
 import ml_collections
 
 DATASETS = ("cifar10", "cifar100", "imagenet2012", "image_folder", "synthetic")
+# What the pipelines subtract: the paper's per-pixel mean image of the training set (Secs. 3.4,
+# 4.2), or its channel means, which most later ImageNet recipes use with scale augmentation.
+MEANS = ("per_pixel", "per_channel")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
 
 
@@ -21,6 +24,7 @@ def default_config(name: str = "cifar10") -> ml_collections.ConfigDict:
   config.synthetic_eval_size = 10_000
   config.augment = True
   config.cache_dir = ml_collections.config_dict.placeholder(str)
+  config.mean = "per_pixel"
   return config
 
 
@@ -43,6 +47,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if (full.train_split == "train45k") != (full.eval_split == "val5k") and name != "synthetic":
     raise ValueError("train45k and val5k go together (the paper's 45k/5k split of the training set); "
                      f"got train_split={full.train_split!r}, eval_split={full.eval_split!r}")
+  if full.mean not in MEANS:
+    raise ValueError(f"dataset.mean must be one of {', '.join(MEANS)}, got {full.mean!r}")
   if name == "image_folder" and not full.data_dir:
     raise ValueError("dataset.data_dir must name the image folder root (<root>/<split>/<class>/<image>)")
   for field in ("image_size", "num_classes", "synthetic_train_size", "synthetic_eval_size"):

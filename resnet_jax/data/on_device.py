@@ -114,7 +114,7 @@ class OnDeviceDataset:
   eval_images: jax.Array  # uint8 [D, m, H, W, C], chunk d padded to m = ceil(N_eval / D)
   eval_labels: jax.Array  # int32 [D, m]
   eval_mask: jax.Array  # bool [D, m], False on padding
-  mean: jax.Array  # float32 [H, W, C], per-pixel mean of the training split
+  mean: jax.Array  # float32 [H, W, C] per-pixel mean of the training split, or [1, 1, C]
   info: core.DatasetInfo = flax.struct.field(pytree_node=False)
   mesh: Mesh = flax.struct.field(pytree_node=False)
   seed: int = flax.struct.field(pytree_node=False)

@@ -34,7 +34,8 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> core.Dataset:
     from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
     train = sources.tfds_random_access(config.name, config.data_dir, config.train_split)
     evaluation = sources.tfds_random_access(config.name, config.data_dir, config.eval_split)
-    return streaming.from_records(config, mesh, train, evaluation, name=config.name, num_classes=1000)
+    return streaming.from_records(config, mesh, train, evaluation, name=config.name, num_classes=1000,
+                                  cache_key=_tfds_cache_key(config, len(train)))
   if config.name == "image_folder":
     root = sources.absolute(config.data_dir)
     num_folders, num_classes = len(sources.folder_classes(root)), config.num_classes
@@ -51,19 +52,27 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> core.Dataset:
     train = sources.tfds_records(config.name, config.data_dir, config.train_split)
     evaluation = sources.tfds_records(config.name, config.data_dir, config.eval_split)
     name, num_classes = config.name, config_lib.NUM_CLASSES[config.name]
-    cache_key = f"{config.name}-{config.data_dir or 'default'}-{config.train_split}-{len(train)}"
+    cache_key = _tfds_cache_key(config, len(train))
   shape = sources.peek_shape(train)
   fits = len(train) * int(np.prod(shape)) <= ON_DEVICE_MAX_BYTES_PER_DEVICE * core.num_data_devices(mesh)
   if max(shape[:2]) > ON_DEVICE_MAX_SIDE or not fits:
     from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
-    return streaming.from_records(config, mesh, train, evaluation, name=name, num_classes=num_classes)
-  mean = lambda train_images: mean_cache.load_or_compute(
-      cache_key, lambda: on_device.per_pixel_mean(train_images), config.cache_dir)
+    return streaming.from_records(config, mesh, train, evaluation, name=name, num_classes=num_classes,
+                                  cache_key=cache_key)
+  def mean(train_images):
+    image = mean_cache.load_or_compute(
+        cache_key, lambda: on_device.per_pixel_mean(train_images), config.cache_dir)
+    return image.mean(axis=(0, 1), keepdims=True) if config.mean == "per_channel" else image
   # Evaluation images must have the training images' size too: one model sees both.
   loader = lambda records: lambda ids: sources.decode_all(records, ids, shape)
   return on_device.build(mesh, train.labels, loader(train), evaluation.labels, loader(evaluation),
                          name=name, num_classes=num_classes, seed=config.seed, augment=config.augment,
                          mean=mean)
+
+
+def _tfds_cache_key(config: ml_collections.ConfigDict, train_size: int) -> str:
+  """What a TFDS split's cached mean is named by."""
+  return f"{config.name}-{config.data_dir or 'default'}-{config.train_split}-{train_size}"
 
 
 def _synthetic(config: ml_collections.ConfigDict, mesh: Mesh):

@@ -13,8 +13,9 @@ continues exactly where it stopped, with no shuffle buffers to save.
 Multi-host: examples are dealt, by a fixed seeded permutation, into one block per device of the
 mesh axis "data"; each process reads and decodes only the blocks of its own devices and supplies
 their rows of every global batch. A background thread keeps two batches on the devices ahead of
-the training loop. Pixels travel as uint8; the device adds the per-image RGB offset (lighting
-noise minus mean) and produces float32.
+the training loop. Pixels travel as uint8; the device subtracts the mean (the paper's per-pixel
+mean image, or its per-channel average: `dataset.mean`), adds the per-image RGB offset (lighting
+noise) and produces float32.
 """
 import functools
 import queue
@@ -29,7 +30,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from resnet_jax.data import core
+from resnet_jax.data import core, mean_cache
 from resnet_jax.data.sources import Records, naming_corrupt
 
 PREFETCH_BATCHES = 2
@@ -38,18 +39,9 @@ SYNTHETIC_MEAN = 127.5
 
 
 @jax.jit
-def _normalize(images, offsets):
-  return images.astype(jnp.float32) + offsets[:, None, None, :]
-
-
-def _to_device(mesh: Mesh, local: dict, global_batch: int) -> core.Batch:
-  put = lambda array: core.to_global(mesh, np.asarray(array), global_batch)
-  offsets = put(local["offsets"])
-  if isinstance(local["images"], tuple):
-    images = tuple(_normalize(put(view), offsets) for view in local["images"])
-  else:
-    images = _normalize(put(local["images"]), offsets)
-  return core.Batch(images=images, labels=put(local["labels"].astype(np.int32)), mask=put(local["mask"]))
+def normalize(images, mean, offsets):
+  """float32 pixels of uint8 `images` [B, H, W, 3]: less `mean`, plus each image's offset [B, 3]."""
+  return images.astype(jnp.float32) - mean + offsets[:, None, None, :]
 
 
 class PrefetchIterator:
@@ -129,10 +121,14 @@ def _stop(stop: threading.Event, thread: threading.Thread) -> None:
 class StreamingDataset:
   """A dataset streamed from the host (`core.Dataset`): `train_iterator` and `eval_batches`."""
 
-  def __init__(self, info: core.DatasetInfo, mesh: Mesh, train_batches, eval_batches, protocols):
+  def __init__(self, info: core.DatasetInfo, mesh: Mesh, train_batches, eval_batches, protocols,
+               mean: np.ndarray):
     self.info = info
     self.mesh = mesh
     self.eval_protocols = protocols
+    # float32 [H, W, 3] (per pixel, of the training views) or [1, 1, 3] (per channel).
+    self.mean = np.asarray(mean, np.float32)
+    self._means = {}  # (height, width) -> the mean of a view of that size, on the devices.
     self._train_batches = train_batches  # (per_device, start_step) -> this process's rows, as dicts
     self._eval_batches = eval_batches  # (per_device, protocol) -> this process's rows, as dicts
     self._train_block = info.train_size // core.num_data_devices(mesh)
@@ -140,12 +136,33 @@ class StreamingDataset:
   def steps_per_epoch(self, batch_size: int) -> int:
     return self._train_block // core.check_batch_size(batch_size, self.mesh)
 
+  def mean_of(self, height: int, width: int) -> jax.Array:
+    """The mean subtracted from a view of `height` x `width`: the mean image resized to it."""
+    if (height, width) not in self._means:
+      mean = self.mean
+      if mean.shape[:2] not in ((1, 1), (height, width)):
+        mean = jax.image.resize(mean, (height, width, 3), "bilinear")
+      self._means[height, width] = jax.device_put(
+          mean, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+    return self._means[height, width]
+
+  def _to_device(self, local: dict, global_batch: int) -> core.Batch:
+    put = lambda array: core.to_global(self.mesh, np.asarray(array), global_batch)
+    offsets = put(local["offsets"])
+    to_pixels = lambda view: normalize(put(view), self.mean_of(*view.shape[1:3]), offsets)
+    if isinstance(local["images"], tuple):
+      images = tuple(map(to_pixels, local["images"]))
+    else:
+      images = to_pixels(local["images"])
+    return core.Batch(images=images, labels=put(local["labels"].astype(np.int32)),
+                      mask=put(local["mask"]))
+
   def train_iterator(self, batch_size: int, start_step: int = 0) -> PrefetchIterator:
     per_device = core.check_batch_size(batch_size, self.mesh)
     if per_device > self._train_block:
       raise ValueError(f"batch size {batch_size} exceeds the {self.info.train_size} training examples")
     make = functools.partial(self._train_batches, per_device)
-    return PrefetchIterator(make, lambda local: _to_device(self.mesh, local, batch_size), start_step)
+    return PrefetchIterator(make, lambda local: self._to_device(local, batch_size), start_step)
 
   def eval_batches(self, batch_size: int, protocol: str = "center") -> Iterator[core.Batch]:
     """Every evaluation example once, padded and masked. "10crop" and "multiscale" give
@@ -154,7 +171,7 @@ class StreamingDataset:
     core.check_protocol(protocol, self.info, self.eval_protocols)
     per_device = core.check_batch_size(batch_size, self.mesh)
     for local in self._eval_batches(per_device, protocol):
-      yield _to_device(self.mesh, local, batch_size)
+      yield self._to_device(local, batch_size)
 
 
 def _train_ids(num_examples: int, mesh: Mesh, seed: int) -> np.ndarray:
@@ -189,9 +206,38 @@ def _eval_local_rows(num_examples: int, mesh: Mesh, per_device: int):
   return ids[:, rows], valid[:, rows]
 
 
+def mean_image(config: ml_collections.ConfigDict, train: Records, cache_key: str) -> np.ndarray:
+  """The per-pixel mean (float32 [224, 224, 3]) of the centre views of up to MEAN_SAMPLE evenly
+  spaced training images, cached under `cache_key` in `config.cache_dir` (`mean_cache`)."""
+  from resnet_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+  from resnet_jax.data.sources import tensorflow  # pylint: disable=g-import-not-at-top
+  tf = tensorflow()
+  ids = np.linspace(0, len(train) - 1, min(len(train), imagenet.MEAN_SAMPLE)).round()
+  ids = np.unique(ids.astype(np.int64))
+
+  def compute():
+    logging.info("Computing the per-pixel mean of the centre views of %d training images",
+                 len(ids))
+    fetch = _fetcher(train)
+    views = tf.data.Dataset.from_tensor_slices(ids).map(
+        lambda index: imagenet.center_view(tf.io.decode_image(
+            fetch(index)[0], channels=3, expand_animations=False))[0],
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(256)
+    total = np.zeros((imagenet.CROP, imagenet.CROP, 3), np.float64)
+    batches = naming_corrupt(views.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(),
+                             (ids[start:start + 256] for start in range(0, len(ids), 256)), train)
+    for batch in batches:
+      total += batch.sum(axis=0, dtype=np.float64)
+    return total / len(ids)
+
+  return mean_cache.load_or_compute(f"{cache_key}-center{imagenet.CROP}-{len(ids)}", compute,
+                                    config.cache_dir)
+
+
 def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, evaluation: Records, *,
-                 name: str, num_classes: int) -> StreamingDataset:
-  """A tf.data pipeline over encoded images with ImageNet's transforms (section 3.4)."""
+                 name: str, num_classes: int, cache_key: str) -> StreamingDataset:
+  """A tf.data pipeline over encoded images with ImageNet's transforms (section 3.4), its mean
+  `mean_image` (cached under `cache_key`) or that image's channel means (`config.mean`)."""
   from resnet_jax.data import imagenet  # pylint: disable=g-import-not-at-top
   from resnet_jax.data.sources import tensorflow  # pylint: disable=g-import-not-at-top
   tf = tensorflow()
@@ -244,7 +290,11 @@ def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, 
   logging.info("Streaming %s through tf.data: %d training examples (this process reads %d) and %d "
                "evaluation examples, read and decoded as the steps need them", name, len(train),
                len(train_ids), len(evaluation))
-  return StreamingDataset(info, mesh, train_batches, eval_batches, tuple(imagenet.EVAL_PROTOCOLS))
+  mean = mean_image(config, train, cache_key)
+  if config.mean == "per_channel":
+    mean = mean.mean(axis=(0, 1), keepdims=True)
+  return StreamingDataset(info, mesh, train_batches, eval_batches, tuple(imagenet.EVAL_PROTOCOLS),
+                          mean)
 
 
 def _fetcher(records: Records):
@@ -281,7 +331,7 @@ def synthetic(config: ml_collections.ConfigDict, mesh: Mesh, *, name: str) -> St
   train_ids = _train_ids(len(train_labels), mesh, config.seed)
 
   def local_batch_of(ids, labels, mask):
-    offsets = np.full((len(ids), 3), -SYNTHETIC_MEAN, np.float32)
+    offsets = np.zeros((len(ids), 3), np.float32)
     return {"images": pool[ids % SYNTHETIC_POOL], "offsets": offsets, "labels": labels[ids], "mask": mask}
 
   def train_batches(per_device, start_step):
@@ -295,4 +345,5 @@ def synthetic(config: ml_collections.ConfigDict, mesh: Mesh, *, name: str) -> St
 
   info = core.DatasetInfo(name=name, num_classes=config.num_classes, image_shape=shape,
                           train_size=len(train_labels), eval_size=len(eval_labels), synthetic=True)
-  return StreamingDataset(info, mesh, train_batches, eval_batches, ("center",))
+  return StreamingDataset(info, mesh, train_batches, eval_batches, ("center",),
+                          np.full((1, 1, 3), SYNTHETIC_MEAN, np.float32))
