@@ -2,7 +2,9 @@
 cache, a quiet start, one-line errors and their exit statuses.
 
 `python -m resnet_jax.main` (training) and `python -m resnet_jax.evaluate` (a saved run) both
-import this module, which defines their common flags.
+call `define_flags()` as they start: defined at import, the flags would clash with those of
+other programs imported into one process (the tests import the evaluator's library beside the
+sweeps' command line).
 """
 
 import logging as std_logging
@@ -17,20 +19,25 @@ from etils import epath
 USAGE_ERROR = 2
 RUN_FAILED = 1
 
-WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) of the run: everything "
-                              "it writes.")
-COMPILATION_CACHE = flags.DEFINE_string(
-    "compilation_cache", None, "Directory (local or gs://) of jax's persistent compilation cache, "
-    "which spares a resumed run the compile of its step (default: $JAX_COMPILATION_CACHE_DIR if "
-    "set, else WORKDIR/compilation_cache, which survives a restart as the workdir does; runs of "
-    "one model and batch can share one); 'off' for none.")
-COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                  "host:port of process 0, for multi-process runs without a cluster "
-                                  "environment jax can detect.")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
-# The names of the flags above: each command declares them key flags, which its --help lists.
+# The flags every command takes; each command declares them its key flags, which --help lists.
 FLAG_NAMES = ("workdir", "compilation_cache", "coordinator_address", "num_processes", "process_id")
+
+
+def define_flags() -> None:
+  """Defines the flags of FLAG_NAMES (once per process, by the command that runs)."""
+  flags.DEFINE_string("workdir", None, "Directory (local or gs://) of the run: everything it "
+                      "writes.")
+  flags.DEFINE_string(
+      "compilation_cache", None, "Directory (local or gs://) of jax's persistent compilation "
+      "cache, which spares a resumed run the compile of its step (default: "
+      "$JAX_COMPILATION_CACHE_DIR if set, else WORKDIR/compilation_cache, which survives a "
+      "restart as the workdir does; runs of one model and batch can share one); 'off' for none.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
+                      "runs without a cluster environment jax can detect.")
+  flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+  flags.DEFINE_integer("process_id", None, "This process's index in the job.")
+
+
 _HELP_FLAGS = {"-h", "-?", "--help", "-help", "--helpshort", "-helpshort", "--helpfull",
                "-helpfull"}
 
@@ -72,12 +79,13 @@ def _quiet_start_up() -> None:
 
 def _initialize_distributed() -> None:
   import jax
-  if COORDINATOR.value:
+  if flags.FLAGS.coordinator_address:
     # Lets CPU devices of several processes join collectives (unused on GPU and TPU).
     # Asking for the backend first would initialise it too early for jax.distributed.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(COORDINATOR.value, num_processes=NUM_PROCESSES.value,
-                               process_id=PROCESS_ID.value)
+    jax.distributed.initialize(flags.FLAGS.coordinator_address,
+                               num_processes=flags.FLAGS.num_processes,
+                               process_id=flags.FLAGS.process_id)
   elif _on_cloud_tpu_vm() or any(key in os.environ for key in (
       "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")):
     jax.distributed.initialize()  # Cloud TPU, Slurm and Open MPI are detected by jax.
@@ -95,6 +103,6 @@ def _on_cloud_tpu_vm() -> bool:
 
 def _use_compilation_cache() -> None:
   import jax
-  directory = (COMPILATION_CACHE.value or jax.config.jax_compilation_cache_dir
-               or str(epath.Path(WORKDIR.value) / "compilation_cache"))
+  directory = (flags.FLAGS.compilation_cache or jax.config.jax_compilation_cache_dir
+               or str(epath.Path(flags.FLAGS.workdir) / "compilation_cache"))
   jax.config.update("jax_compilation_cache_dir", None if directory == "off" else directory)

@@ -36,19 +36,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax import checkpoints, cli, data, ops, optim, train
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", "best", "Which checkpoint: best (lowest top-1 error in the run's own "
-    "evaluations), latest, or a step number.")
-_EVAL_PROTOCOL = flags.DEFINE_string(
-    "eval_protocol", None, "center, 10crop or multiscale (default: the run's own).")
-_EVAL_BATCH_SIZE = flags.DEFINE_integer(
-    "eval_batch_size", None, "Global evaluation batch size (default: the run's own); a multiple "
-    "of the device count.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "Where the run's dataset is now, if it moved (default: the run's "
-    "dataset.data_dir).")
-for _name in cli.FLAG_NAMES:
-  flags.declare_key_flag(_name)
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs (see `cli`)."""
+  flags.DEFINE_string("checkpoint", "best", "Which checkpoint: best (lowest top-1 error in the "
+                      "run's own evaluations), latest, or a step number.")
+  flags.DEFINE_string("eval_protocol", None, "center, 10crop or multiscale (default: the run's "
+                      "own).")
+  flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size (default: the "
+                       "run's own); a multiple of the device count.")
+  flags.DEFINE_string("data_dir", None, "Where the run's dataset is now, if it moved (default: "
+                      "the run's dataset.data_dir).")
+  cli.define_flags()
 
 
 class EvaluationError(ValueError):
@@ -198,7 +196,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     cli.fail(str(error))
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
-  if not cli.WORKDIR.value:
+  if not flags.FLAGS.workdir:
     cli.fail("--workdir is missing or empty; pass the workdir of the run to evaluate.")
   return argv
 
@@ -208,8 +206,9 @@ def main(argv):
   cli.start()  # The run's own compilation cache may hold the evaluation step.
   logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
   try:
-    path, record = evaluate_run(cli.WORKDIR.value, _CHECKPOINT.value, _EVAL_PROTOCOL.value,
-                                _EVAL_BATCH_SIZE.value, _DATA_DIR.value)
+    path, record = evaluate_run(flags.FLAGS.workdir, flags.FLAGS.checkpoint,
+                                flags.FLAGS.eval_protocol, flags.FLAGS.eval_batch_size,
+                                flags.FLAGS.data_dir)
   except EvaluationError as error:
     cli.fail(str(error))
   # OSError: a disk failing; CorruptImageError: an image that does not decode.
@@ -223,4 +222,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
+  for _name in cli.FLAG_NAMES:
+    flags.declare_key_flag(_name)
   app.run(main, flags_parser=_parse_flags)

@@ -36,6 +36,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _LIST_FIELDS = flags.DEFINE_bool(
     "list_fields", False, "Print every field of --config as the --config.FIELD=VALUE flag that "
     "overrides it, and exit.")
+cli.define_flags()
 for _name in cli.FLAG_NAMES:
   flags.declare_key_flag(_name)
 
@@ -103,7 +104,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     cli.fail(str(error).strip().splitlines()[-1].strip())
   if len(argv) > 1:
     cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
-  if not _LIST_FIELDS.value and not cli.WORKDIR.value:
+  if not _LIST_FIELDS.value and not flags.FLAGS.workdir:
     # An empty --workdir=$UNSET would otherwise write into the current directory.
     cli.fail("--workdir is missing or empty; pass the directory the run writes to.")
   return argv
@@ -128,7 +129,7 @@ def main(argv):
   from resnet_jax import checkpoints, data, train
   logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
   try:
-    train.train_and_evaluate(_CONFIG.value, cli.WORKDIR.value)
+    train.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
   except train.StartupError as error:
     cli.fail(str(error), cli.USAGE_ERROR)
   # OSError: a disk failing; CorruptImageError: a bad file met mid-run by the streaming path.

@@ -140,7 +140,6 @@ def test_damaged_newest_checkpoint_is_reported_in_one_line_and_skipped(tmp_path,
   reports = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
   assert len(reports) == 1 and "\n" not in reports[0], reports
   assert reports[0].startswith("Checkpoint at step 4 is unreadable (")
-  assert any(r.getMessage().startswith("restore: resumed at step 2 of") for r in caplog.records)
   names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
   assert names[0] == "2" and names[1].startswith("4.unreadable-") and len(names) == 2
 

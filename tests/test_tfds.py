@@ -105,7 +105,7 @@ def test_the_papers_command_trains_and_evaluates_on_tfds_cifar10(cifar10_tfds, t
   # Sec. 4.2's warm-up: 0.01 while the training error is above 80%, as it is after 4 steps.
   assert all(r["learning_rate"] == pytest.approx(0.01) and r["top1_error"] > 80
              for r in training)
-  (evaluation,) = [r for r in records if r["kind"] != "train"]
+  (evaluation,) = [r for r in records if r["kind"] == "eval"]
   assert evaluation["step"] == 4 and evaluation["examples"] == 10_000  # the whole test set
   assert 80 <= evaluation["top1_error"] <= 100 and 30 <= evaluation["top5_error"] <= 70  # chance
   summary = json.loads((tmp_path / "summary.json").read_text())
