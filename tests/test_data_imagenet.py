@@ -74,7 +74,39 @@ def test_eval_views_shapes(height, width):
   image = random_image(height, width)
   assert imagenet.center_view(image)[0].shape == (224, 224, 3)
   assert imagenet.ten_crop_views(image)[0].shape == (10, 224, 224, 3)
-  assert [tuple(v.shape) for v in imagenet.multiscale_views(image)[0]] == [(s, s, 3) for s in (224, 256, 384, 480, 640)]
+  sizes = imagenet.multiscale_sizes(imagenet.multiscale_aspect(height, width))
+  views = imagenet.multiscale_views(image, tf.constant(sizes))[0]
+  assert [tuple(v.shape) for v in views] == [(h, w, 3) for h, w in sizes]
+  assert [min(h, w) for h, w in sizes] == [224, 256, 384, 480, 640]
+
+
+@pytest.mark.parametrize("height,width,aspect", [
+    (300, 400, 3 / 4), (400, 300, 4 / 3), (256, 256, 1), (100, 111, 1), (100, 112, 4 / 5),
+    (1000, 200, 3), (200, 700, 1 / 3), (500, 333, 3 / 2), (72, 160, 1 / 2), (160, 70, 5 / 2)])
+def test_multiscale_aspect_is_the_nearest_bucket_in_log_space(height, width, aspect):
+  assert imagenet.multiscale_aspect(height, width) == pytest.approx(aspect)
+
+
+@pytest.mark.parametrize("height,width", [(300, 400), (400, 300), (256, 256), (500, 250), (240, 600)])
+def test_an_image_of_a_buckets_ratio_keeps_its_aspect(height, width):
+  sizes = imagenet.multiscale_sizes(imagenet.multiscale_aspect(height, width))
+  for side, size in zip(imagenet.MULTISCALE_SIDES, sizes):
+    assert tuple(size) == tuple(imagenet.resize_shorter(random_image(height, width), side).shape[:2])
+
+
+def test_multiscale_buckets_change_an_aspect_by_at_most_sqrt_5_4_up_to_3():
+  ratios = np.exp(np.linspace(0, np.log(3), 2000))
+  changes = [max(r, a) / min(r, a) for r in ratios
+             for a in [imagenet.multiscale_aspect(round(1000 * r), 1000)]]
+  assert max(changes) == pytest.approx(np.sqrt(5 / 4), rel=1e-3)
+  assert len({imagenet.multiscale_aspect(h, w) for h, w in [(round(1000 * r), 1000) for r in ratios]
+              + [(1000, round(1000 * r)) for r in ratios]}) == 15
+
+
+def test_image_shape_reads_jpeg_headers_and_decodes_others():
+  image = random_image(90, 130)
+  assert tuple(imagenet.image_shape(tf.io.encode_jpeg(image)).numpy()) == (90, 130)
+  assert tuple(imagenet.image_shape(tf.io.encode_png(image)).numpy()) == (90, 130)
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +167,9 @@ def test_each_view_has_the_mean_resized_to_it_subtracted(jpeg_folder, mean):
   np.testing.assert_allclose(ds.mean, expected, atol=1e-3)
   batch = next(ds.eval_batches(8, "multiscale"))
   views = data.views(batch)
-  assert [view.shape[1] for view in views] == list(imagenet.MULTISCALE_SIDES)
+  assert [min(view.shape[1:3]) for view in views] == list(imagenet.MULTISCALE_SIDES)
   for view in views:
-    side = view.shape[1]
-    added_back = np.asarray(view)[np.asarray(batch.mask)] + np.asarray(ds.mean_of(side, side))
+    added_back = np.asarray(view)[np.asarray(batch.mask)] + np.asarray(ds.mean_of(*view.shape[1:3]))
     flat = added_back - added_back[:, :1, :1]
     np.testing.assert_allclose(flat, 0, atol=1e-3)
   resized = np.asarray(ds.mean_of(480, 480))
@@ -173,7 +204,7 @@ def test_streaming_folder_train_is_deterministic_and_resumable(jpeg_folder):
 
 @pytest.mark.parametrize("num_devices,batch_size,protocol", [
     (1, 4, "center"), (1, 16, "center"), (8, 8, "center"), (8, 16, "center"), (8, 8, "10crop"),
-    (8, 8, "multiscale")])
+    (1, 4, "multiscale"), (8, 8, "multiscale"), (8, 16, "multiscale")])
 def test_streaming_eval_visits_every_example_once(jpeg_folder, num_devices, batch_size, protocol):
   ds = folder_dataset(jpeg_folder, mesh_of(num_devices))
   seen = []
@@ -181,7 +212,13 @@ def test_streaming_eval_visits_every_example_once(jpeg_folder, num_devices, batc
     views = data.views(batch)
     assert len(views) == {"center": 1, "10crop": 10, "multiscale": 5}[protocol]
     colours = np.asarray(views[-1])[:, 100, 100] + np.asarray(ds.mean_of(*views[-1].shape[1:3]))[100, 100]
-    seen.extend(np.rint(colours[np.asarray(batch.mask), 0] / 20).astype(int))
+    ids = np.rint(colours[np.asarray(batch.mask), 0] / 20).astype(int)
+    seen.extend(ids)
+    if protocol == "multiscale":  # Whole images of one aspect bucket per batch.
+      for index in ids:
+        height, width = tf.io.decode_image((jpeg_folder / "val" / "a" / f"{index:02d}.png").read_bytes()).shape[:2]
+        sizes = imagenet.multiscale_sizes(imagenet.multiscale_aspect(height, width))
+        assert [tuple(view.shape[1:3]) for view in views] == [tuple(size) for size in sizes]
   assert sorted(seen) == list(range(11))
 
 

@@ -1,10 +1,13 @@
-"""The on-device pipeline across two real JAX processes (CPU collectives over gloo).
+"""The input pipelines across two real JAX processes (CPU collectives over gloo).
 
 Each process holds 2 of the mesh's 4 devices, loads only its own blocks, and the
 global batches it assembles must equal those of one process holding all 4.
 """
 import json
 import sys
+
+import numpy as np
+import pytest
 
 import processes
 
@@ -49,11 +52,11 @@ with open(out, "w") as f:
 """
 
 
-def _run(tmp_path, num_processes):
+def _run(tmp_path, num_processes, worker=WORKER, *args):
   port = processes.free_port()
   outputs = [tmp_path / f"{num_processes}-{i}.json" for i in range(num_processes)]
   results = processes.run(
-      [[sys.executable, "-c", WORKER, str(i), str(num_processes), str(port), str(outputs[i])]
+      [[sys.executable, "-c", worker, str(i), str(num_processes), str(port), str(outputs[i]), *args]
        for i in range(num_processes)], processes.environment(4 // num_processes), timeout=240)
   for result in results:
     assert result.returncode == 0, result.stderr[-3000:]
@@ -73,3 +76,57 @@ def test_two_processes_assemble_the_batches_of_one(tmp_path):
   # Each host loaded only its half of the data.
   assert first["loaded"] + second["loaded"] == single["loaded"]
   assert abs(first["loaded"] - second["loaded"]) <= 2
+
+
+MULTISCALE_WORKER = r"""
+import json, sys
+import jax
+import numpy as np
+process_id, num_processes, port, out, root, cache = sys.argv[1:4] + sys.argv[4:7]
+process_id, num_processes = int(process_id), int(num_processes)
+if num_processes > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id)
+from jax.experimental import multihost_utils
+from resnet_jax import data
+
+config = data.default_config("image_folder")
+config.data_dir, config.eval_split, config.cache_dir, config.mean = root, "val", cache, "per_channel"
+ds = data.create(config, jax.make_mesh((4,), ("data",)))
+batches = []
+for batch in ds.eval_batches(4, "multiscale"):
+  views = data.views(batch)
+  # Flat images whose colour is 20 * id.
+  colours = np.asarray(multihost_utils.process_allgather(views[0], tiled=True))[:, 50, 50, 0]
+  mask = np.asarray(multihost_utils.process_allgather(batch.mask, tiled=True))
+  ids = np.rint((colours + ds.mean[0, 0, 0]) / 20).astype(int)
+  batches.append({"shapes": [list(view.shape[1:3]) for view in views],
+                  "ids": [int(i) for i, m in zip(ids, mask) if m]})
+with open(out, "w") as f:
+  json.dump(batches, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_batch_multiscale_views_by_aspect_as_one(tmp_path):
+  # Flat-colour evaluation images of assorted aspect ratios: 10 examples over 4 buckets.
+  sizes = [(100, 100), (90, 120), (120, 90), (90, 120), (80, 160), (100, 100), (72, 96),
+           (160, 80), (100, 100), (96, 72)]
+  from resnet_jax.data.sources import tensorflow  # pylint: disable=g-import-not-at-top
+  tf = tensorflow()
+  for split, count in (("train", 2), ("val", len(sizes))):
+    (tmp_path / "images" / split / "a").mkdir(parents=True)
+    for index in range(count):
+      height, width = sizes[index]
+      image = np.full((height, width, 3), 20 * index, np.uint8)
+      (tmp_path / "images" / split / "a" / f"{index}.png").write_bytes(tf.io.encode_png(image).numpy())
+  args = (str(tmp_path / "images"), str(tmp_path / "cache"))
+  (single,) = _run(tmp_path, 1, MULTISCALE_WORKER, *args)
+  first, second = _run(tmp_path, 2, MULTISCALE_WORKER, *args)
+  assert first == second == single
+  assert sorted(i for batch in single for i in batch["ids"]) == list(range(len(sizes)))
+  for batch in single:  # One aspect bucket per batch: here each image's own ratio.
+    for i in batch["ids"]:
+      scale = lambda side, length: round(side * length / min(sizes[i]))
+      assert batch["shapes"] == [[scale(side, sizes[i][0]), scale(side, sizes[i][1])]
+                                 for side in (224, 256, 384, 480, 640)]

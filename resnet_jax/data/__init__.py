@@ -15,7 +15,10 @@ pure function of (seed, step)); a streaming dataset gives the next batch, decode
 onto the devices by a background thread. Evaluation visits every example once (mask False on
 padding rows). `eval_protocols`: ("center",) on device (small images are evaluated whole);
 ("center", "10crop", "multiscale") streaming, where multi-view protocols give `batch.images`
-as a tuple of views (`data.views(batch)`) whose softmax scores are averaged. All batches are
+as a tuple of views (`data.views(batch)`) whose softmax scores are averaged. "multiscale" is
+the fully-convolutional form (Sec. 3.4): the whole image at shorter sides 224 to 640, each batch
+of one aspect-ratio bucket (`imagenet.MULTISCALE_ASPECTS`; the images' sizes are read at the
+first such evaluation and cached like the mean). All batches are
 global arrays sharded on the mesh axis "data"; the global batch size must be a multiple of that
 axis's size.
 
@@ -47,8 +50,8 @@ Config fields (`default_config(name)` gives the defaults; set only what differs)
   synthetic_train_size, synthetic_eval_size: synthetic split sizes.
   augment: training augmentation (CIFAR: pad 4 + random crop + flip; ImageNet: scale
     augmentation + 224 crop + flip + PCA lighting). Evaluation is never augmented.
-  cache_dir: where the per-pixel mean is cached, local or gs:// (default $RESNET_JAX_CACHE_DIR,
-    else ~/.cache/resnet_jax).
+  cache_dir: where the per-pixel mean and the evaluation images' sizes are cached, local or
+    gs:// (default $RESNET_JAX_CACHE_DIR, else ~/.cache/resnet_jax).
   mean: "per_pixel" (the paper: the training split's mean image, CIFAR's over every image,
     ImageNet's the mean 224 centre view of up to 50,000 images, resized to views of other
     sizes; computed once and cached) or "per_channel" (that image's channel means).

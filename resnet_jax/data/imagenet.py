@@ -17,6 +17,12 @@ CROP = 224
 TRAIN_SHORTER_SIDE = (256, 480)  # Scale augmentation: shorter side uniform in [256, 480].
 EVAL_SHORTER_SIDE = 256
 MULTISCALE_SIDES = (224, 256, 384, 480, 640)
+# Longer / shorter side of the multi-scale test's views. A batch has one shape, so each image is
+# evaluated whole at the nearest of these ratios (`multiscale_aspect`): the common photo formats
+# as they are, any other ratio up to 3 changed by a factor of at most sqrt(5/4) = 1.118 (midway
+# between 1 and 5/4, or 2 and 5/2), a wider one squeezed to 3; and the model compiles once per
+# bucket present (at most 15: each ratio but 1 in both orientations), not once per image size.
+MULTISCALE_ASPECTS = (1, 5 / 4, 4 / 3, 3 / 2, 5 / 3, 2, 5 / 2, 3)
 # Training images whose centre views make the per-pixel mean, evenly spaced over the split: at
 # 50,000 each pixel's mean is within about 0.3 of 255 of the whole split's (std ~60 / sqrt(N)).
 MEAN_SAMPLE = 50_000
@@ -141,15 +147,36 @@ def ten_crop_views(image):
   return tf.ensure_shape(views, [10, CROP, CROP, 3]), tf.constant(_NO_OFFSET)
 
 
-def multiscale_views(image):
-  """Fully-convolutional multi-scale test: one view per shorter side in {224, 256, 384, 480, 640}.
+def image_shape(contents):
+  """int32 [2]: (height, width) of an encoded image; a JPEG's read from its header alone."""
+  return tf.cond(tf.io.is_jpeg(contents), lambda: tf.io.extract_jpeg_shape(contents)[:2],
+                 lambda: tf.shape(tf.io.decode_image(contents, channels=3, expand_animations=False))[:2])
 
-  Each view is the centre s x s square of the image resized to shorter side s (the whole image
-  for square inputs): a fixed shape per scale lets views of different images share a batch.
-  Returns a tuple of uint8 [s, s, 3] views and the offset.
+
+def multiscale_aspect(height: int, width: int) -> float:
+  """The bucket (height / width) of an image's multi-scale views: the nearest, in log space, of
+  MULTISCALE_ASPECTS in the image's orientation."""
+  longer, shorter = max(height, width), min(height, width)
+  aspect = min(MULTISCALE_ASPECTS, key=lambda bucket: abs(np.log(longer / shorter / bucket)))
+  return aspect if height >= width else 1 / aspect
+
+
+def multiscale_sizes(aspect: float) -> np.ndarray:
+  """int [len(MULTISCALE_SIDES), 2]: (height, width) of the views of the `aspect` bucket, the
+  shorter side each of MULTISCALE_SIDES, the longer that times the bucket's ratio."""
+  longer = lambda side: round(side * max(aspect, 1 / aspect))
+  return np.array([(longer(side), side) if aspect > 1 else (side, longer(side))
+                   for side in MULTISCALE_SIDES], np.int32)
+
+
+def multiscale_views(image, sizes):
+  """The fully-convolutional multi-scale test (Sec. 3.4): the whole image resized to each of
+  `sizes` (int [len(MULTISCALE_SIDES), 2], from `multiscale_sizes`).
+
+  Returns a tuple of uint8 [height, width, 3] views, one per scale, and the offset.
   """
-  views = tuple(tf.ensure_shape(_centre_crop(resize_shorter(image, side), side), [side, side, 3])
-                for side in MULTISCALE_SIDES)
+  views = tuple(_resize(image, sizes[index, 0], sizes[index, 1])
+                for index in range(len(MULTISCALE_SIDES)))
   return views, tf.constant(_NO_OFFSET)
 
 

@@ -1,4 +1,5 @@
-"""Caches the per-pixel training-set mean (paper section 4.2) as a small .npy file.
+"""Caches an array computed once from a dataset as a small .npy file: the per-pixel training-set
+mean (paper sections 3.4, 4.2), the evaluation images' sizes (multi-scale testing).
 
 The cache lives in `cache_dir` when given, else $RESNET_JAX_CACHE_DIR, else ~/.cache/resnet_jax
 (local or gs://): never next to the data, which is often read-only or shared.
@@ -13,25 +14,29 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
+from numpy.typing import DTypeLike
 
 
-def cache_path(key: str, cache_dir: str | None = None) -> epath.Path:
+def cache_path(key: str, cache_dir: str | None = None, kind: str = "mean") -> epath.Path:
   root = epath.Path(cache_dir or os.environ.get("RESNET_JAX_CACHE_DIR") or "~/.cache/resnet_jax")
   digest = hashlib.sha1(key.encode()).hexdigest()[:12]
   readable = "".join(c if c.isalnum() or c in "-_" else "_" for c in key)[:60]
-  return root.expanduser() / f"mean_{readable}_{digest}.npy"
+  return root.expanduser() / f"{kind}_{readable}_{digest}.npy"
 
 
-def load_or_compute(key: str, compute: Callable[[], np.ndarray], cache_dir: str | None = None) -> np.ndarray:
-  """The cached array for `key`, or `compute()` saved for next time (by process 0 only)."""
-  path = cache_path(key, cache_dir)
+def load_or_compute(key: str, compute: Callable[[], np.ndarray], cache_dir: str | None = None, *,
+                    kind: str = "mean", what: str = "the per-pixel mean",
+                    dtype: DTypeLike = np.float32) -> np.ndarray:
+  """The cached array of `kind` for `key`, or `compute()` as `dtype` saved for next time (by
+  process 0 only); `what` names it in the log."""
+  path = cache_path(key, cache_dir, kind)
   if path.exists():
-    logging.info("Loading the per-pixel mean from %s", path)
+    logging.info("Loading %s from %s", what, path)
     return np.load(io.BytesIO(path.read_bytes()))
-  mean = np.asarray(compute(), np.float32)
+  array = np.asarray(compute(), dtype)
   if jax.process_index() == 0:
     buffer = io.BytesIO()
-    np.save(buffer, mean)
+    np.save(buffer, array)
     partial = path.parent / f".{path.name}.{uuid.uuid4().hex}"
     try:
       path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,4 +44,4 @@ def load_or_compute(key: str, compute: Callable[[], np.ndarray], cache_dir: str 
       partial.replace(path)  # Concurrent runs never read a half-written file.
     except Exception:  # pylint: disable=broad-except  (OSError here, tf.errors.* on gs://)
       pass  # An unwritable cache costs one recomputation per run, nothing else.
-  return mean
+  return array

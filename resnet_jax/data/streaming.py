@@ -166,8 +166,9 @@ class StreamingDataset:
 
   def eval_batches(self, batch_size: int, protocol: str = "center") -> Iterator[core.Batch]:
     """Every evaluation example once, padded and masked. "10crop" and "multiscale" give
-    `images` as a tuple of views (10 of [B, 224, 224, 3]; 5 of [B, s, s, 3]); average the
-    softmax scores over the views."""
+    `images` as a tuple of views (10 of [B, 224, 224, 3]; 5 of [B, H, W, 3], the whole images
+    resized to shorter side s in MULTISCALE_SIDES, each batch of one aspect bucket: see
+    `imagenet.MULTISCALE_ASPECTS`); average the softmax scores over the views."""
     core.check_protocol(protocol, self.info, self.eval_protocols)
     per_device = core.check_batch_size(batch_size, self.mesh)
     for local in self._eval_batches(per_device, protocol):
@@ -198,12 +199,42 @@ def _epoch_orders(ids: np.ndarray, mesh: Mesh, per_device: int, seed: int, start
     step += 1
 
 
-def _eval_local_rows(num_examples: int, mesh: Mesh, per_device: int):
-  """(ids, valid) [num_batches, local rows] of this process's rows of every evaluation batch."""
-  ids, valid = core.eval_row_ids(core.eval_chunks(num_examples, core.num_data_devices(mesh)), per_device)
+def _eval_local_rows(num_examples: int, mesh: Mesh, per_device: int, groups: np.ndarray | None = None):
+  """(ids, valid) [num_batches, local rows] of this process's rows of every evaluation batch.
+
+  With `groups` (a value per example), every batch holds examples of one group: the groups in
+  sorted order, the examples of each dealt to the devices and padded to whole batches alone.
+  """
+  devices = core.num_data_devices(mesh)
+  if groups is None:
+    ids, valid = core.eval_row_ids(core.eval_chunks(num_examples, devices), per_device)
+  else:
+    batches = []
+    for group in np.unique(groups):
+      members = np.flatnonzero(groups == group)
+      positions, group_valid = core.eval_row_ids(core.eval_chunks(len(members), devices), per_device)
+      batches.append((members[positions], group_valid))
+    ids, valid = (np.concatenate(arrays) for arrays in zip(*batches))
   first, last = core.local_devices_range(mesh)
   rows = slice(first * per_device, last * per_device)
   return ids[:, rows], valid[:, rows]
+
+
+def image_shapes(records: Records) -> np.ndarray:
+  """int32 [N, 2]: (height, width) of every image of `records`; a JPEG's from its header."""
+  from resnet_jax.data import imagenet  # pylint: disable=g-import-not-at-top
+  from resnet_jax.data.sources import tensorflow  # pylint: disable=g-import-not-at-top
+  tf = tensorflow()
+  logging.info("Reading the sizes of %d evaluation images", len(records))
+  fetch = _fetcher(records)
+  chunk = 1024
+  ids = np.arange(len(records))
+  shapes = tf.data.Dataset.from_tensor_slices(ids).map(
+      lambda index: imagenet.image_shape(fetch(index)[0]), num_parallel_calls=tf.data.AUTOTUNE,
+      deterministic=True).batch(chunk)
+  batches = naming_corrupt(shapes.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(),
+                           np.split(ids, range(chunk, len(ids), chunk)), records)
+  return np.concatenate(list(batches))
 
 
 def mean_image(config: ml_collections.ConfigDict, train: Records, cache_key: str) -> np.ndarray:
@@ -268,19 +299,39 @@ def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, 
     orders = (ids for _, ids in _epoch_orders(train_ids, mesh, per_device, seed, start_step))
     yield from naming_corrupt(batches.as_numpy_iterator(), orders, train)
 
+  @functools.cache
+  def eval_aspects():
+    """The multi-scale aspect bucket of every evaluation image, from their sizes (cached)."""
+    shapes = mean_cache.load_or_compute(
+        f"{cache_key}-eval-{config.eval_split}-{len(evaluation)}", lambda: image_shapes(evaluation),
+        config.cache_dir, kind="shapes", what="the evaluation images' sizes", dtype=np.int32)
+    distinct, index = np.unique(shapes, axis=0, return_inverse=True)
+    return np.array([imagenet.multiscale_aspect(*shape) for shape in distinct])[index.reshape(-1)]
+
   def eval_batches(per_device, protocol):
-    ids, valid = _eval_local_rows(len(evaluation), mesh, per_device)
+    if protocol == "multiscale":
+      # Each batch holds images of one aspect bucket, so its views share a shape; every process
+      # knows the batches' order from the sizes of all images.
+      aspects = eval_aspects()
+      ids, valid = _eval_local_rows(len(evaluation), mesh, per_device, aspects)
+      sizes_of = {aspect: imagenet.multiscale_sizes(aspect) for aspect in np.unique(aspects)}
+      columns = (ids.reshape(-1), valid.reshape(-1),
+                 np.stack([sizes_of[aspect] for aspect in aspects[ids.reshape(-1)]]))
+    else:
+      ids, valid = _eval_local_rows(len(evaluation), mesh, per_device)
+      columns = (ids.reshape(-1), valid.reshape(-1))
     fetch = _fetcher(evaluation)
     transform = imagenet.EVAL_PROTOCOLS[protocol]
 
-    def load(index, is_valid):
+    def load(index, is_valid, *view_sizes):
       contents, label = fetch(index)
-      views, offset = transform(tf.io.decode_image(contents, channels=3, expand_animations=False))
+      views, offset = transform(tf.io.decode_image(contents, channels=3, expand_animations=False),
+                                *view_sizes)
       if protocol == "10crop":
         views = tuple(tf.unstack(views))
       return {"images": views, "offsets": offset, "labels": label, "mask": is_valid}
 
-    dataset = tf.data.Dataset.from_tensor_slices((ids.reshape(-1), valid.reshape(-1)))
+    dataset = tf.data.Dataset.from_tensor_slices(columns)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = dataset.batch(ids.shape[1]).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
     yield from naming_corrupt(batches, ids, evaluation)
