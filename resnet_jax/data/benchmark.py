@@ -65,10 +65,6 @@ def write_folder(data_dir: epath.PathLike, root: epath.PathLike) -> epath.Path:
   """The training JPEGs of `data_dir`'s imagenet2012 as an image folder root/train/<label>/."""
   root = epath.Path(root)
   records = sources.tfds_random_access("imagenet2012", str(data_dir), "train")
-  config = data.default_config("imagenet2012")
-  config.data_dir = str(data_dir)
-  # The trainer's mean image (computed and cached by `data.create`, as the trainer's start does).
-  mean = jax.device_put(data.create(config, data.core.make_mesh(jax.devices()[:1])).mean)
   for index in range(len(records)):
     example = records.data_source[index]
     folder = root / "train" / f"{int(example['label']):04d}"
