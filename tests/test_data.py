@@ -294,7 +294,8 @@ def folder_config(root, tmp_path):
   return config
 
 
-# On device every image decodes at start-up; streaming decodes only the first one then.
+# On device every image decodes at start-up; streaming decodes the training images of the
+# per-pixel mean then (up to imagenet.MEAN_SAMPLE of them, evenly spaced), on its first start.
 @pytest.mark.parametrize("side,name,contents", [(32, "train/b/3.jpg", b"not an image at all"),
                                                 (80, "train/a/0.jpg", b"\xff\xd8\xff truncated")])
 def test_corrupt_image_at_start_up_is_one_error_naming_its_path(tmp_path, side, name, contents):
@@ -307,6 +308,7 @@ def test_corrupt_image_at_start_up_is_one_error_naming_its_path(tmp_path, side, 
 
 def test_corrupt_image_while_streaming_names_its_path(tmp_path):
   root = image_folder(tmp_path / "images", side=80)
+  data.create(folder_config(root, tmp_path), mesh_of(8))  # Caches the mean: images read later.
   (root / "train" / "b" / "5.jpg").write_bytes(b"garbage")
   (root / "test" / "a" / "2.jpg").write_bytes(b"garbage")
   ds = data.create(folder_config(root, tmp_path), mesh_of(8))
