@@ -103,7 +103,7 @@ for batch in ds.eval_batches(4, "multiscale"):
   batches.append({"shapes": [list(view.shape[1:3]) for view in views],
                   "ids": [int(i) for i, m in zip(ids, mask) if m]})
 with open(out, "w") as f:
-  json.dump(batches, f)
+  json.dump({"batches": batches, "mean": ds.mean.tolist()}, f)
 """
 
 
@@ -120,10 +120,13 @@ def test_two_processes_batch_multiscale_views_by_aspect_as_one(tmp_path):
       height, width = sizes[index]
       image = np.full((height, width, 3), 20 * index, np.uint8)
       (tmp_path / "images" / split / "a" / f"{index}.png").write_bytes(tf.io.encode_png(image).numpy())
-  args = (str(tmp_path / "images"), str(tmp_path / "cache"))
-  (single,) = _run(tmp_path, 1, MULTISCALE_WORKER, *args)
-  first, second = _run(tmp_path, 2, MULTISCALE_WORKER, *args)
+  # Apart caches: two processes read the sizes and the mean in shares and gather them.
+  images = str(tmp_path / "images")
+  (single,) = _run(tmp_path, 1, MULTISCALE_WORKER, images, str(tmp_path / "cache1"))
+  first, second = _run(tmp_path, 2, MULTISCALE_WORKER, images, str(tmp_path / "cache2"))
   assert first == second == single
+  assert single["mean"] == [[[20 * 0.5] * 3]]  # Images 0 and 1: colours 0 and 20.
+  single = single["batches"]
   assert sorted(i for batch in single for i in batch["ids"]) == list(range(len(sizes)))
   for batch in single:  # One aspect bucket per batch: here each image's own ratio.
     for i in batch["ids"]:

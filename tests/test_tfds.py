@@ -292,15 +292,17 @@ def read_many(self, keys):
 source_class.__getitem__, source_class.__getitems__ = read_one, read_many
 
 config = imagenet_resnet18.get_config().dataset
-config.data_dir = data_dir
+config.data_dir, config.cache_dir = data_dir, out + "-cache"  # Each host its own cache.
 ds = data.create(config, data.core.make_mesh())
+start_reads = reads[:]  # The per-pixel mean's share.
+del reads[:]
 batches = ds.train_iterator(8)
 for _ in range(ds.steps_per_epoch(8)):
   next(batches)
 batches.close()
 evaluated = sum(int(jax.numpy.sum(batch.mask)) for batch in ds.eval_batches(8))
 with open(out, "w") as f:
-  json.dump({"reads": reads, "evaluated": evaluated}, f)
+  json.dump({"start_reads": start_reads, "reads": reads, "evaluated": evaluated}, f)
 """
 
 
@@ -317,12 +319,15 @@ def test_two_processes_read_only_their_own_imagenet_records(imagenet_tfds, tmp_p
   num_train = IMAGENET_CLASSES * IMAGENET_TRAIN_PER_CLASS
   block = num_train // 8
   # The fixed seeded deal of training examples into one block per device (seed 0); process p
-  # holds devices 4p..4p+3. Evaluation gives each device a contiguous chunk.
+  # holds devices 4p..4p+3. Evaluation gives each device a contiguous chunk. The per-pixel mean
+  # (of every training image, fewer than imagenet.MEAN_SAMPLE) is read in alternate shares.
   deal = np.random.default_rng([0, 1]).permutation(num_train)
   chunks = np.array_split(np.arange(IMAGENET_VAL), 8)
   read = {}
   for p, report in enumerate(reports):
     assert report["evaluated"] == IMAGENET_VAL
+    assert sorted(index for _, index in report["start_reads"]) == list(range(p, num_train, 2))
+    assert {name for name, _ in report["start_reads"]} == {"train"}
     for split in ("train", "validation"):
       read[p, split] = {index for name, index in report["reads"] if name == split}
     assert read[p, "train"] == set(deal[4 * p * block:(4 * p + 4) * block].tolist())

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from numpy.typing import DTypeLike
 
 
@@ -27,21 +28,30 @@ def cache_path(key: str, cache_dir: str | None = None, kind: str = "mean") -> ep
 def load_or_compute(key: str, compute: Callable[[], np.ndarray], cache_dir: str | None = None, *,
                     kind: str = "mean", what: str = "the per-pixel mean",
                     dtype: DTypeLike = np.float32) -> np.ndarray:
-  """The cached array of `kind` for `key`, or `compute()` as `dtype` saved for next time (by
-  process 0 only); `what` names it in the log."""
+  """The cached array of `kind` for `key`, or `compute()` as `dtype` saved for next time;
+  `what` names it in the log.
+
+  With several processes, all of them load or all compute, so `compute` may be collective (each
+  process reading a share): a cache on each host's own disk can hold the file on some hosts and
+  not on others. Each process saves its copy, so such caches all hold it afterwards.
+  """
   path = cache_path(key, cache_dir, kind)
-  if path.exists():
+  cached = path.exists()
+  if jax.process_count() > 1:
+    cached = bool(multihost_utils.process_allgather(np.asarray(cached)).all())
+  if cached:
     logging.info("Loading %s from %s", what, path)
     return np.load(io.BytesIO(path.read_bytes()))
   array = np.asarray(compute(), dtype)
-  if jax.process_index() == 0:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    partial = path.parent / f".{path.name}.{uuid.uuid4().hex}"
-    try:
-      path.parent.mkdir(parents=True, exist_ok=True)
-      partial.write_bytes(buffer.getvalue())
-      partial.replace(path)  # Concurrent runs never read a half-written file.
-    except Exception:  # pylint: disable=broad-except  (OSError here, tf.errors.* on gs://)
-      pass  # An unwritable cache costs one recomputation per run, nothing else.
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  partial = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(buffer.getvalue())
+    # Concurrent runs never read a half-written file; processes sharing the cache replace the
+    # file with equal copies.
+    partial.replace(path)
+  except Exception:  # pylint: disable=broad-except  (OSError here, tf.errors.* on gs://)
+    pass  # An unwritable cache costs one recomputation per run, nothing else.
   return array

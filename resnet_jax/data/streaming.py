@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from resnet_jax.data import core, mean_cache
@@ -228,13 +229,28 @@ def image_shapes(records: Records) -> np.ndarray:
   logging.info("Reading the sizes of %d evaluation images", len(records))
   fetch = _fetcher(records)
   chunk = 1024
-  ids = np.arange(len(records))
-  shapes = tf.data.Dataset.from_tensor_slices(ids).map(
+  share = _process_share(np.arange(len(records)))
+  shapes = tf.data.Dataset.from_tensor_slices(share).map(
       lambda index: imagenet.image_shape(fetch(index)[0]), num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=True).batch(chunk)
   batches = naming_corrupt(shapes.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(),
-                           np.split(ids, range(chunk, len(ids), chunk)), records)
-  return np.concatenate(list(batches))
+                           np.split(share, range(chunk, len(share), chunk)), records)
+  shapes = np.concatenate([np.zeros((0, 2), np.int32), *batches]).astype(np.int32)
+  if jax.process_count() == 1:
+    return shapes
+  # Every process needs every image's size (the batches' order); shares differ by one at most.
+  padded = np.zeros((-(-len(records) // jax.process_count()), 2), np.int32)
+  padded[:len(shapes)] = shapes
+  gathered = multihost_utils.process_allgather(padded)
+  result = np.empty((len(records), 2), np.int32)
+  for process, process_shapes in enumerate(gathered):
+    result[process::jax.process_count()] = process_shapes[:len(result[process::jax.process_count()])]
+  return result
+
+
+def _process_share(ids: np.ndarray) -> np.ndarray:
+  """This process's share of `ids` for a computation every process takes part in."""
+  return ids[jax.process_index()::jax.process_count()]
 
 
 def mean_image(config: ml_collections.ConfigDict, train: Records, cache_key: str) -> np.ndarray:
@@ -250,15 +266,19 @@ def mean_image(config: ml_collections.ConfigDict, train: Records, cache_key: str
     logging.info("Computing the per-pixel mean of the centre views of %d training images",
                  len(ids))
     fetch = _fetcher(train)
-    views = tf.data.Dataset.from_tensor_slices(ids).map(
+    share = _process_share(ids)  # Each process reads a share; the sums are gathered.
+    views = tf.data.Dataset.from_tensor_slices(share).map(
         lambda index: imagenet.center_view(tf.io.decode_image(
             fetch(index)[0], channels=3, expand_animations=False))[0],
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(256)
-    total = np.zeros((imagenet.CROP, imagenet.CROP, 3), np.float64)
+    # Sums of uint8 pixels, exact as integers: at most 255 * MEAN_SAMPLE < 2**31 per pixel.
+    total = np.zeros((imagenet.CROP, imagenet.CROP, 3), np.int64)
     batches = naming_corrupt(views.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(),
-                             (ids[start:start + 256] for start in range(0, len(ids), 256)), train)
+                             (share[start:start + 256] for start in range(0, len(share), 256)), train)
     for batch in batches:
-      total += batch.sum(axis=0, dtype=np.float64)
+      total += batch.sum(axis=0, dtype=np.int64)
+    if jax.process_count() > 1:
+      total = multihost_utils.process_allgather(total.astype(np.int32)).sum(axis=0, dtype=np.int64)
     return total / len(ids)
 
   return mean_cache.load_or_compute(f"{cache_key}-center{imagenet.CROP}-{len(ids)}", compute,
