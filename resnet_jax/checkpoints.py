@@ -16,6 +16,7 @@ so it may read those of a run that is still training (`resnet_jax.evaluate`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging as std_logging
 import os
 import shutil
@@ -24,12 +25,15 @@ import uuid
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+
+from resnet_jax import optim
 
 BEST_METRIC = "top1_error"
 _ITEM_NAMES = ("state", "data", "identity")
@@ -106,6 +110,37 @@ def _orbax_manager(workdir: epath.Path, **options) -> ocp.CheckpointManager:
       item_names=_ITEM_NAMES)
 
 
+# What a TrainState saved before the windowed warm-up (optim.Warmup) held in its place: whether
+# the warm-up was over, and the smoothed training error that ended it.
+_OLDER_WARMUP_FIELDS = ("warmed_up", "train_error_ema")
+
+
+def _older_layout(abstract):
+  """The layout of `abstract` (a TrainState's shapes) as a checkpoint of the older state holds it."""
+  fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(abstract)
+            if field.name != "warmup" and field.metadata.get("pytree_node", True)}
+  replicated = abstract.step.sharding
+  return {**fields,
+          "warmed_up": jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated),
+          "train_error_ema": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)}
+
+
+def _from_older(restored: dict, abstract):
+  """A TrainState of `abstract`'s layout from a restored older one: a warm-up already over stays
+  over (the iteration it ended at was not recorded: 0), one still going has its window filled with
+  the smoothed error."""
+  window = abstract.warmup.recent_errors
+  error = restored["train_error_ema"]
+  put = lambda value, like: jax.device_put(value, like.sharding)
+  warmup = optim.Warmup(
+      recent_errors=put(jnp.full(window.shape, error, window.dtype), window),
+      end_step=put(jnp.where(restored["warmed_up"], 0, -1).astype(jnp.int32), abstract.warmup.end_step),
+      end_error=put(jnp.where(restored["warmed_up"], error, 0).astype(jnp.float32),
+                    abstract.warmup.end_error))
+  fields = {name: value for name, value in restored.items() if name not in _OLDER_WARMUP_FIELDS}
+  return abstract.replace(**fields, warmup=warmup)
+
+
 def check_identity(saved: dict[str, Any], identity: dict[str, Any]) -> None:
   """Raises ValueError if a checkpoint's `saved` identity is not the run's `identity`."""
   # Checkpoints written before a field joined the identity still match on the others.
@@ -148,10 +183,14 @@ class Reader:
     """The (state, data state) saved at `step`, laid out as `state` (arrays or their shapes)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     has_data = (self.directory / str(step) / "data").exists()
+    saved_fields = set(ocp.StandardCheckpointer().metadata(
+        self.directory / str(step) / "state").item_metadata.keys())
+    older = hasattr(abstract, "warmup") and set(_OLDER_WARMUP_FIELDS) <= saved_fields
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
+        state=ocp.args.StandardRestore(_older_layout(abstract) if older else abstract),
         **({"data": ocp.args.JsonRestore()} if has_data else {})))
-    return restored.state, restored.get("data")
+    return (_from_older(restored.state, abstract) if older else restored.state,
+            restored.get("data"))
 
 
 class Manager(Reader):

@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 
 import processes
-from configs import cifar_resnet20
+from configs import cifar_resnet20, cifar_resnet110
 from resnet_jax import checkpoints, claim, data, evaluate, optim, train
 
 
@@ -333,3 +333,12 @@ def test_help_exits_0_and_names_the_choices():
                "best (default)", "10crop", "multiscale", "Exit status: 0 done; 2 nothing"):
     assert text in completed.stdout, text
   assert "--config" not in completed.stdout
+
+
+def test_config_of_a_run_before_the_windowed_warm_up_lays_out_its_state(tmp_path):
+  config = json.loads(cifar_resnet110.get_config("smoke").to_json())
+  del config["warmup_window"]
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  run_config = evaluate._run_config(epath.Path(tmp_path))
+  assert run_config.warmup_learning_rate == 0.01
+  assert optim.warmup_init(run_config).recent_errors.shape == (1,)
