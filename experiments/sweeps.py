@@ -70,7 +70,7 @@ SWEEPS = {
         ("cifar_resnet20",), default_schedule="short"),
     "cifar_resnet110_warmup_cpu": Sweep(
         "ResNet-110's warm-up (Sec. 4.2) on CIFAR-10 on CPU: the paper's recipe over --steps "
-        "iterations (16000 in experiments/results, stopped after its first 500)",
+        "iterations (16000 in experiments/results, stopped once its warm-up was over)",
         ("cifar_resnet110",), default_schedule="short"),
     "table2_fig4": Sweep(
         "ImageNet plain vs residual 18/34 (Table 2, Fig. 4), residual nets with option A as in "
