@@ -183,8 +183,9 @@ class Reader:
     """The (state, data state) saved at `step`, laid out as `state` (arrays or their shapes)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     has_data = (self.directory / str(step) / "data").exists()
-    saved_fields = set(ocp.StandardCheckpointer().metadata(
-        self.directory / str(step) / "state").item_metadata.keys())
+    with ocp.StandardCheckpointer() as checkpointer:
+      saved_fields = set(checkpointer.metadata(self.directory / str(step) / "state")
+                         .item_metadata.keys())
     older = hasattr(abstract, "warmup") and set(_OLDER_WARMUP_FIELDS) <= saved_fields
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_older_layout(abstract) if older else abstract),
