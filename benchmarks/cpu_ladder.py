@@ -5,15 +5,15 @@
 
 Variants, each adding one change to the one before: XLA's defaults (flax's `nnx.Conv` and
 `nnx.BatchNorm`, default compiler options: what `models.create` builds by default); `ops.Conv`'s
-weight gradient; `ops.compiler_options()`; `ops.BatchNorm`'s four-sum gradient with XLA's
+weight gradient; `ops.compiler_options("cpu")`; `ops.BatchNorm`'s four-sum gradient with XLA's
 reductions; its sums as matrix products (`ops._channel_sums`), the last being what the trainer
-runs on CPU (`ops.training_layers()`). Each is the trainer's own `train.train_step` on data
+runs on CPU (`ops.training_layers("cpu")`). Each is the trainer's own `train.train_step` on data
 already on the device, its model built with the variant's conv and norm (the fourth's with
 `matmul_sum_channels=0`), and all are timed in alternating
 repeats (`resnet_jax.benchmark.measure`) so that they see the same machine load. With
 --layers it times instead the forward pass, input gradient and `ops.weight_gradient` of one
 3x3 convolution of each CIFAR stage at batch 128, compiled with XLA's default options and
-with `ops.compiler_options()`. Figures in BENCHMARKS.md.
+with `ops.compiler_options("cpu")`. Figures in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def time_layers(batch: int, repeats: int) -> None:
     x, dy = (jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32)
              for _ in range(2))
     w = jnp.asarray(rng.standard_normal((3, 3, channels, channels)), jnp.float32)
-    for label, options in (("XLA defaults", None), ("ops.compiler_options()", ops.compiler_options())):
+    for label, options in (("XLA defaults", None), ("ops.compiler_options()", ops.compiler_options("cpu"))):
       cells = []
       for name, fn in passes.items():
         compiled = jax.jit(fn, compiler_options=options).lower(x, w, dy).compile()
@@ -88,7 +88,7 @@ def main() -> None:
       images=jnp.asarray(rng.standard_normal((args.batch, size, size, 3), np.float32)),
       labels=jnp.asarray(rng.integers(0, classes, args.batch, dtype=np.int32)),
       mask=jnp.ones(args.batch, bool))
-  cpu_options = ops.compiler_options()
+  cpu_options = ops.compiler_options("cpu")
   reductions = functools.partial(ops.BatchNorm, matmul_sum_channels=0)
   variants = (  # (name, compiler options, convolution, batch norm)
       ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm),

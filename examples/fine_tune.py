@@ -87,7 +87,7 @@ def main() -> None:
   # options (None elsewhere). Every batch has the shapes of the first.
   step = nnx.jit(train_step).lower(
       model, optimizer, normalise(pixels[first]), jnp.asarray(labels[first])
-  ).compile(compiler_options=ops.compiler_options())
+  ).compile(compiler_options=ops.compiler_options(jax.default_backend()))
   for i in range(args.steps):
     batch = batches[i % len(batches)]
     loss = step(model, optimizer, normalise(pixels[batch]), jnp.asarray(labels[batch]))

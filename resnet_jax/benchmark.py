@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import data, models, ops, optim, train
+from resnet_jax import cli, data, models, ops, optim, train
 
 # Dense (no sparsity) peak TFLOP/s of one chip: NVIDIA H100/H200 SXM datasheets
 # (float32 is the non-tensor-core rate) and the Cloud TPU system architecture
@@ -134,7 +134,8 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec(data.core.DATA_AXIS))
   size, classes = config.dataset.image_size, config.dataset.num_classes
-  model = train.create_model(config, classes, config.seed)
+  platform = data.core.platform(mesh)
+  model = train.create_model(config, classes, config.seed, platform)
   macs = models.count_macs(model, (config.batch_size, size, size, 3))
   tx = optim.create(config)
   state = jax.device_put(train.create_train_state(config, model, tx), replicated)
@@ -150,7 +151,7 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
   train_step = lambda state, batch: train.train_step(config, tx, state, batch)[0]
   # Evaluation carries a running error count, so no call is dead code.
   eval_step = lambda total, state, batch: total + train.eval_step(state, batch)["top1_errors"]
-  jit = functools.partial(jax.jit, compiler_options=ops.compiler_options())
+  jit = functools.partial(jax.jit, compiler_options=ops.compiler_options(platform))
   runners = {
       "train": Runner(jit(train_step, donate_argnums=0), copy_state(), batch),
       "eval": Runner(jit(eval_step), jnp.zeros((), jnp.int32), state, batch),
@@ -216,6 +217,7 @@ def serve(runners: dict[str, Runner], requests: TextIO, replies: TextIO) -> None
 
 def main(argv: Sequence[str] | None = None) -> list[Result]:
   args = parse_args(argv)
+  cli.quiet()
   config = make_config(args.model, args.batch, args.dtype)
   device = jax.devices()[0]
   peak = args.peak_tflops or peak_tflops(device.device_kind, args.dtype)

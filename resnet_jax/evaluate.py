@@ -32,9 +32,8 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoints, cli, data, ops, optim, train
+from resnet_jax import checkpoints, cli, data, optim, train
 
 def _define_flags() -> None:
   """The command's flags, defined only when it runs (see `cli`)."""
@@ -90,18 +89,13 @@ def evaluate_run(workdir: epath.PathLike, checkpoint: str = "best", protocol: st
   except ValueError as error:
     raise EvaluationError(f"{workdir / 'config.json'} is not the config of checkpoint {step}: "
                           f"{error}") from None
-  replicated = NamedSharding(mesh, PartitionSpec())
-  tx = optim.create(config)
-  abstract_state = jax.eval_shape(lambda: train.create_train_state(
-      config, train.create_model(config, info.num_classes, config.seed), tx))
-  abstract_state = jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
-      abstract_state)
+  abstract_state = train.abstract_train_state(config, info.num_classes, mesh,
+                                              optim.create(config))
   state, _ = _read_checkpoint(workdir, step, lambda: reader.restore(step, abstract_state))
   logging.info("Evaluating step %d of %s (%s checkpoint) on %s %s by %s.", step, workdir,
                checkpoint, info.name, config.dataset.eval_split, protocol)
 
-  eval_fn = jax.jit(train.eval_step, compiler_options=ops.compiler_options())
+  eval_fn = train.jit_eval_step(mesh)
   result = train.evaluate(eval_fn, state, dataset.eval_batches(batch_size, protocol))
   record = {"step": step, "checkpoint": checkpoint, "protocol": protocol, **result,
             "model": config.model, "dataset": info.name, "eval_split": config.dataset.eval_split,

@@ -1,9 +1,12 @@
 """CPU kernels for the models' training step: a convolution, a batch norm, XLA options.
 
-`models.create(name, ..., **ops.training_layers())` builds a network whose
-convolutions are `Conv` and whose batch norms are `BatchNorm` on CPU, and flax's
-own `nnx.Conv` and `nnx.BatchNorm` on every other backend; the trainer and the
-benchmark build their models so and jit their steps with `compiler_options()`.
+`models.create(name, ..., **ops.training_layers(platform))` builds a network whose
+convolutions are `Conv` and whose batch norms are `BatchNorm` for CPU devices, and
+flax's own `nnx.Conv` and `nnx.BatchNorm` for every other platform; the trainer, the
+evaluator, the benchmark and `resnet_jax.compile` build their models so and jit their
+steps with `compiler_options(platform)`, `platform` being that of the devices the step
+runs on (`data.core.platform(mesh)`), never the host's default backend: a step compiled
+on a CPU host for a TPU slice takes the TPU's layers.
 Each kernel is an exact reformulation, proven equal in value and gradient by
 tests/test_ops.py, and kept because it measurably speeds up a CPU training step
 at both ends of the jax versions we support, 0.10.2 and 0.12 (BENCHMARKS.md,
@@ -70,16 +73,19 @@ _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
-def compiler_options() -> dict[str, str] | None:
-  """`jax.jit(..., compiler_options=...)` for the models' steps on the default backend.
+def compiler_options(platform: str) -> dict[str, str] | None:
+  """`jax.jit(..., compiler_options=...)` for the models' steps on devices of `platform`.
 
-  The module doc's CPU options, or None on other backends (and on a jaxlib that no
+  The module doc's CPU options for "cpu", else None (and None on a jaxlib that no
   longer knows them, where they would fail every compilation).
   """
-  if jax.default_backend() != "cpu":
+  if platform != "cpu":
     return None
   try:
-    jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(0.0).compile()
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(
+        jax.ShapeDtypeStruct((), jnp.float32,
+                             sharding=jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
+    ).compile()
   except Exception:  # pylint: disable=broad-except
     return None
   return dict(_CPU_OPTIONS)
@@ -118,13 +124,13 @@ class Conv(nnx.Conv):
     super().__init__(*args, conv_general_dilated=conv_general_dilated, **kwargs)
 
 
-def training_layers() -> dict[str, type[nnx.Module]]:
-  """`models.create` keywords for the fastest training step on the default backend.
+def training_layers(platform: str) -> dict[str, type[nnx.Module]]:
+  """`models.create` keywords for the fastest training step on devices of `platform`.
 
-  {"conv": Conv, "norm": BatchNorm} on CPU, where they pay; {} (flax's layers)
-  on every other backend, where they were never measured.
+  {"conv": Conv, "norm": BatchNorm} for "cpu", where they pay; {} (flax's layers)
+  for every other platform, where they were never measured.
   """
-  return {"conv": Conv, "norm": BatchNorm} if jax.default_backend() == "cpu" else {}
+  return {"conv": Conv, "norm": BatchNorm} if platform == "cpu" else {}
 
 
 def _explicit_sharding(array: jax.Array):

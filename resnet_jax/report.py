@@ -217,7 +217,8 @@ def trained_layer_responses(workdir: epath.Path, datasets: dict) -> np.ndarray:
   if key not in datasets:
     datasets[key] = data.create(dataset_config, mesh)
   dataset = datasets[key]
-  model = train.create_model(config, dataset.info.num_classes, config.seed)
+  model = train.create_model(config, dataset.info.num_classes, config.seed,
+                             data.core.platform(mesh))
   state = jax.device_put(train.create_train_state(config, model, optim.create(config)),
                          NamedSharding(mesh, PartitionSpec()))
   reader = checkpoints.Reader(workdir)  # Reads only: the run may still be training.

@@ -19,7 +19,7 @@ import contextlib
 import itertools
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from etils import epath
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from resnet_jax import checkpoints, claim, data, metrics, models, ops, optim
 
@@ -57,9 +57,10 @@ class TrainState:
   graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
 
 
-def dtype_for(config: ml_collections.ConfigDict) -> Any:
-  """The compute dtype: the config's, else bfloat16 on TPU and float32 elsewhere."""
-  name = config.dtype or ("bfloat16" if jax.default_backend() == "tpu" else "float32")
+def dtype_for(config: ml_collections.ConfigDict, platform: str) -> Any:
+  """The compute dtype on devices of `platform`: the config's, else bfloat16 on TPU and
+  float32 elsewhere."""
+  name = config.dtype or ("bfloat16" if platform == "tpu" else "float32")
   if name not in ("float32", "bfloat16"):
     raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {name!r}.")
   return jnp.dtype(name)
@@ -73,11 +74,13 @@ def dataset_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return dataset
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int) -> models.ResNet:
-  """The config's network, with the training kernels of the default backend (`ops`)."""
+def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int,
+                 platform: str) -> models.ResNet:
+  """The config's network for devices of `platform` (`data.core.platform(mesh)`): its
+  dtype (`dtype_for`) and training kernels (`ops.training_layers`)."""
   return models.create(config.model, num_classes=num_classes, rngs=nnx.Rngs(seed),
-                       dtype=dtype_for(config), **config.model_overrides,
-                       **ops.training_layers())
+                       dtype=dtype_for(config, platform), **config.model_overrides,
+                       **ops.training_layers(platform))
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
@@ -88,6 +91,33 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
       opt_state=tx.init(params), warmup=optim.warmup_init(config),
       nonfinite_step=-jnp.ones((), jnp.int32),
       graphdef=graphdef)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh,
+                         tx: optax.GradientTransformation) -> TrainState:
+  """The train state's shapes, dtypes and shardings (replicated) on `mesh`, nothing computed:
+  what a checkpoint restores into, and what `resnet_jax.compile` compiles the steps for."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  platform = data.core.platform(mesh)
+  shapes = jax.eval_shape(lambda: create_train_state(
+      config, create_model(config, num_classes, config.seed, platform), tx))
+  return jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), shapes)
+
+
+def jit_train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                   mesh: Mesh, batch_of: Callable[[Any, jax.Array], data.Batch]):
+  """The trainer's jitted step on `mesh`: (state, inputs) -> (state, metrics), the state
+  donated and replicated, and the batch `batch_of(inputs, state.step)` made inside the step
+  (`TrainIterator.batch`: an on-device dataset samples and augments there)."""
+  step = lambda state, inputs: train_step(config, tx, state, batch_of(inputs, state.step))
+  return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()), donate_argnums=0,
+                 compiler_options=ops.compiler_options(data.core.platform(mesh)))
+
+
+def jit_eval_step(mesh: Mesh):
+  """`eval_step`, jitted for the devices of `mesh`."""
+  return jax.jit(eval_step, compiler_options=ops.compiler_options(data.core.platform(mesh)))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -197,8 +227,9 @@ class _Preemption:
     return self.requested
 
 
-def validate(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
-  """Every start-up check that needs no compilation; raises ValueError naming the fix."""
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Every check of the config that needs no data and no compilation, for a run on
+  `num_devices` devices; raises ValueError naming the fix."""
   optim.validate(config)
   if config.eval_protocol not in data.core.EVAL_PROTOCOLS:
     raise ValueError(f"unknown eval_protocol {config.eval_protocol!r}; choose one of "
@@ -207,21 +238,20 @@ def validate(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
                 "eval_batch_size", "keep_checkpoints"):
     if config[field] <= 0:
       raise ValueError(f"{field} must be positive, got {config[field]}.")
-  devices = jax.device_count()
   for field in ("batch_size", "eval_batch_size"):
-    if config[field] <= 0 or config[field] % devices:
+    if config[field] <= 0 or config[field] % num_devices:
       raise ValueError(
-          f"{field} {config[field]} does not divide across {devices} devices; use a multiple "
-          f"of {devices} (e.g. --config.{field}="
-          f"{max(1, round(config[field] / devices)) * devices}).")
-  checkpoints.check_writable(workdir)
+          f"{field} {config[field]} does not divide across {num_devices} devices; use a "
+          f"multiple of {num_devices} (e.g. --config.{field}="
+          f"{max(1, round(config[field] / num_devices)) * num_devices}).")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config.model` by the config's recipe; returns the final evaluation."""
   workdir = epath.Path(workdir)
   try:  # Before any data is read: a bad config, an unusable workdir, another run in it.
-    validate(config, workdir)
+    validate(config, jax.device_count())
+    checkpoints.check_writable(workdir)
     run_claim = claim.acquire_for_job(workdir)
   except ValueError as error:
     raise StartupError(str(error)) from error
@@ -232,19 +262,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
                         ) -> dict[str, float]:
   run_started = time.perf_counter()
+  mesh = data.core.make_mesh()
+  platform = data.core.platform(mesh)
   metrics.report("run: %s for %d steps of batch %d on %d %s devices, in %s", config.model,
-                 config.num_train_steps, config.batch_size, jax.device_count(),
-                 jax.default_backend(), workdir)
+                 config.num_train_steps, config.batch_size, mesh.size, platform, workdir)
   try:  # Everything else that can fail on a bad config fails here, before any compilation.
     started = time.perf_counter()
-    mesh = data.core.make_mesh()
     dataset = data.create(dataset_config(config), mesh)
     data.core.check_protocol(config.eval_protocol, dataset.info, dataset.eval_protocols)
     info = dataset.info
     metrics.report("data: %s ready in %.1f s (%d training, %d evaluation images)", info.name,
                    time.perf_counter() - started, info.train_size, info.eval_size)
     started = time.perf_counter()
-    model = create_model(config, info.num_classes, config.seed)
+    model = create_model(config, info.num_classes, config.seed, platform)
     metrics.report("model: %s, %s parameters, built in %.1f s", config.model,
                    f"{models.count_params(model):,}", time.perf_counter() - started)
     manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints,
@@ -266,10 +296,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
     train_iter.set_state(data_state)
   _report_restore(config, start_step, manager, time.perf_counter() - started)
 
-  # The iterator turns its inputs into the batch inside the step: an on-device dataset samples
-  # and augments there, so no host work runs between steps.
-  step_fn = lambda state, inputs: train_step(config, tx, state, train_iter.batch(inputs, state.step))
-  eval_fn = jax.jit(eval_step, compiler_options=ops.compiler_options())
+  eval_fn = jit_eval_step(mesh)
   eval_batches = lambda: dataset.eval_batches(config.eval_batch_size, config.eval_protocol)
   writer = metrics.Writer(workdir, total_steps=config.num_train_steps,
                           batch_size=config.batch_size, train_size=info.train_size,
@@ -288,8 +315,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
     if steps:
       first_inputs = next(train_iter)
       train_fn, compile_seconds = _compile(
-          jax.jit(step_fn, out_shardings=replicated, donate_argnums=0,
-                  compiler_options=ops.compiler_options()), state, first_inputs)
+          jit_train_step(config, tx, mesh, train_iter.batch), state, first_inputs)
       metrics.report("train: throughput and ETA count training steps only; evaluation and "
                      "checkpoint time is totalled in the closing line")
       batches = itertools.chain([first_inputs], train_iter)

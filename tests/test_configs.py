@@ -62,7 +62,7 @@ def test_config_states_the_papers_recipe(name):
 def test_config_trains_a_step_on_synthetic_data(name):
   config = load(name, "smoke")
   assert config.dataset.name == "synthetic"
-  model = train.create_model(config, config.dataset.num_classes, seed=0)
+  model = train.create_model(config, config.dataset.num_classes, 0, "cpu")
   tx = optim.create(config)
   state = train.create_train_state(config, model, tx)
   batch = data.Batch(images=jax.random.normal(jax.random.key(0), (8, 32, 32, 3)),

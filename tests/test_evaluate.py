@@ -72,7 +72,7 @@ def fabricated_run(workdir, errors: dict[int, float | None], keep: int):
 
 
 def initial_state(config, seed: int) -> train.TrainState:
-  state = train.create_train_state(config, train.create_model(config, 10, seed),
+  state = train.create_train_state(config, train.create_model(config, 10, seed, "cpu"),
                                    optim.create(config))
   return state.replace(step=jnp.asarray(seed, jnp.int32))
 

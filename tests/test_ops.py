@@ -101,9 +101,9 @@ def test_other_convolutions_are_lax(x_shape, w_shape, kwargs):
 
 
 def test_training_layers_put_the_cpu_kernels_in_the_model_and_only_there():
-  assert ops.training_layers() == {"conv": ops.Conv, "norm": ops.BatchNorm}  # CPU
+  assert ops.training_layers("cpu") == {"conv": ops.Conv, "norm": ops.BatchNorm}  # CPU
   model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0),
-                        **ops.training_layers())
+                        **ops.training_layers("cpu"))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   default = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
 
@@ -214,8 +214,8 @@ def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack():
   x, w = random_inputs((8, 16, 16, 32), (3, 3, 32, 32))
   conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
   compiled = lambda options: jax.jit(conv, compiler_options=options).lower(x, w).compile()
-  assert ops.compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert ops.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
   # The default routes this convolution to YNNPACK; the options keep it in XLA (Eigen).
   assert "ynn_fusion" in compiled(None).as_text()
-  assert "ynn_fusion" not in compiled(ops.compiler_options()).as_text()
-  assert_close(compiled(ops.compiler_options())(x, w), compiled(None)(x, w), 1e-6)
+  assert "ynn_fusion" not in compiled(ops.compiler_options("cpu")).as_text()
+  assert_close(compiled(ops.compiler_options("cpu"))(x, w), compiled(None)(x, w), 1e-6)

@@ -118,7 +118,7 @@ def _damage(kind: str, step_dir) -> None:
 def _checkpointed_workdir(workdir, steps):
   """A workdir with a checkpoint of an untrained state at each of `steps` (no training)."""
   config = smoke_config()
-  state = train.create_train_state(config, train.create_model(config, 10, seed=0),
+  state = train.create_train_state(config, train.create_model(config, 10, 0, "cpu"),
                                    optim.create(config))
   manager = checkpoints.Manager(epath.Path(workdir), config, keep=3, num_classes=10)
   for step in steps:
@@ -159,7 +159,7 @@ def test_no_readable_checkpoint_is_an_error_that_a_rerun_repeats(tmp_path):
 def test_checkpoint_of_the_state_before_the_windowed_warm_up_resumes(tmp_path, warmed_up):
   # TrainState held `warmed_up` and the smoothed error `train_error_ema` before optim.Warmup.
   config = smoke_config(warmup_learning_rate=0.01, warmup_window=4)
-  state = train.create_train_state(config, train.create_model(config, 10, seed=0),
+  state = train.create_train_state(config, train.create_model(config, 10, 0, "cpu"),
                                    optim.create(config))
   older = {"step": jnp.asarray(7, jnp.int32), "params": state.params,
            "batch_stats": state.batch_stats, "opt_state": state.opt_state,

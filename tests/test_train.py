@@ -50,7 +50,7 @@ def test_the_run_seed_sets_initialisation_and_data_and_dataset_seed_sets_data_al
   np.testing.assert_array_equal(batches["data alone"], batches["seed 1"])
   np.testing.assert_array_equal(batches["init alone"], batches["seed 0"])
   kernel = lambda config: np.asarray(
-      train.create_model(config, 10, config.seed).stem_conv.kernel[...])
+      train.create_model(config, 10, config.seed, "cpu").stem_conv.kernel[...])
   assert not np.array_equal(kernel(smoke_config()), kernel(init_alone))
   np.testing.assert_array_equal(kernel(smoke_config()), kernel(data_alone))
 
@@ -285,7 +285,7 @@ def test_multi_view_protocols_average_softmax_scores_over_every_example(tmp_path
   dataset_config.data_dir = str(tmp_path)
   dataset = data.create(dataset_config, mesh)
   config = smoke_config()
-  model = train.create_model(config, 2, seed=0)
+  model = train.create_model(config, 2, 0, "cpu")
   state = jax.device_put(train.create_train_state(config, model, optim.create(config)),
                          NamedSharding(mesh, PartitionSpec()))
   eval_fn = jax.jit(train.eval_step)

@@ -117,7 +117,7 @@ def test_every_transformation(name, train):
 
 def test_cpu_training_kernels_support_reverse_mode_and_say_forward_mode_is_unsupported():
   model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0),
-                        **ops.training_layers())
+                        **ops.training_layers("cpu"))
   reference = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
   images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
   apply, params = functional(model, train=True)

@@ -111,6 +111,15 @@ def make_mesh(devices=None) -> Mesh:
                        devices=devices)
 
 
+def platform(mesh: Mesh) -> str:
+  """The platform ("cpu", "gpu", "tpu") of the mesh's devices: what its steps are built and
+  compiled for, whatever the host's default backend (a CPU host compiles for a TPU slice)."""
+  platforms = {device.platform for device in mesh.devices.flat}
+  if len(platforms) != 1:
+    raise ValueError(f"the mesh mixes device platforms {sorted(platforms)}; use one kind.")
+  return platforms.pop()
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 

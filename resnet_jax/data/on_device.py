@@ -187,6 +187,25 @@ def place_eval(mesh: Mesh, labels: np.ndarray, load: Callable[[np.ndarray], np.n
           core.to_global(mesh, local_valid, devices))
 
 
+def abstract(mesh: Mesh, info: core.DatasetInfo, *, seed: int, augment: bool) -> OnDeviceDataset:
+  """The shapes, dtypes and shardings of the `OnDeviceDataset` that `build` makes for `info` on
+  `mesh`, without its data: what a step is compiled for before the data exists
+  (`resnet_jax.compile`)."""
+  devices = core.num_data_devices(mesh)
+  sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                      sharding=core.batch_sharding(mesh))
+  train_block, eval_block = info.train_size // devices, -(-info.eval_size // devices)
+  return OnDeviceDataset(
+      train_images=sharded((devices, train_block, *info.image_shape), jnp.uint8),
+      train_labels=sharded((devices, train_block), jnp.int32),
+      eval_images=sharded((devices, eval_block, *info.image_shape), jnp.uint8),
+      eval_labels=sharded((devices, eval_block), jnp.int32),
+      eval_mask=sharded((devices, eval_block), jnp.bool_),
+      mean=jax.ShapeDtypeStruct(info.image_shape, jnp.float32,
+                                sharding=jax.sharding.NamedSharding(mesh, PartitionSpec())),
+      info=info, mesh=mesh, seed=seed, augment=augment)
+
+
 def per_pixel_mean(train_images: jax.Array) -> np.ndarray:
   """float32 [H, W, C] mean over every example held in `train_images` [D, n, H, W, C]."""
   logging.info("Computing the per-pixel mean of %d training images",

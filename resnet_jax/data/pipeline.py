@@ -14,6 +14,14 @@ ON_DEVICE_MAX_SIDE = 64
 ON_DEVICE_MAX_BYTES_PER_DEVICE = 4 << 30
 
 
+def held_on_device(image_shape: tuple[int, int, int], num_train: int, mesh: Mesh) -> bool:
+  """Whether a training split of `num_train` uint8 images of `image_shape` is held on the
+  devices (an `OnDeviceDataset`) rather than streamed."""
+  fits = num_train * int(np.prod(image_shape)) <= (ON_DEVICE_MAX_BYTES_PER_DEVICE
+                                                   * core.num_data_devices(mesh))
+  return max(image_shape[:2]) <= ON_DEVICE_MAX_SIDE and fits
+
+
 def synthetic_name(image_size: int, num_classes: int) -> str:
   return f"synthetic({image_size}x{image_size}x3,{num_classes} classes)"
 
@@ -54,8 +62,7 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> core.Dataset:
     name, num_classes = config.name, config_lib.NUM_CLASSES[config.name]
     cache_key = _tfds_cache_key(config, len(train))
   shape = sources.peek_shape(train)
-  fits = len(train) * int(np.prod(shape)) <= ON_DEVICE_MAX_BYTES_PER_DEVICE * core.num_data_devices(mesh)
-  if max(shape[:2]) > ON_DEVICE_MAX_SIDE or not fits:
+  if not held_on_device(shape, len(train), mesh):
     from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
     return streaming.from_records(config, mesh, train, evaluation, name=name, num_classes=num_classes,
                                   cache_key=cache_key)
@@ -78,11 +85,11 @@ def _tfds_cache_key(config: ml_collections.ConfigDict, train_size: int) -> str:
 def _synthetic(config: ml_collections.ConfigDict, mesh: Mesh):
   """Uniform-noise images with random labels: for benchmarks and smoke runs only."""
   name = synthetic_name(config.image_size, config.num_classes)
-  if config.image_size > ON_DEVICE_MAX_SIDE:
+  shape = (config.image_size, config.image_size, 3)
+  if not held_on_device(shape, config.synthetic_train_size, mesh):
     from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
     return streaming.synthetic(config, mesh, name=name)
   rng = np.random.default_rng(config.seed)
-  shape = (config.image_size, config.image_size, 3)
   make = lambda size: (rng.integers(0, 256, (size,) + shape, np.uint8),
                        rng.integers(0, config.num_classes, size, np.int32))
   train_images, train_labels = make(config.synthetic_train_size)
