@@ -156,14 +156,17 @@ def _quiet_libtpu() -> None:
   jax loads libtpu (the `tpu` extra) on every host where it is installed, and libtpu asks the
   host for its TPU accelerator type and its slice's worker hostnames; a host with no TPU has
   neither, and libtpu prints two warnings and an error on stderr for every process. Such a host
-  only ever compiles for a TPU (`resnet_jax.compile`): it is told a one-host slice of its own.
-  A TPU VM (whose chips are in /dev), or an environment that sets these variables itself (GKE),
-  is left as it is, so that a real TPU's messages are never hidden.
+  only ever compiles for a TPU (`resnet_jax.compile`): it is told a one-host slice of its own,
+  and that several processes may load libtpu at once (its lock file guards TPU chips, which a
+  compile-only host does not have). A TPU VM (whose chips are in /dev), or an environment that
+  sets these variables itself (GKE), is left as it is, so that a real TPU's messages are never
+  hidden.
   """
   if _on_cloud_tpu_vm():
     return
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def _quiet_start_up() -> None:

@@ -122,8 +122,8 @@ def topology_devices(topology: Topology) -> list[Any]:
   try:
     return topologies.get_topology_desc(topology.name, platform="tpu", **options).devices
   except Exception as error:  # pylint: disable=broad-except  # libtpu's, of several types.
-    raise CompileError(f"libtpu does not know the topology {topology.name} "
-                       f"({str(error).splitlines()[0]}); use one of its slice shapes.") from None
+    raise CompileError(f"libtpu could not lay out the topology {topology.name}: "
+                       f"{str(error).splitlines()[0]}") from None
 
 
 @dataclasses.dataclass
@@ -137,6 +137,7 @@ class StepReport:
   xla_flops: float
   xla_bytes: float
   model_flops: float
+  compiled: Any = dataclasses.field(default=None, repr=False)  # jax.stages.Compiled
 
   @property
   def memory_bytes(self) -> int:
@@ -175,7 +176,7 @@ def compile_step(name: str, jitted, args: tuple, batch_per_chip: int, images_per
             "code": analysis.generated_code_size_in_bytes}
   return StepReport(name, batch_per_chip, images_per_chip, seconds, memory,
                     float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-                    model_flops)
+                    model_flops, compiled)
 
 
 def dataset_info(dataset: ml_collections.ConfigDict):
@@ -281,14 +282,16 @@ class Target:
 
 
 def largest_batch_per_chip(compile_at: Callable[[int], StepReport], chip: Chip,
-                           fits: StepReport | None, fails: int | None) -> StepReport:
+                           fits: StepReport | None, fails: int | None,
+                           emit: Callable[[str], None] = lambda line: None) -> StepReport:
   """The report of the largest per-chip batch (a multiple of BATCH_GRANULARITY) whose step
   compiles within the chip's HBM, found by compiling (`compile_at(per_chip)`), from a batch
   that fits (`fits`) and one that does not (`fails`), either of which may be unknown.
 
-  After a fit, the next guess is where the memory of the two largest fits, a straight line in
-  the batch, reaches the HBM; after a failure, the middle of the bracket (so each compile
-  narrows it); it ends when a fitting batch and a failing one are one step apart.
+  Memory grows about linearly with the batch: after a fit, the next guess is where the line
+  through the two largest fits (through the origin while there is one) reaches the HBM; after a
+  failure, the middle of the bracket, so that every compile narrows it. It ends when a fitting
+  batch and a failing one are one step apart.
   """
   step = BATCH_GRANULARITY
   reports = {fits.batch_per_chip: fits} if fits is not None else {}
@@ -300,11 +303,14 @@ def largest_batch_per_chip(compile_at: Callable[[int], StepReport], chip: Chip,
       report = compile_at(per_chip)
     except OutOfMemory:
       report = None
-    if report is not None and report.fits(chip):
+    fitted = report is not None and report.fits(chip)
+    emit(f"search: {per_chip} per chip "
+         + (f"fits ({_gib(report.memory_bytes)} GiB)" if fitted else "does not fit"))
+    if fitted:
       reports[per_chip] = report
-      return True
-    failed = per_chip if failed is None else min(failed, per_chip)
-    return False
+    else:
+      failed = per_chip if failed is None else min(failed, per_chip)
+    return fitted
 
   while not reports:  # Halve until something fits.
     guess = max(step, (failed if failed is not None else 2 * step) // 2 // step * step)
@@ -315,13 +321,11 @@ def largest_batch_per_chip(compile_at: Callable[[int], StepReport], chip: Chip,
     best = max(reports)
     if failed is not None and failed - best <= step:
       return reports[best]
-    if last_fit and len(reports) >= 2:
-      low, high = sorted(reports)[-2:]
-      slope = (reports[high].memory_bytes - reports[low].memory_bytes) / (high - low)
-      guess = (best + (chip.hbm_bytes - reports[best].memory_bytes) / slope if slope > 0
-               else 2 * best)
-    elif last_fit:
-      guess = 2 * best
+    if last_fit:
+      low, high = sorted(reports)[-2:] if len(reports) >= 2 else (0, best)
+      low_bytes = reports[low].memory_bytes if low else 0
+      slope = (reports[high].memory_bytes - low_bytes) / (high - low)
+      guess = best + (chip.hbm_bytes - reports[best].memory_bytes) / slope if slope > 0 else 2 * best
     else:
       guess = (best + failed) / 2
     upper = failed - step if failed is not None else math.inf
@@ -399,7 +403,8 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
   except ValueError as error:
     raise CompileError(str(error)) from None
   n, hosts = target.num_devices, target.num_processes
-  emit(f"compile: {config.model} on {topology.name} ({n} chips, {hosts} hosts, "
+  emit(f"compile: {config.model} on {topology.name} ({n} chips, {hosts} "
+       f"host{'s' if hosts > 1 else ''}, "
        f"{devices[0].device_kind}), batch {config.batch_size} ({config.batch_size // n} per chip), "
        f"eval batch {config.eval_batch_size}, {target.dtype}, "
        f"{'data held on the chips' if target.on_device else 'data streamed by the hosts'}")
@@ -417,7 +422,7 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
     per_chip = config[field] // n
     if report is None or not report.fits(topology.chip):
       try:
-        largest = largest_batch_per_chip(compile_at, topology.chip, None, per_chip)
+        largest = largest_batch_per_chip(compile_at, topology.chip, None, per_chip, emit)
       except OutOfMemory as error:
         raise CompileError(f"{name} at {per_chip} per chip does not fit in a {topology.generation} "
                            f"chip's {_gib(topology.chip.hbm_bytes)} GiB of HBM, and {error}.") from None
@@ -428,7 +433,7 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
           f"{largest.batch_per_chip * n}, {_gib(largest.memory_bytes)} GiB).")
     found = [report]
     if largest_batch and name == "train":
-      found.append(largest_batch_per_chip(compile_at, topology.chip, report, None))
+      found.append(largest_batch_per_chip(compile_at, topology.chip, report, None, emit))
     for item in found:
       emit(describe(item, topology, n, hosts, not target.on_device, images_per_core)
            + (" (the largest that fits)" if item is not report else ""))

@@ -76,7 +76,9 @@ def test_start_up_error_is_printed_once_without_tensorflow_or_libtpu_notices(tmp
   (tmp_path / "empty").mkdir()
   completed = trainer(tmp_path, SMOKE, f"--workdir={tmp_path}/w", "--config.dataset.name=cifar10",
                       f"--config.dataset.data_dir={tmp_path}/empty",
-                      unset=("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS"))
+                      unset=("JAX_PLATFORMS", "TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS",
+                             "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES",
+                             "ALLOW_MULTIPLE_LIBTPU_LOAD"))
   assert completed.returncode == 2, completed.stderr
   error, *others = lines(completed.stderr)[::-1]
   assert error.startswith("error: TFDS dataset 'cifar10' is not prepared in"), completed.stderr
