@@ -220,6 +220,10 @@ class Target:
     self.info = dataset_info(dataset)
     self.on_device = data.pipeline.held_on_device(self.info.image_shape, self.info.train_size,
                                                   self.mesh)
+    # As the datasets offer them: small or synthetic images by their centre view alone.
+    protocols = (data.OnDeviceDataset.eval_protocols if self.on_device or self.info.synthetic
+                 else data.core.EVAL_PROTOCOLS)
+    data.core.check_protocol(config.eval_protocol, self.info, protocols)
     model = nnx.eval_shape(lambda: train.create_model(config, self.info.num_classes,
                                                       config.seed, self.platform))
     self.macs_of = lambda height, width: models.count_macs(model, (height, width, 3))

@@ -17,7 +17,7 @@ from flax import nnx
 
 from configs import cifar_resnet20
 from resnet_jax import compile as tpu_compile
-from resnet_jax import data, models, ops, train
+from resnet_jax import data, ops, train
 
 GIB = 1 << 30
 
