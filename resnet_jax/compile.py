@@ -281,16 +281,16 @@ class Target:
 
 
 def largest_batch_per_chip(compile_at: Callable[[int], StepReport], chip: Chip,
-                           fits: StepReport | None, fails: int | None) -> StepReport:
-  """The report of the largest per-chip batch (a multiple of BATCH_GRANULARITY) whose step
-  compiles within the chip's HBM, found by compiling (`compile_at(per_chip)`), from a batch
-  that fits (`fits`) and one that does not (`fails`), either of which may be unknown.
+                           fits: StepReport | None, fails: int | None,
+                           step: int = BATCH_GRANULARITY) -> StepReport:
+  """The report of the largest per-chip batch (a multiple of `step`) whose step compiles
+  within the chip's HBM, found by compiling (`compile_at(per_chip)`), from a batch that fits
+  (`fits`) and one that does not (`fails`), either of which may be unknown.
 
   After a fit, the next guess is where the memory of the two largest fits, a straight line in
   the batch, reaches the HBM; after a failure, the middle of the bracket (so each compile
   narrows it); it ends when a fitting batch and a failing one are one step apart.
   """
-  step = BATCH_GRANULARITY
   reports = {fits.batch_per_chip: fits} if fits is not None else {}
   failed = fails
 
@@ -324,7 +324,7 @@ def largest_batch_per_chip(compile_at: Callable[[int], StepReport], chip: Chip,
       guess = 2 * best
     else:
       guess = (best + failed) / 2
-    upper = failed - step if failed is not None else math.inf
+    upper = (failed - 1) // step * step if failed is not None else math.inf
     last_fit = attempt(int(min(max(guess // step * step, best + step), upper)))
 
 
@@ -403,13 +403,18 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
        f"{devices[0].device_kind}), batch {config.batch_size} ({config.batch_size // n} per chip), "
        f"eval batch {config.eval_batch_size}, {target.dtype}, "
        f"{'data held on the chips' if target.on_device else 'data streamed by the hosts'}")
+  # A training batch is whole batch norm groups: per chip, a multiple of what n chips need.
+  group = config.batch_norm_group
+  train_granularity = (math.lcm(BATCH_GRANULARITY, group // math.gcd(group, n)) if group
+                       else BATCH_GRANULARITY)
   steps = [("train", "batch_size", lambda: target.train_step(config.batch_size),
-            lambda per_chip: target.train_step(per_chip * n))]
+            lambda per_chip: target.train_step(per_chip * n), train_granularity)]
   for name, compile_eval in target.eval_steps(config.eval_batch_size):
     steps.append((name, "eval_batch_size", compile_eval,
-                  lambda per_chip, name=name: dict(target.eval_steps(per_chip * n))[name]()))
+                  lambda per_chip, name=name: dict(target.eval_steps(per_chip * n))[name](),
+                  BATCH_GRANULARITY))
   reports = []
-  for name, field, compile_now, compile_at in steps:
+  for name, field, compile_now, compile_at, granularity in steps:
     try:
       report = compile_now()
     except OutOfMemory:
@@ -417,7 +422,8 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
     per_chip = config[field] // n
     if report is None or not report.fits(topology.chip):
       try:
-        largest = largest_batch_per_chip(compile_at, topology.chip, None, per_chip)
+        largest = largest_batch_per_chip(compile_at, topology.chip, None, per_chip,
+                                         granularity)
       except OutOfMemory as error:
         raise CompileError(f"{name} at {per_chip} per chip does not fit in a {topology.generation} "
                            f"chip's {_gib(topology.chip.hbm_bytes)} GiB of HBM, and {error}.") from None
@@ -428,7 +434,7 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
           f"{largest.batch_per_chip * n}, {_gib(largest.memory_bytes)} GiB).")
     found = [report]
     if largest_batch and name == "train":
-      found.append(largest_batch_per_chip(compile_at, topology.chip, report, None))
+      found.append(largest_batch_per_chip(compile_at, topology.chip, report, None, granularity))
     for item in found:
       emit(describe(item, topology, n, hosts, not target.on_device, images_per_core)
            + (" (the largest that fits)" if item is not report else ""))
