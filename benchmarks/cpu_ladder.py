@@ -9,7 +9,8 @@ weight gradient; `ops.compiler_options("cpu")`; `ops.BatchNorm`'s four-sum gradi
 reductions; its sums as matrix products (`ops._channel_sums`), the last being what the trainer
 runs on CPU (`ops.training_layers("cpu")`). Each is the trainer's own `train.train_step` on data
 already on the device, its model built with the variant's conv and norm (the fourth's with
-`matmul_sum_channels=0`), and all are timed in alternating
+`matmul_sum_channels=0`; every batch norm over the whole batch, as before batch norm groups,
+`config.batch_norm_group`), and all are timed in alternating
 repeats (`resnet_jax.benchmark.measure`) so that they see the same machine load. With
 --layers it times instead the forward pass, input gradient and `ops.weight_gradient` of one
 3x3 convolution of each CIFAR stage at batch 128, compiled with XLA's default options and

@@ -156,9 +156,10 @@ class JaxServer:
   def __init__(self, python: str, model: str, batch: int, dtype: str):
     # On a GPU, JAX takes memory as it needs it, not 75% up front: PyTorch shares the device.
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ}
+    # Batch norm over the whole batch, as nn.BatchNorm2d's: the same work on both sides.
     self._process = subprocess.Popen(
         [python, "-m", "resnet_jax.benchmark", f"--model={model}", f"--batch={batch}",
-         f"--dtype={dtype}", "--serve"],
+         f"--dtype={dtype}", "--batch_norm_group=0", "--serve"],
         cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self._header = None
 

@@ -88,6 +88,9 @@ SWEEPS = {
                     "ResNet-50/101/152 (Table 4)",
                     ("imagenet_resnet34_b", "imagenet_resnet34_c", "imagenet_resnet50",
                      "imagenet_resnet101", "imagenet_resnet152"), eval_protocol="multiscale"),
+    "goyal8k": Sweep("ImageNet ResNet-50 at batch 8,192 by Goyal et al.'s recipe (their Table 1, "
+                     "gradual warm-up; mean +- std of 5 runs)", ("imagenet_resnet50_goyal8k",),
+                     seeds={"imagenet_resnet50_goyal8k": 5}),
 }
 
 
@@ -122,8 +125,9 @@ def schedule_overrides(config_name: str, schedule: str, steps: int) -> dict[str,
   "full" is the config's own recipe. "short" trains for `steps` iterations and
   scales every iteration count by steps / num_train_steps: the learning rate
   drops at the same fractions of training (CIFAR: 32k/64k and 48k/64k, Sec. 4.2),
-  the ImageNet plateau test averages over the same fraction, and evaluation,
-  logging and checkpoints come as often relative to the run's length.
+  the ImageNet plateau test averages over the same fraction, a gradual warm-up
+  lasts the same fraction, and evaluation, logging and checkpoints come as often
+  relative to the run's length.
   """
   if schedule == "full":
     return {}
@@ -140,7 +144,7 @@ def schedule_overrides(config_name: str, schedule: str, steps: int) -> dict[str,
                        "use at least 4.")
     overrides["lr_boundaries"] = "(" + ",".join(map(str, boundaries)) + ")"
   for field in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps",
-                "plateau_accumulation_steps"):
+                "plateau_accumulation_steps", "lr_warmup_steps"):
     if config[field]:
       overrides[field] = str(scale(config[field]))
   return overrides

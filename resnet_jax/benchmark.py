@@ -113,11 +113,14 @@ def measure(runners: dict[str, object], repeats: int, steps: int) -> dict[str, l
   return times
 
 
-def make_config(model: str, batch_size: int, dtype: str):
-  """The model's training recipe (configs/), with synthetic data of the right shape."""
+def make_config(model: str, batch_size: int, dtype: str, batch_norm_group: int | None = None):
+  """The model's training recipe (configs/), with synthetic data of the right shape; its batch
+  norm groups (`config.batch_norm_group`) unless `batch_norm_group` is given."""
   from configs import cifar_base, imagenet_base  # pylint: disable=g-import-not-at-top
   base = cifar_base if model.startswith("cifar_") else imagenet_base
   config = base.get_config(model)
+  if batch_norm_group is not None:
+    config.batch_norm_group = batch_norm_group
   num_classes, image_size = config.dataset.num_classes, config.dataset.image_size
   config.dataset = data.default_config("synthetic")
   # Enough distinct images that sampling is real work, few enough to stay small in memory.
@@ -189,6 +192,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="cifar_resnet20", help="a models.create name")
   parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--batch_norm_group", type=int, default=None,
+                      help="images per batch norm group (default: the recipe's; 0: the batch)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
   parser.add_argument("--repeats", type=int, default=5)
@@ -218,7 +223,11 @@ def serve(runners: dict[str, Runner], requests: TextIO, replies: TextIO) -> None
 def main(argv: Sequence[str] | None = None) -> list[Result]:
   args = parse_args(argv)
   cli.quiet()
-  config = make_config(args.model, args.batch, args.dtype)
+  config = make_config(args.model, args.batch, args.dtype, args.batch_norm_group)
+  try:
+    train.validate(config, jax.device_count())
+  except ValueError as error:
+    cli.fail(str(error))
   device = jax.devices()[0]
   peak = args.peak_tflops or peak_tflops(device.device_kind, args.dtype)
   runners, macs = build_runners(config, input_pipeline=args.input_pipeline)

@@ -287,17 +287,17 @@ class Target:
 
 def largest_batch_per_chip(compile_at: Callable[[int], StepReport], chip: Chip,
                            fits: StepReport | None, fails: int | None,
+                           step: int = BATCH_GRANULARITY,
                            emit: Callable[[str], None] = lambda line: None) -> StepReport:
-  """The report of the largest per-chip batch (a multiple of BATCH_GRANULARITY) whose step
-  compiles within the chip's HBM, found by compiling (`compile_at(per_chip)`), from a batch
-  that fits (`fits`) and one that does not (`fails`), either of which may be unknown.
+  """The report of the largest per-chip batch (a multiple of `step`) whose step compiles
+  within the chip's HBM, found by compiling (`compile_at(per_chip)`), from a batch that fits
+  (`fits`) and one that does not (`fails`), either of which may be unknown.
 
   Memory grows about linearly with the batch: after a fit, the next guess is where the line
   through the two largest fits (through the origin while there is one) reaches the HBM; after a
   failure, the middle of the bracket, so that every compile narrows it. It ends when a fitting
   batch and a failing one are one step apart.
   """
-  step = BATCH_GRANULARITY
   reports = {fits.batch_per_chip: fits} if fits is not None else {}
   failed = fails
 
@@ -332,7 +332,7 @@ def largest_batch_per_chip(compile_at: Callable[[int], StepReport], chip: Chip,
       guess = best + (chip.hbm_bytes - reports[best].memory_bytes) / slope if slope > 0 else 2 * best
     else:
       guess = (best + failed) / 2
-    upper = failed - step if failed is not None else math.inf
+    upper = (failed - 1) // step * step if failed is not None else math.inf
     last_fit = attempt(int(min(max(guess // step * step, best + step), upper)))
 
 
@@ -412,13 +412,18 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
        f"{devices[0].device_kind}), batch {config.batch_size} ({config.batch_size // n} per chip), "
        f"eval batch {config.eval_batch_size}, {target.dtype}, "
        f"{'data held on the chips' if target.on_device else 'data streamed by the hosts'}")
+  # A training batch is whole batch norm groups: per chip, a multiple of what n chips need.
+  group = config.batch_norm_group
+  train_granularity = (math.lcm(BATCH_GRANULARITY, group // math.gcd(group, n)) if group
+                       else BATCH_GRANULARITY)
   steps = [("train", "batch_size", lambda: target.train_step(config.batch_size),
-            lambda per_chip: target.train_step(per_chip * n))]
+            lambda per_chip: target.train_step(per_chip * n), train_granularity)]
   for name, compile_eval in target.eval_steps(config.eval_batch_size):
     steps.append((name, "eval_batch_size", compile_eval,
-                  lambda per_chip, name=name: dict(target.eval_steps(per_chip * n))[name]()))
+                  lambda per_chip, name=name: dict(target.eval_steps(per_chip * n))[name](),
+                  BATCH_GRANULARITY))
   reports = []
-  for name, field, compile_now, compile_at in steps:
+  for name, field, compile_now, compile_at, granularity in steps:
     try:
       report = compile_now()
     except OutOfMemory:
@@ -426,7 +431,8 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
     per_chip = config[field] // n
     if report is None or not report.fits(topology.chip):
       try:
-        largest = largest_batch_per_chip(compile_at, topology.chip, None, per_chip, emit)
+        largest = largest_batch_per_chip(compile_at, topology.chip, None, per_chip,
+                                         granularity, emit)
       except OutOfMemory as error:
         raise CompileError(f"{name} at {per_chip} per chip does not fit in a {topology.generation} "
                            f"chip's {_gib(topology.chip.hbm_bytes)} GiB of HBM, and {error}.") from None
@@ -437,7 +443,8 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
           f"{largest.batch_per_chip * n}, {_gib(largest.memory_bytes)} GiB).")
     found = [report]
     if largest_batch and name == "train":
-      found.append(largest_batch_per_chip(compile_at, topology.chip, report, None, emit))
+      found.append(largest_batch_per_chip(compile_at, topology.chip, report, None, granularity,
+                                          emit))
     for item in found:
       emit(describe(item, topology, n, hosts, not target.on_device, images_per_core)
            + (" (the largest that fits)" if item is not report else ""))

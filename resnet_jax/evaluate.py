@@ -120,11 +120,7 @@ def _run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
   except ValueError as error:
     raise EvaluationError(f"{path} is not a config the trainer wrote ({error}); restore it, or "
                           "rerun the trainer on this workdir, which writes it again.") from None
-  if "warmup_window" not in config:
-    # Written before the windowed warm-up: its checkpoints hold no window (they restore through
-    # checkpoints' older layout), so any length lays out the state.
-    config.warmup_window = 1
-  return config
+  return train.recorded_config(config)
 
 
 def _reader(workdir: epath.Path) -> checkpoints.Reader:

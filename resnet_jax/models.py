@@ -31,8 +31,9 @@ pass (the stem, each block's layers, each stage, the pooled features, the
 logits); `model(x)` returns its "logits", or its "pooled" features for a headless
 model (`num_classes=0`), so the features are exactly what the classifier reads.
 
-Modes. A new model is in training mode: `model(x)` normalises by the batch and
-updates the BN running statistics. Call `model.eval()` for inference (running
+Modes. A new model is in training mode: `model(x)` normalises by the batch (by
+groups of G images with `norm=functools.partial(BatchNorm, group_size=G)`, as the
+trainer builds its models) and updates the BN running statistics. Call `model.eval()` for inference (running
 statistics, no update) and `model.train()` to go back. Every module is pure under
 `jax.jit` and every JAX transformation through `nnx.split` / `nnx.merge`. Input
 is NHWC float.
@@ -52,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import jax.extend.core as jax_core
 from flax import nnx
+from jax import lax
 
 # Initialisation of reference [13] (He et al., 2015, "Delving Deep into
 # Rectifiers"): zero-mean Gaussian with std sqrt(2 / n), n = k * k * c_in.
@@ -89,6 +91,82 @@ def padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
   # Explicit symmetric padding, as Caffe/PyTorch/Keras do; "SAME" would pad
   # (0, 1) on stride-2 layers and shift every later feature map by a pixel.
   return ((kernel // 2, kernel // 2),) * 2
+
+
+class BatchNorm(nnx.BatchNorm):
+  """`nnx.BatchNorm` whose training statistics are those of groups of `group_size` examples.
+
+  The paper's batch norm is Caffe's on each GPU: its CIFAR batch of 128 on two GPUs
+  (Sec. 4.2) normalised each GPU's 64 images apart, and its ImageNet training 8 x 32
+  (Goyal et al., 2017, Sec. 2.3 and 5.1, who keep 32 per worker at any total batch).
+  In training, with `group_size` G, the batch [B, ...] is read as B / G groups of G
+  consecutive examples, and each group is normalised by its own mean and variance over
+  (G, H, W), as if each were a device of its own. Consecutive examples are on one
+  device when G divides the per-device batch, so no statistic then crosses devices.
+
+  The running averages move towards the mean over groups of the group means (the batch
+  mean) and of the group (biased) variances: the variance a group of G sees, which is
+  what inference then divides by, as a worker of the paper's runs would have kept.
+
+  `group_size` 0 or None is `nnx.BatchNorm` exactly: statistics of the whole batch.
+  Inference (`use_running_average`) is `nnx.BatchNorm`'s in every case. Grouping takes
+  features last and neither `mask` nor `axis_name`; a batch that is not a multiple of
+  G is a ValueError.
+  """
+
+  def __init__(self, *args, group_size: int | None = None, **kwargs):
+    super().__init__(*args, **kwargs)
+    if group_size is not None and group_size < 0:
+      raise ValueError(f"group_size must be positive, or 0 for the whole batch; got {group_size}.")
+    self.group_size = group_size
+
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    use_running_average = (self.use_running_average if use_running_average is None
+                           else use_running_average)
+    if use_running_average or not self.group_size:
+      return super().__call__(x, use_running_average=use_running_average, mask=mask)
+    self.check_groups(x, mask)
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    x, _, _, scale, bias = self.promote_dtype(
+        (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+    groups = x.reshape((-1, self.group_size) + x.shape[1:])
+    # Statistics in float32 at least, and the variance as nnx.BatchNorm's.
+    groups32 = groups.astype(jnp.promote_types(groups.dtype, jnp.float32))
+    axes = tuple(range(1, groups.ndim - 1))
+    mean = jnp.mean(groups32, axes, keepdims=True)
+    if self.use_fast_variance:
+      var = jnp.maximum(0.0, jnp.mean(jnp.square(groups32), axes, keepdims=True)
+                        - jnp.square(mean))
+    else:
+      var = jnp.mean(jnp.square(groups32 - mean), axes, keepdims=True)
+    multiplier = lax.rsqrt(var + self.epsilon)
+    if scale is not None:
+      multiplier = multiplier * scale
+    y = (groups - mean) * multiplier
+    if bias is not None:
+      y = y + bias
+    self.update_running_averages(mean.reshape(-1, x.shape[-1]), var.reshape(-1, x.shape[-1]))
+    return y.astype(x.dtype).reshape(x.shape)
+
+  def check_groups(self, x: jax.Array, mask) -> None:
+    """Raises ValueError where `x` cannot be normalised in groups of `group_size`."""
+    if mask is not None or self.axis_name is not None or self.axis not in (-1, x.ndim - 1):
+      raise ValueError("BatchNorm groups need features last and no mask or axis_name; use "
+                       "group_size=0 (statistics of the whole batch) for those.")
+    if x.shape[0] % self.group_size:
+      raise ValueError(f"a batch of {x.shape[0]} does not split into batch norm groups of "
+                       f"{self.group_size}; use a batch size that is a multiple of "
+                       f"{self.group_size}, or another group size.")
+
+  def update_running_averages(self, group_means: jax.Array, group_vars: jax.Array) -> None:
+    """Moves the running averages towards the mean over groups (axis 0) of each statistic.
+
+    As nnx.BatchNorm, the running averages are never differentiated.
+    """
+    for stat, value in ((self.mean, group_means), (self.var, group_vars)):
+      stat[...] = lax.stop_gradient(
+          self.momentum * stat[...] + (1 - self.momentum) * jnp.mean(value, axis=0))
 
 
 class _Unit(nnx.Module):

@@ -2,11 +2,13 @@
 
 `models.create(name, ..., **ops.training_layers(platform))` builds a network whose
 convolutions are `Conv` and whose batch norms are `BatchNorm` for CPU devices, and
-flax's own `nnx.Conv` and `nnx.BatchNorm` for every other platform; the trainer, the
-evaluator, the benchmark and `resnet_jax.compile` build their models so and jit their
-steps with `compiler_options(platform)`, `platform` being that of the devices the step
-runs on (`data.core.platform(mesh)`), never the host's default backend: a step compiled
-on a CPU host for a TPU slice takes the TPU's layers.
+flax's own layers for every other platform (`nnx.Conv`; `nnx.BatchNorm`, or its subclass
+`models.BatchNorm` with batch norm groups, which `BatchNorm` extends in turn). The
+trainer, the evaluator, the benchmark and `resnet_jax.compile` build their models so
+(`train.create_model`, which adds the config's batch norm groups) and jit their steps
+with `compiler_options(platform)`, `platform` being that of the devices the step runs
+on (`data.core.platform(mesh)`), never the host's default backend: a step compiled on a
+CPU host for a TPU slice takes the TPU's layers.
 Each kernel is an exact reformulation, proven equal in value and gradient by
 tests/test_ops.py, and kept because it measurably speeds up a CPU training step
 at both ends of the jax versions we support, 0.10.2 and 0.12 (BENCHMARKS.md,
@@ -46,7 +48,9 @@ the mean, the variance, the scale and the bias backward), each a separate pass
 over the activations on CPU. `BatchNorm` gives the normalisation the textbook
 backward pass (Ioffe and Szegedy, 2015, Sec. 3), which needs only the sums of dy
 and of dy * x_hat: four sums in all, taken as matrix products (`_channel_sums`);
-each of the two changes speeds up a training step.
+each of the two changes speeds up a training step. With batch norm groups
+(`models.BatchNorm.group_size`) the same sums are taken per group, the products
+batched over the groups.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+
+from resnet_jax import models
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -222,14 +228,14 @@ def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, prec
   return dw[::-1, ::-1]
 
 
-class BatchNorm(nnx.BatchNorm):
-  """`nnx.BatchNorm` whose training-mode gradient takes the module doc's four sums.
+class BatchNorm(models.BatchNorm):
+  """`models.BatchNorm` whose training-mode gradient takes the module doc's four sums.
 
-  The same variables, statistics, running averages and outputs as `nnx.BatchNorm`
-  (its fast variance, E[x^2] - E[x]^2); inference, masks, cross-device axis names
-  and layouts other than features-last are `nnx.BatchNorm`'s own code. Layers of
-  up to `matmul_sum_channels` channels take their sums as matrix products
-  (`_channel_sums`), wider ones as XLA's reductions.
+  The same variables, statistics, running averages and outputs as `models.BatchNorm`
+  (`nnx.BatchNorm`'s fast variance, E[x^2] - E[x]^2), with or without `group_size`;
+  inference, masks, cross-device axis names and layouts other than features-last are
+  `models.BatchNorm`'s own code. Layers of up to `matmul_sum_channels` channels take
+  their sums as matrix products (`_channel_sums`), wider ones as XLA's reductions.
   """
 
   def __init__(self, *args, matmul_sum_channels: int = 64, **kwargs):
@@ -243,28 +249,29 @@ class BatchNorm(nnx.BatchNorm):
         or not self.use_fast_variance or self.scale is None or self.bias is None
         or self.axis not in (-1, x.ndim - 1)):
       return super().__call__(x, use_running_average=use_running_average, mask=mask)
+    if self.group_size:
+      self.check_groups(x, mask)
     x, _, _, scale, bias = self.promote_dtype(
         (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype)
+    # [groups, group_size, ...]; without group_size, one group of the whole batch.
+    groups = x.reshape((x.shape[0] // self.group_size if self.group_size else 1, -1) + x.shape[1:])
     matmul_sums = x.shape[-1] <= self.matmul_sum_channels
-    y, mean, var = _normalize(x, scale, bias, self.epsilon, matmul_sums)
-    # As nnx.BatchNorm: the running averages are never differentiated.
-    stop_gradient = (lax.stop_gradient if self.mean._can_update or self.var._can_update  # pylint: disable=protected-access
-                     else lambda value: value)
-    self.mean[...] = stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
-    self.var[...] = stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
-    return y
+    y, mean, var = _normalize(groups, scale, bias, self.epsilon, matmul_sums)
+    self.update_running_averages(mean.reshape(-1, x.shape[-1]), var.reshape(-1, x.shape[-1]))
+    return y.reshape(x.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _normalize(x, scale, bias, epsilon, matmul_sums):
-  """(y, mean, var): x normalised by its statistics over every axis but the last."""
+  """(y, mean, var): x [groups, ..., C] normalised by each group's statistics over every axis
+  but the first and the last; mean and var [groups, 1, ..., 1, C]."""
   return _normalize_fwd(x, scale, bias, epsilon, matmul_sums)[0]
 
 
 def _normalize_fwd(x, scale, bias, epsilon, matmul_sums):
   # Statistics in float32 at least, as nnx.BatchNorm's.
   x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  count = np.prod(x.shape[:-1])
+  count = np.prod(x.shape[1:-1])
   sum_x, sum_xx = _channel_sums(x32, x32, matmul_sums)
   mean = sum_x / count
   var = jnp.maximum(0.0, sum_xx / count - jnp.square(mean))
@@ -277,7 +284,7 @@ def _normalize_bwd(epsilon, matmul_sums, residuals, cotangents):
   del epsilon
   x, mean, inv, scale = residuals
   dy, dmean, dvar = cotangents
-  count = np.prod(x.shape[:-1])
+  count = np.prod(x.shape[1:-1])
   centred = x.astype(mean.dtype) - mean
   dy = dy.astype(mean.dtype)
   dbias, sum_dy_x = _channel_sums(dy, x.astype(mean.dtype), matmul_sums)
@@ -287,36 +294,42 @@ def _normalize_bwd(epsilon, matmul_sums, residuals, cotangents):
   # d/dx of y through x_hat, the mean and the variance; then of the statistics themselves.
   dx = (inv * scale / count) * (count * dy - dbias - centred * (inv * dscale))
   dx = dx + dmean / count + (2 / count) * dvar * centred
-  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+  # Scale and bias are shared by every group: their gradients sum over groups.
+  axes = tuple(range(x.ndim - 1))
+  return (dx.astype(x.dtype), jnp.sum(dscale, axes).astype(scale.dtype),
+          jnp.sum(dbias, axes).astype(scale.dtype))
 
 
 _normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 def _channel_sums(a: jax.Array, b: jax.Array, matmul: bool) -> tuple[jax.Array, jax.Array]:
-  """(sum of a, sum of a * b) over every axis but the last (the channels).
+  """(sum of a, sum of a * b) per group and channel: [groups, ..., C] -> [groups, 1, ..., 1, C].
 
-  With `matmul` (the few channels of the CIFAR nets), as matrix products: a row
-  of ones times a, and the diagonal of a^T b. XLA's CPU backend splits a
-  reduction over 10^5 rows into a tree of partial reductions, each a pass of its
-  own; the products read each operand once. They cost channels times the FLOPs
-  of a sum, hence `BatchNorm.matmul_sum_channels`.
+  With `matmul` (the few channels of the CIFAR nets), as matrix products batched over
+  the groups, each group's values read as rows [groups, rows, C]: a row of ones times
+  a, and the diagonal of a^T b. XLA's CPU backend splits a reduction over 10^5 rows
+  into a tree of partial reductions, each a pass of its own; the products read each
+  operand once. They cost channels times the FLOPs of a sum, hence
+  `BatchNorm.matmul_sum_channels`.
   """
-  channels = a.shape[-1]
+  rows = tuple(range(1, a.ndim - 1))
   if not matmul:
-    axes = tuple(range(a.ndim - 1))
-    return jnp.sum(a, axes), jnp.sum(a * b, axes)
-  rows_a, rows_b = a.reshape(-1, channels), b.reshape(-1, channels)
-  # Under explicit sharding the rows are split over devices (the ones with them), and
-  # the sums replicated.
+    return jnp.sum(a, rows, keepdims=True), jnp.sum(a * b, rows, keepdims=True)
+  groups, channels = a.shape[0], a.shape[-1]
+  rows_a, rows_b = a.reshape(groups, -1, channels), b.reshape(groups, -1, channels)
+  # Under explicit sharding the rows (or the groups) are split over devices (the ones with
+  # them), and the sums are laid out as the groups.
   rows_sharding = _explicit_sharding(rows_a)
-  ones_sharding = replicated = None
+  ones_sharding = sums_sharding = None
   if rows_sharding is not None:
     spec = jax.sharding.PartitionSpec
-    ones_sharding = jax.sharding.NamedSharding(rows_sharding.mesh, spec(rows_sharding.spec[0]))
-    replicated = jax.sharding.NamedSharding(rows_sharding.mesh, spec())
-  contract_rows = lambda x, y: lax.dot_general(x, y, (((0,), (0,)), ((), ())),
+    ones_sharding = jax.sharding.NamedSharding(rows_sharding.mesh, spec(*rows_sharding.spec[:2]))
+    sums_sharding = jax.sharding.NamedSharding(rows_sharding.mesh, spec(rows_sharding.spec[0]))
+  contract_rows = lambda x, y: lax.dot_general(x, y, (((1,), (1,)), ((0,), (0,))),
                                                precision=lax.Precision.HIGHEST,
-                                               out_sharding=replicated)
-  ones = jnp.ones(rows_a.shape[:1], a.dtype, out_sharding=ones_sharding)
-  return contract_rows(ones, rows_a), jnp.diagonal(contract_rows(rows_a, rows_b))
+                                               out_sharding=sums_sharding)
+  ones = jnp.ones(rows_a.shape[:2], a.dtype, out_sharding=ones_sharding)
+  stats_shape = (groups,) + (1,) * len(rows) + (channels,)
+  return (contract_rows(ones, rows_a).reshape(stats_shape),
+          jnp.diagonal(contract_rows(rows_a, rows_b), axis1=1, axis2=2).reshape(stats_shape))

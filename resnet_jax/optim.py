@@ -11,10 +11,19 @@ learning rate counted in iterations:
   "plateau"    0.1, divided by 10 when the training loss plateaus (ImageNet),
                via optax's reduce_on_plateau.
 
+With `lr_warmup_steps` N, either schedule starts with a gradual warm-up (Goyal et
+al., 2017, Sec. 2.2, for large batches): the rate rises linearly from
+`lr_warmup_from` at iteration 0 to `learning_rate` at iteration N, "a constant
+amount at each iteration", and follows the schedule from there. It is not the
+ResNet-110 warm-up above, and a config takes one or the other.
+
 Weight decay is an L2 penalty on every parameter (conv and classifier weights,
 classifier bias, BN scales and shifts), as in the Caffe and Torch recipes the
 paper's numbers come from; decay and gradient are summed before momentum, as
-PyTorch's SGD does.
+PyTorch's SGD does. `weight_decay_batch_norm` False leaves the BN scales and shifts
+undecayed, as Goyal et al. do (Sec. 5.1: "following [He et al.] we do not apply
+weight decay on the learnable BN coefficients"); a BN parameter is one under a
+module attribute named `*norm` or `norms`, as every batch norm of resnet_jax.models is.
 """
 
 import flax
@@ -47,12 +56,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"the schedule ends before it starts: lr_boundaries {boundaries} reach past "
         f"num_train_steps={config.num_train_steps}; raise num_train_steps or lower the boundaries.")
+  if config.lr_warmup_steps < 0:
+    raise ValueError(f"lr_warmup_steps must be non-negative (0: no gradual warm-up), got "
+                     f"{config.lr_warmup_steps}.")
+  if config.lr_warmup_steps:
+    if config.warmup_learning_rate:
+      raise ValueError("lr_warmup_steps (a gradual warm-up) and warmup_learning_rate (ResNet-110's "
+                       "warm-up) are two warm-ups; set one of them to 0.")
+    if config.lr_warmup_from < 0:
+      raise ValueError(f"lr_warmup_from must be non-negative, got {config.lr_warmup_from}.")
+    limit, name = ((boundaries[0], "the first of lr_boundaries") if boundaries
+                   else (config.num_train_steps, "num_train_steps"))
+    if config.lr_warmup_steps > limit:
+      raise ValueError(f"lr_warmup_steps={config.lr_warmup_steps} reaches past {name} ({limit}): "
+                       f"the warm-up must end before the schedule moves on; use at most {limit}.")
 
 
 def create(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
   """The optimizer; its learning rate is set each step through `set_learning_rate`."""
   transforms = [
-      optax.add_decayed_weights(config.weight_decay),
+      optax.add_decayed_weights(config.weight_decay,
+                                mask=None if config.weight_decay_batch_norm else _not_batch_norm),
       optax.inject_hyperparams(optax.sgd)(learning_rate=config.learning_rate,
                                           momentum=config.momentum),
   ]
@@ -102,12 +126,27 @@ def warmup_update(config: ml_collections.ConfigDict, warmup: Warmup, step, batch
 
 
 def learning_rate(config: ml_collections.ConfigDict, step, warmup: Warmup):
-  """The scheduled rate for `step` (traceable), `warmup_learning_rate` while `warmup` lasts."""
+  """The scheduled rate for `step` (traceable): on the gradual warm-up's line for the first
+  `lr_warmup_steps`, `warmup_learning_rate` while `warmup` lasts."""
   rate = optax.piecewise_constant_schedule(
       config.learning_rate, {b: config.lr_decay for b in config.lr_boundaries})(step)
+  if config.lr_warmup_steps:
+    # Not optax.linear_schedule, whose float32 arithmetic starts a little off lr_warmup_from.
+    ramp = (config.lr_warmup_from + (config.learning_rate - config.lr_warmup_from)
+            * step / config.lr_warmup_steps)
+    rate = jnp.where(step < config.lr_warmup_steps, ramp, rate)
   if config.warmup_learning_rate:
     rate = jnp.where(warmup.over, rate, config.warmup_learning_rate)
   return rate
+
+
+def _not_batch_norm(params):
+  """The decay mask of `weight_decay_batch_norm` False: False for batch norm parameters."""
+  def is_batch_norm(key) -> bool:
+    name = getattr(key, "key", None)
+    return isinstance(name, str) and (name.endswith("norm") or name == "norms")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any(is_batch_norm(key) for key in path), params)
 
 
 def plateau_scale(config: ml_collections.ConfigDict, opt_state):

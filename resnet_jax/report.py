@@ -28,7 +28,8 @@ from resnet_jax import analysis
 # Top-1 test error (%) of the paper, by the test protocol of its table and config: (reference
 # for the difference, as printed). CIFAR-10: Table 6, the whole 32x32 test image (plain nets
 # appear in Fig. 6 only). ImageNet validation: Tables 2 and 3 by 10-crop testing, Table 4 by
-# fully convolutional multi-scale testing (top-5 errors in the printed text).
+# fully convolutional multi-scale testing (top-5 errors in the printed text); Goyal et al.'s
+# batch-8k recipe (their Table 1, gradual warm-up) by a single 224 centre crop.
 PAPER_ERRORS = {
     "center": {
         "cifar_resnet20": (8.75, "8.75"),
@@ -38,6 +39,8 @@ PAPER_ERRORS = {
         # Table 6 gives the best of 5 runs and their mean +- std; a mean compares like with like.
         "cifar_resnet110": (6.61, "6.61 ± 0.16 (5 runs; best 6.43)"),
         "cifar_resnet1202": (7.93, "7.93"),
+        "imagenet_resnet50_goyal8k": (
+            23.74, "23.74 ± 0.09 (Goyal et al. 2017, batch 8k; 23.60 ± 0.12 at 256)"),
     },
     "10crop": {
         "imagenet_plain18": (27.94, "27.94"),
@@ -210,7 +213,8 @@ def trained_layer_responses(workdir: epath.Path, datasets: dict) -> np.ndarray:
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
   from resnet_jax import checkpoints, data, optim, train  # pylint: disable=g-import-not-at-top
 
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+  config = train.recorded_config(
+      ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
   mesh = data.core.make_mesh()
   dataset_config = train.dataset_config(config)
   key = json.dumps(dataset_config.to_dict(), sort_keys=True)

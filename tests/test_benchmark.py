@@ -22,8 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_benchmark_runs_and_counts_flops(capsys):
   batch = 16
-  rows = benchmark.main(["--model=cifar_resnet8", f"--batch={batch}", "--steps=1",
-                         "--repeats=2", "--input_pipeline", "--peak_tflops=1"])
+  rows = benchmark.main(["--model=cifar_resnet8", f"--batch={batch}", "--batch_norm_group=8",
+                         "--steps=1", "--repeats=2", "--input_pipeline", "--peak_tflops=1"])
   by_name = {row.name: row for row in rows}
   assert set(by_name) == {"train", "eval", "train+input"}
 
@@ -55,8 +55,8 @@ def test_peak_lookup(kind, dtype, peak):
 
 
 def test_benchmark_writes_a_profiler_trace(tmp_path):
-  benchmark.main(["--model=cifar_resnet8", "--batch=8", "--steps=1", "--repeats=1",
-                  f"--trace_dir={tmp_path}"])
+  benchmark.main(["--model=cifar_resnet8", "--batch=8", "--batch_norm_group=0", "--steps=1",
+                  "--repeats=1", f"--trace_dir={tmp_path}"])
   assert list(tmp_path.glob("**/*.xplane.pb"))
 
 
@@ -75,7 +75,9 @@ def test_cpu_ladder_runs_both_modes():
 
 
 def test_serve_times_the_requested_steps():
-  config = benchmark.make_config("cifar_resnet8", 8, "float32")
+  config = benchmark.make_config("cifar_resnet8", 8, "float32", batch_norm_group=4)
+  assert config.batch_norm_group == 4
+  assert benchmark.make_config("cifar_resnet8", 8, "float32").batch_norm_group == 64  # Recipe's.
   runners, _ = benchmark.build_runners(config, input_pipeline=False)
   replies = io.StringIO()
   benchmark.serve(runners, io.StringIO("train 1\neval 2\ntrain 1\n"), replies)

@@ -207,7 +207,8 @@ def write_image_folder(root, sizes: dict[str, int]) -> None:
 @pytest.mark.slow
 def test_10crop_matches_a_run_evaluated_by_10crop_and_every_protocol_is_sane(tmp_path):
   write_image_folder(tmp_path / "images", {"train": 8, "test": 5})
-  config = smoke_config(num_train_steps=2, lr_boundaries=(1,), batch_size=8, eval_batch_size=8,
+  config = smoke_config(num_train_steps=2, lr_boundaries=(1,), batch_size=8, batch_norm_group=4,
+                        eval_batch_size=8,
                         log_every_steps=1, eval_every_steps=2, checkpoint_every_steps=2,
                         eval_protocol="10crop")
   config.dataset.update(name="image_folder", data_dir=str(tmp_path / "images"), num_classes=2,

@@ -69,6 +69,9 @@ def test_short_schedule_keeps_the_papers_fractions():
   assert sweeps.schedule_overrides("cifar_resnet56", "full", 2000) == {}
   imagenet = sweeps.schedule_overrides("imagenet_resnet50", "short", 6000)
   assert imagenet["plateau_accumulation_steps"] == "50" and "lr_boundaries" not in imagenet
+  # Goyal et al.'s warm-up over the first 782 of 14,075 iterations, drops at epochs 30, 60, 80.
+  goyal = sweeps.schedule_overrides("imagenet_resnet50_goyal8k", "short", 1000)
+  assert (goyal["lr_warmup_steps"], goyal["lr_boundaries"]) == ("55", "(333,666,888)")
   with pytest.raises(ValueError, match="too short"):
     sweeps.schedule_overrides("cifar_resnet20", "short", 2)
 
@@ -247,6 +250,21 @@ def test_report_of_a_table_tested_by_another_protocol_reads_the_evaluations(tmp_
   assert "Trained, not yet tested by multi-scale testing (not counted above; " in text
   assert text.split("Trained, not yet tested")[1].split("\n")[0].endswith(
       "imagenet_resnet34_c seed 0.")
+
+
+def test_report_compares_the_goyal_config_with_their_error_at_batch_8k(tmp_path):
+  sweep_dir = tmp_path / "sweep"
+  record, members = sweeps.plan("goyal8k", sweep_dir)
+  sweeps.write_record(sweep_dir, record)
+  assert [m.config for m in members] == ["imagenet_resnet50_goyal8k"] * 5  # Their 5 runs.
+  for member, error in zip(members, (23.8, 24.0)):
+    _finish(member.workdir, "resnet50", error, dataset="imagenet2012")
+  text = report.write_report(sweep_dir, tmp_path / "out", layer_responses=False).read_text()
+  # Their single 224 centre crop is the config's own evaluation.
+  assert "by the config's own view testing, as the paper's" in text
+  assert ("| imagenet_resnet50_goyal8k | resnet50 | imagenet2012 | 1,000 | 2/5 | 5.00 | "
+          "23.90 ± 0.14 | 23.74 ± 0.09 (Goyal et al. 2017, batch 8k; 23.60 ± 0.12 at 256) | "
+          "+0.16 |") in text
 
 
 def _checkpointed_run(workdir: pathlib.Path, model: str):

@@ -190,13 +190,14 @@ def test_batch_norm_inference_is_nnx():
 
 @pytest.mark.parametrize("matmul_sums", [True, False])
 def test_normalize_differentiates_its_statistics_too(matmul_sums):
-  """The custom VJP also carries cotangents of the returned mean and variance."""
-  x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 4, 4, 5)), jnp.float32)
+  """The custom VJP also carries cotangents of the returned mean and variance, per group."""
+  # Two groups of 3 examples: [groups, examples, H, W, C].
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 3, 4, 4, 5)), jnp.float32)
   scale, bias = jnp.linspace(0.5, 1.5, 5), jnp.linspace(-0.2, 0.2, 5)
 
   def reference(x, scale, bias):
-    mean = jnp.mean(x, (0, 1, 2))
-    var = jnp.maximum(0.0, jnp.mean(x * x, (0, 1, 2)) - mean * mean)
+    mean = jnp.mean(x, (1, 2, 3), keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(x * x, (1, 2, 3), keepdims=True) - mean * mean)
     return (x - mean) * (lax.rsqrt(var + 1e-5) * scale) + bias, mean, var
 
   def loss(normalize, x, scale, bias):

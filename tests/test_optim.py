@@ -5,8 +5,10 @@ import numpy as np
 import optax
 import pytest
 
-from configs import cifar_resnet110, cifar_resnet20, imagenet_resnet50
-from resnet_jax import optim
+from flax import nnx
+
+from configs import cifar_resnet110, cifar_resnet20, imagenet_resnet50, imagenet_resnet50_goyal8k
+from resnet_jax import models, optim
 
 
 def test_cifar_schedule_divides_by_10_at_32k_and_48k():
@@ -16,6 +18,71 @@ def test_cifar_schedule_divides_by_10_at_32k_and_48k():
            for step in (0, 31_999, 32_000, 47_999, 48_000, 63_999)}
   assert rates == pytest.approx({0: 0.1, 31_999: 0.1, 32_000: 0.01, 47_999: 0.01,
                                  48_000: 0.001, 63_999: 0.001})
+
+
+def test_gradual_warm_up_rises_linearly_from_its_start_then_follows_the_schedule():
+  config = imagenet_resnet50_goyal8k.get_config()
+  optim.validate(config)
+  warmup = optim.warmup_init(config)  # No ResNet-110 warm-up: over before it starts.
+  steps = (0, 1, 391, 781, 782, 783, 4_691, 4_692, 9_383, 9_384, 12_510, 12_511, 14_074)
+  rates = {step: float(optim.learning_rate(config, step, warmup)) for step in steps}
+  traced = jax.jit(lambda step: optim.learning_rate(config, step, warmup))
+  assert [float(traced(step)) for step in steps] == pytest.approx(list(rates.values()), rel=1e-6)
+  # Goyal et al., Sec. 2.2: from 0.1 at iteration 0, the same increment each iteration, 3.2 at
+  # the end of 5 epochs (782 iterations); then divided by 10 at epochs 30, 60 and 80.
+  increment = (3.2 - 0.1) / 782
+  assert rates == pytest.approx({
+      0: 0.1, 1: 0.1 + increment, 391: 0.1 + 391 * increment, 781: 3.2 - increment,
+      782: 3.2, 783: 3.2, 4_691: 3.2, 4_692: 0.32, 9_383: 0.32, 9_384: 0.032,
+      12_510: 0.032, 12_511: 0.0032, 14_074: 0.0032}, rel=1e-6)
+  assert rates[391] == pytest.approx(1.65, rel=1e-6)  # Halfway: the mean of 0.1 and 3.2.
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"lr_warmup_steps": -1}, "lr_warmup_steps must be non-negative"),
+    ({"lr_warmup_steps": 4_693}, r"lr_warmup_steps=4693 reaches past the first of lr_boundaries "
+                                 r"\(4692\): the warm-up must end before the schedule moves on; "
+                                 "use at most 4692"),
+    ({"lr_warmup_from": -0.1}, "lr_warmup_from must be non-negative"),
+    ({"warmup_learning_rate": 0.01}, "are two warm-ups; set one of them to 0"),
+    ({"lr_boundaries": (), "num_train_steps": 500}, r"reaches past num_train_steps \(500\)"),
+])
+def test_a_gradual_warm_up_that_cannot_run_is_refused(overrides, message):
+  config = imagenet_resnet50_goyal8k.get_config()
+  config.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    optim.validate(config)
+
+
+def _batch_norm_parameters(model) -> set[tuple]:
+  """Paths of the scale and shift of every nnx.BatchNorm of `model`, found by type."""
+  modules = [path for path, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)]
+  return {path + (name,) for path in modules for name in ("scale", "bias")}
+
+
+@pytest.mark.parametrize("overrides", [{"shortcut": "B"}, {"preact": True}])
+@pytest.mark.parametrize("decay_batch_norm", [True, False])
+def test_weight_decay_leaves_batch_norm_alone_only_if_asked(overrides, decay_batch_norm):
+  config = cifar_resnet20.get_config()
+  config.weight_decay_batch_norm = decay_batch_norm
+  # Projection shortcuts' BN; or pre-activation input and final BNs.
+  model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0), **overrides)
+  params = jax.tree.map(lambda leaf: leaf + 0.5, nnx.state(model, nnx.Param))  # No zeros.
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  new = _one_update(config, zero_grads, params)
+  decayed = set()
+  for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                   jax.tree.leaves(new), strict=True):
+    if not np.array_equal(before, after):
+      # One step of decay, 1e-5 of each weight; float32 rounds to about 1e-7.
+      np.testing.assert_allclose(after, before * (1 - 0.1 * 1e-4), rtol=1e-6)
+      decayed.add(tuple(key.key for key in path[:-1]))  # Less the Variable's value.
+  every = {tuple(path) for path, _ in nnx.to_flat_state(params)}
+  batch_norm = _batch_norm_parameters(model)
+  names = {key for path in batch_norm for key in path if isinstance(key, str)}
+  assert names >= ({"projection_norm"} if "shortcut" in overrides else {"input_norm", "final_norm"})
+  assert batch_norm < every
+  assert decayed == (every if decay_batch_norm else every - batch_norm)
 
 
 def run_warmup(config, errors):

@@ -94,6 +94,7 @@ def test_the_papers_command_trains_and_evaluates_on_tfds_cifar10(cifar10_tfds, t
                                                                   compilation_cache):
   args = ["--config=configs/cifar_resnet110.py", f"--config.dataset.data_dir={cifar10_tfds}",
           "--config.model=cifar_resnet8", "--config.num_train_steps=4", "--config.batch_size=16",
+          "--config.batch_norm_group=8",  # Two groups, as the paper's two GPUs.
           "--config.lr_boundaries=(2,3)", "--config.log_every_steps=2",
           "--config.eval_every_steps=4", "--config.checkpoint_every_steps=4"]
   (run,) = processes.train(tmp_path, args, RESNET_JAX_CACHE_DIR=str(tmp_path / "cache"),
@@ -234,11 +235,12 @@ def test_imagenet_prepared_from_generated_tars_holds_their_jpegs_and_labels(imag
 
 
 def imagenet_args(data_dir, steps=8):
-  """The paper's ImageNet config on the tiny dataset: ResNet-8, batch 8, the plateau schedule
-  deciding every 2 steps, checkpoints every 2 steps and an evaluation at 4 and 8."""
+  """The paper's ImageNet config on the tiny dataset: ResNet-8, batch 8 in batch norm groups of
+  4, the plateau schedule deciding every 2 steps, checkpoints every 2 steps and an evaluation
+  at 4 and 8."""
   return ["--config=configs/imagenet_resnet18.py", f"--config.dataset.data_dir={data_dir}",
           "--config.model=cifar_resnet8", f"--config.num_train_steps={steps}",
-          "--config.batch_size=8", "--config.eval_batch_size=8",
+          "--config.batch_size=8", "--config.batch_norm_group=4", "--config.eval_batch_size=8",
           "--config.plateau_accumulation_steps=2", "--config.plateau_patience=1",
           "--config.log_every_steps=2", "--config.eval_every_steps=4",
           "--config.checkpoint_every_steps=2"]

@@ -181,6 +181,8 @@ def test_a_resumed_run_hides_in_tensorboard_the_steps_it_logs_again(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     ({"model": "cifar_resnet9"}, "Unknown model 'cifar_resnet9'"),
     ({"batch_size": 12}, "does not divide across 8 devices"),
+    ({"batch_norm_group": 24}, "batch_size 32 is not a whole number of batch norm groups of 24"),
+    ({"lr_warmup_steps": 11}, "lr_warmup_steps=11 reaches past the first of lr_boundaries"),
     ({"num_train_steps": 12}, "ends before it starts"),
     ({"lr_schedule": "cosine"}, "unknown lr_schedule"),
     ({"eval_every_steps": 0}, "eval_every_steps must be positive"),
