@@ -33,7 +33,8 @@ IMAGENET_CONFIGS = ("imagenet_plain18", "imagenet_plain34", "imagenet_resnet18",
 # (config, topology, overrides, whether to search the largest per-chip batch too): every
 # ImageNet config at the paper's global batch of 256 on 8-chip v5e and v6e slices (2 hosts each),
 # ResNet-50 on v4 and v5p, ResNet-50 on 256 chips at 64 and 128 images per chip (and the
-# largest that fits), CIFAR ResNet-110 and 1202 at the paper's batch of 128 on 4 chips.
+# largest that fits), CIFAR ResNet-110 and 1202 at the paper's batch of 128 on 4 chips, and
+# Goyal et al.'s batch-8k recipe on 256 chips.
 ENTRIES: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
     *((config, topology, (), False) for topology in ("v5e:2x4", "v6e:2x4")
       for config in IMAGENET_CONFIGS),
@@ -45,6 +46,7 @@ ENTRIES: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
       for topology in ("v5e:16x16", "v6e:16x16") for per_chip in (64, 128)),
     *((config, topology, (), False) for topology in ("v5e:2x2", "v6e:2x2")
       for config in ("cifar_resnet110", "cifar_resnet1202")),
+    ("imagenet_resnet50_goyal8k", "v5e:16x16", (), False),
 )
 
 _RECORDS = flags.DEFINE_string("records", None, "The JSON-lines file of compiled steps.")
@@ -69,7 +71,7 @@ def run_entries(path: pathlib.Path) -> int:
                           capture_output=True, check=False).stdout.strip()
   failures = 0
   # ResNet-50's entries first, then the CIFAR nets, then the rest (the table keeps ENTRIES' order).
-  run_order = sorted(ENTRIES, key=lambda entry: (entry[0] != "imagenet_resnet50",
+  run_order = sorted(ENTRIES, key=lambda entry: (not entry[0].startswith("imagenet_resnet50"),
                                                  not entry[0].startswith("cifar")))
   for config, topology, overrides, largest in run_order:
     key = entry_key(config, topology, overrides)
