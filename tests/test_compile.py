@@ -17,7 +17,7 @@ from flax import nnx
 
 from configs import cifar_resnet20
 from resnet_jax import compile as tpu_compile
-from resnet_jax import data, ops, train
+from resnet_jax import data, models, ops, train
 
 GIB = 1 << 30
 
@@ -104,7 +104,9 @@ def test_on_cpu_the_trainer_keeps_its_cpu_kernels_and_float32():
   assert isinstance(model.stem_conv, ops.Conv) and isinstance(model.stem_norm, ops.BatchNorm)
   assert model.stem_conv.dtype == jnp.float32
   tpu_model = train.create_model(config, 10, 0, "tpu")
-  assert type(tpu_model.stem_conv) is nnx.Conv and type(tpu_model.stem_norm) is nnx.BatchNorm
+  # flax's layers (batch norm by groups of config.batch_norm_group images), not the CPU kernels.
+  assert type(tpu_model.stem_conv) is nnx.Conv and type(tpu_model.stem_norm) is models.BatchNorm
+  assert tpu_model.stem_norm.group_size == config.batch_norm_group == 64
   assert tpu_model.stem_conv.dtype == jnp.bfloat16
   assert ops.training_layers("tpu") == ops.training_layers("gpu") == {}
   assert ops.compiler_options("tpu") is None and ops.compiler_options("cpu") is not None
