@@ -247,7 +247,8 @@ def _has_checkpoints(workdir: epath.Path) -> bool:
 def _schedule_line(record: dict) -> str:
   schedule = record.get("schedule")
   if schedule == "full":
-    return "Schedule: **full**, the paper's recipe (CIFAR-10: 64k iterations, drops at 32k/48k)."
+    return ("Schedule: **full**, each config's own recipe (the paper's on CIFAR-10: 64k "
+            "iterations, drops at 32k/48k).")
   if schedule == "short":
     return (f"Schedule: **short**, {record['steps']} iterations: the paper's recipe with every "
             "iteration count scaled to that length (learning-rate drops at 1/2 and 3/4 on "

@@ -1,8 +1,9 @@
 """Batch norm over groups of images (`models.BatchNorm`, `ops.BatchNorm`, `batch_norm_group`).
 
-Each group of G consecutive images must be normalised exactly as nnx.BatchNorm normalises that
-group alone, in value and gradient, on one device or sharded over eight, and on two processes as
-on one; inference is nnx.BatchNorm's; group 0 is the code that ran before groups existed.
+Each group of G consecutive images must be normalised as nnx.BatchNorm normalises that group
+alone, in value and gradient to rounding, on one device or sharded over eight, and on two
+processes as on one; inference is nnx.BatchNorm's; group 0 is the program that ran before groups
+existed.
 """
 import functools
 import json
