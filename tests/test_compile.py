@@ -75,19 +75,22 @@ def linear_memory(base: float, per_image: float, chip: tpu_compile.Chip, calls: 
   return compile_at
 
 
-@pytest.mark.parametrize("base, per_image, known_fail", [
-    (0.3 * GIB, 37e6, 1024),  # ResNet-50-like: 433 per chip fit in 16 GiB.
-    (2 * GIB, 5e6, None),  # Nothing known to fail: the search finds the edge itself.
-    (0.1 * GIB, 1.3e9, 64),  # Only 8 fit.
+@pytest.mark.parametrize("base, per_image, known_fail, step", [
+    (0.3 * GIB, 37e6, 1024, 8),  # ResNet-50-like: 433 per chip fit in 16 GiB.
+    (2 * GIB, 5e6, None, 8),  # Nothing known to fail: the search finds the edge itself.
+    (0.1 * GIB, 1.3e9, 64, 8),  # Only 8 fit.
+    (0.3 * GIB, 37e6, 1024, 24),  # Whole batch norm groups of 24 images per chip.
 ])
-def test_the_largest_batch_search_finds_the_edge_in_few_compiles(base, per_image, known_fail):
+def test_the_largest_batch_search_finds_the_edge_in_few_compiles(base, per_image, known_fail,
+                                                                 step):
   chip = tpu_compile.CHIPS["v5e"]
   calls = []
   compile_at = linear_memory(base, per_image, chip, calls)
-  fits = None if known_fail else compile_at(64)
-  largest = tpu_compile.largest_batch_per_chip(compile_at, chip, fits, known_fail)
-  expected = int((chip.hbm_bytes - base) // per_image) // 8 * 8
+  fits = None if known_fail else compile_at(3 * step)
+  largest = tpu_compile.largest_batch_per_chip(compile_at, chip, fits, known_fail, step)
+  expected = int((chip.hbm_bytes - base) // per_image) // step * step
   assert largest.batch_per_chip == expected
+  assert all(per_chip % step == 0 for per_chip in calls), calls
   assert largest.memory_bytes <= chip.hbm_bytes
   assert len(calls) <= 8, calls
 
