@@ -52,6 +52,8 @@ ENTRIES: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
 _RECORDS = flags.DEFINE_string("records", None, "The JSON-lines file of compiled steps.")
 _RUN = flags.DEFINE_bool("run", False, "Compile the entries missing from --records.")
 _WRITE_DOC = flags.DEFINE_bool("write_doc", False, f"Write the table into {DOC.name}.")
+_EARLIER = flags.DEFINE_string("earlier_records", None, "Records of an earlier commit, shown "
+                               "(with their commit) for the entries --records lacks.")
 
 
 def entry_key(config: str, topology: str, overrides: Sequence[str]) -> str:
@@ -108,8 +110,8 @@ def markdown(records: list[dict]) -> str:
   rows = sorted((r for r in records if r["entry"] in order),
                 key=lambda r: (order[r["entry"]], r["step"] != "train", r["largest"]))
   lines = ["| config | slice | step | per-chip batch | memory per chip / HBM (GiB) | fits | "
-           "compile here (s) | ceiling (images/s per chip) | bound by | host cores needed |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "compile here (s) | ceiling (images/s per chip) | bound by | host cores needed | "
+           "commit |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     cores = r["host_cores"] if r["step"] == "train" else ""
     if r["step"] == "train" and not cores:
@@ -119,15 +121,15 @@ def markdown(records: list[dict]) -> str:
         f"| {r['config']} | {r['topology']} ({r['chips']} chips, {r['hosts']} hosts) | "
         f"{r['step']} | {batch} | {_gib(r['memory_bytes'])} / {_gib(r['hbm_bytes'])} | "
         f"{'yes' if r['fits'] else 'no'} | {r['compile_s']:.0f} | "
-        f"{r['ceiling_images_per_s_per_chip']:,.0f} | {r['bound']} | {cores} |")
+        f"{r['ceiling_images_per_s_per_chip']:,.0f} | {r['bound']} | {cores} | "
+        f"{r['commit']} |")
   missing = [key for key in order if key not in {r["entry"] for r in records}]
   if missing:
     lines.append("")
     lines.append("Not compiled yet: " + "; ".join(f"`{key}`" for key in missing) + ".")
-  commits = sorted({r["commit"] for r in rows})
   lines.append("")
-  lines.append(f"Made at commit {', '.join(commits)} by `python -m experiments.fit_table "
-               "--records=$HOME/fit_table.jsonl --run` then `--write_doc`.")
+  lines.append("Made by `python -m experiments.fit_table --records=$HOME/fit_table.jsonl --run`, "
+               "then `--write_doc`, at the commits of the last column.")
   return "\n".join(lines)
 
 
@@ -147,7 +149,12 @@ def main(argv):
   path = pathlib.Path(_RECORDS.value).expanduser()
   failures = run_entries(path) if _RUN.value else 0
   if _WRITE_DOC.value:
-    write_doc(read_records(path))
+    records = read_records(path)
+    if _EARLIER.value:
+      done = {record["entry"] for record in records}
+      records += [record for record in read_records(pathlib.Path(_EARLIER.value).expanduser())
+                  if record["entry"] not in done]
+    write_doc(records)
   sys.exit(1 if failures else 0)
 
 
