@@ -105,8 +105,10 @@ def test_every_transformation(name, train):
   per_example = jax.jit(jax.vmap(jax.grad(lambda p, image: loss(p, image[None])), (None, 0)))(
       params, images)
   first = jax.jit(jax.grad(lambda p: loss(p, images[:1])))(params)
+  # vmap sums the batch statistics' gradients in another order: up to 1.25e-5 of the largest
+  # entry measured (bottleneck C in training, jax 0.10.2 with numpy 2.4.6).
   for got, want in zip(jax.tree.leaves(per_example), jax.tree.leaves(first)):
-    assert_close(got[0], want, 1e-5)
+    assert_close(got[0], want, 2e-5)
 
   # Rematerialisation changes nothing but memory, and XLA's fusion, hence float32 rounding
   # (up to 1.7e-6 of the largest entry measured on jax 0.12).
