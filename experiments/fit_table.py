@@ -1,7 +1,7 @@
 """The fit table of docs/running_at_scale.md: the paper's experiments compiled for TPU slices.
 
-  python -m experiments.fit_table --records=$HOME/fit_table.jsonl --run
-  python -m experiments.fit_table --records=$HOME/fit_table.jsonl --write_doc
+  python -m experiments.fit_table --run
+  python -m experiments.fit_table --write_doc
 
 `--run` compiles each entry of ENTRIES not yet in the records file with
 `python -m resnet_jax.compile` (libtpu; an ImageNet net takes minutes on 2 cores, so run it in
@@ -24,6 +24,7 @@ from absl import app, flags
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC = REPO_ROOT / "docs" / "running_at_scale.md"
+RECORDS = REPO_ROOT / "experiments" / "results" / "fit_table" / "records.jsonl"
 BEGIN, END = "<!-- fit-table -->", "<!-- /fit-table -->"
 
 IMAGENET_CONFIGS = ("imagenet_plain18", "imagenet_plain34", "imagenet_resnet18",
@@ -49,7 +50,8 @@ ENTRIES: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
     ("imagenet_resnet50_goyal8k", "v5e:16x16", (), False),
 )
 
-_RECORDS = flags.DEFINE_string("records", None, "The JSON-lines file of compiled steps.")
+_RECORDS = flags.DEFINE_string("records", str(RECORDS), "The JSON-lines file of compiled steps "
+                               "(committed, so that the next session resumes it).")
 _RUN = flags.DEFINE_bool("run", False, "Compile the entries missing from --records.")
 _WRITE_DOC = flags.DEFINE_bool("write_doc", False, f"Write the table into {DOC.name}.")
 _EARLIER = flags.DEFINE_string("earlier_records", None, "Records of an earlier commit, shown "
@@ -128,8 +130,8 @@ def markdown(records: list[dict]) -> str:
     lines.append("")
     lines.append("Not compiled yet: " + "; ".join(f"`{key}`" for key in missing) + ".")
   lines.append("")
-  lines.append("Made by `python -m experiments.fit_table --records=$HOME/fit_table.jsonl --run`, "
-               "then `--write_doc`, at the commits of the last column.")
+  lines.append("Made by `python -m experiments.fit_table --run`, then `--write_doc` "
+               "(records in `experiments/results/fit_table/`), at the commits of the last column.")
   return "\n".join(lines)
 
 
@@ -144,8 +146,6 @@ def write_doc(records: list[dict], doc: pathlib.Path = DOC) -> None:
 
 def main(argv):
   del argv
-  if not _RECORDS.value:
-    raise app.UsageError("--records is required.")
   path = pathlib.Path(_RECORDS.value).expanduser()
   failures = run_entries(path) if _RUN.value else 0
   if _WRITE_DOC.value:
