@@ -120,7 +120,8 @@ def markdown(records: list[dict]) -> str:
       cores = "0 (data on the chips)"
     batch = f"{r['batch_per_chip']}" + (" (largest)" if r["largest"] else "")
     lines.append(
-        f"| {r['config']} | {r['topology']} ({r['chips']} chips, {r['hosts']} hosts) | "
+        f"| {r['config']} | {r['topology']} ({r['chips']} chips, {r['hosts']} "
+        f"host{'s' if r['hosts'] > 1 else ''}) | "
         f"{r['step']} | {batch} | {_gib(r['memory_bytes'])} / {_gib(r['hbm_bytes'])} | "
         f"{'yes' if r['fits'] else 'no'} | {r['compile_s']:.0f} | "
         f"{r['ceiling_images_per_s_per_chip']:,.0f} | {r['bound']} | {cores} | "
