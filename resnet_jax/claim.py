@@ -2,10 +2,14 @@
 
 The claim is the directory `workdir/claim/`, made by an exclusive mkdir, holding `holder.json`:
 the holder's host, process id, start time and a heartbeat that a background thread refreshes
-every `HEARTBEAT_SECONDS`. A second run on a claimed workdir stops with one line naming the
-holder. A claim is stale, and taken over with a warning, when its holder is a process of this
-host that is no longer running, or when its heartbeat is older than `STALE_AFTER_SECONDS`
-(a holder on another host, or one whose process id was reused after a reboot).
+every `HEARTBEAT_SECONDS`; on Linux also the boot's id and the process's start in clock ticks
+since boot (/proc), which tell the holder from a later process given the same id. A second run
+on a claimed workdir stops with one line naming the holder. A claim is stale, and taken over
+with a warning, when its holder is a process of this host that is no longer running (its id
+gone, or naming another process), or when its heartbeat is older than `STALE_AFTER_SECONDS`
+and the holder is on another host. A live holder of this host keeps its claim however long it
+is silent (stopped by SIGSTOP or a debugger, its machine asleep); where /proc is missing (macOS),
+or in a claim written without the process's start, the heartbeat rule decides for this host too.
 
 Locally the mkdir and the rename of a stale claim out of the way are atomic, so of two runs
 starting together exactly one holds the workdir. On gs:// a directory is a name prefix: epath
@@ -32,9 +36,21 @@ HEARTBEAT_SECONDS = 60.0
 STALE_AFTER_SECONDS = 600.0
 
 
+def _process_instance(pid: int) -> dict:
+  """What tells process `pid` from a later one given the same id: the boot's id and the
+  process's start in clock ticks since boot (field 22 of /proc/PID/stat); {} without /proc."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id") as boot_id, open(f"/proc/{pid}/stat") as stat:
+      boot, fields = boot_id.read().strip(), stat.read()
+  except OSError:
+    return {}
+  # Field 2, the command's name in parentheses, may itself hold spaces and parentheses.
+  return {"boot_id": boot, "process_start": int(fields[fields.rindex(")") + 2:].split()[19])}
+
+
 def _holder() -> dict:
   now = time.time()
-  return {"host": socket.gethostname(), "pid": os.getpid(),
+  return {"host": socket.gethostname(), "pid": os.getpid(), **_process_instance(os.getpid()),
           "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
           "heartbeat": now, "token": uuid.uuid4().hex}
 
@@ -55,8 +71,14 @@ def _alive(pid: int) -> bool:
 
 def _stale_reason(holder: dict) -> str | None:
   """Why `holder` no longer holds its claim, or None if it may still be running."""
-  if holder["host"] == socket.gethostname() and not _alive(holder["pid"]):
-    return "is no longer running"
+  if holder["host"] == socket.gethostname():
+    if not _alive(holder["pid"]):
+      return "is no longer running"
+    running = _process_instance(holder["pid"])
+    if running and running.keys() <= holder.keys():
+      if {key: holder[key] for key in running} != running:
+        return "is no longer running (its process id names another process now)"
+      return None  # Running, however long it has been silent.
   silent = time.time() - holder["heartbeat"]
   if silent > STALE_AFTER_SECONDS:
     return f"has not renewed its claim for {silent / 60:.0f} min"

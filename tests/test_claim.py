@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,18 @@ def dead_pid() -> int:
   return process.pid
 
 
+def instance(pid: int) -> dict:
+  """What a claim records to tell process `pid` from a later one given its id: the boot's id and
+  the process's start in clock ticks since boot (field 22 of /proc/PID/stat)."""
+  with open("/proc/sys/kernel/random/boot_id") as boot_id, open(f"/proc/{pid}/stat") as stat:
+    return {"boot_id": boot_id.read().strip(),
+            "process_start": int(stat.read().rsplit(")", 1)[1].split()[19])}
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/stat"),
+                                reason="no /proc: the heartbeat rule decides for this host too")
+
+
 def test_a_claim_refuses_a_second_one_until_it_is_released(tmp_path):
   workdir = epath.Path(tmp_path)
   held = claim.acquire(workdir)
@@ -48,9 +61,18 @@ def test_a_claim_refuses_a_second_one_until_it_is_released(tmp_path):
     (lambda: {"pid": dead_pid()}, "which is no longer running"),
     (lambda: {"host": "elsewhere", "heartbeat": time.time() - 11 * 60},
      "which has not renewed its claim for 11 min"),
-    # Alive, but silent for too long: its process id was reused after a reboot.
+    # Its process id names a live process, started after the holder or in a later boot.
+    pytest.param(lambda: {**instance(os.getpid()), "process_start": 0},
+                 "which is no longer running (its process id names another process now)",
+                 marks=needs_proc),
+    pytest.param(lambda: {**instance(os.getpid()), "boot_id": "a boot before"},
+                 "which is no longer running (its process id names another process now)",
+                 marks=needs_proc),
+    # A live process id in a claim without the process's start (an older claim, or written
+    # without /proc), silent for too long: the heartbeat rule.
     (lambda: {"heartbeat": time.time() - 11 * 60}, "which has not renewed its claim for 11 min")],
-    ids=["dead_process", "silent_host", "silent_reused_pid"])
+    ids=["dead_process", "silent_host", "reused_pid", "pid_of_an_earlier_boot",
+         "silent_claim_without_process_start"])
 def test_a_stale_claim_is_taken_over_with_a_warning(tmp_path, caplog, fields, reason):
   workdir = epath.Path(tmp_path)
   stale = write_holder(workdir, **fields())
@@ -62,6 +84,23 @@ def test_a_stale_claim_is_taken_over_with_a_warning(tmp_path, caplog, fields, re
   assert json.loads((workdir / "claim" / "holder.json").read_text())["token"] == held.holder["token"]
   assert sorted(p.name for p in workdir.iterdir()) == ["claim"]  # Nothing left aside.
   held.release()
+
+
+@needs_proc
+def test_a_live_holder_of_this_host_keeps_its_claim_however_long_it_is_silent(tmp_path):
+  workdir = epath.Path(tmp_path)
+  stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    os.kill(stopped.pid, signal.SIGSTOP)  # As a run stopped by SIGSTOP or a debugger.
+    holder = write_holder(workdir, pid=stopped.pid, heartbeat=time.time() - 11 * 60,
+                          **instance(stopped.pid))
+    with pytest.raises(ValueError, match=re.escape(
+        f"workdir {workdir} is in use by process {stopped.pid} on {socket.gethostname()} since")):
+      claim.acquire(workdir)
+  finally:
+    stopped.kill()
+    stopped.wait()
+  assert json.loads((workdir / "claim" / "holder.json").read_text()) == holder
 
 
 def test_a_live_claim_of_another_host_is_refused(tmp_path):
