@@ -1,9 +1,9 @@
 """The training loop: data-parallel SGD over a device mesh, evaluation and checkpoints.
 
 `train_and_evaluate(config, workdir)` reads as the algorithm: check the config,
-claim the workdir (one run per workdir: `claim`), build the mesh, data, model and
-optimizer, resume from the newest checkpoint, then step, log, evaluate and save
-until `num_train_steps`.
+claim the workdir (one run per workdir: `claim`, checked before each write), build the
+mesh, data, model and optimizer, resume from the newest checkpoint, then step, log,
+evaluate and save until `num_train_steps`.
 
 Data parallelism is `jax.jit` over a one-axis mesh ("data"): batches are sharded
 on it, parameters, BN statistics and optimizer state replicated. Batch norm
@@ -291,12 +291,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   except ValueError as error:
     raise StartupError(str(error)) from error
   with run_claim or contextlib.nullcontext():
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, run_claim)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
-                        ) -> dict[str, float]:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
+                        run_claim: claim.Claim | None) -> dict[str, float]:
   run_started = time.perf_counter()
+  # Before each write of the loop: a run whose claim another run took over (while this one was
+  # stopped, or its machine asleep) stops without writing anything more.
+  check_claim = functools.partial(claim.check_for_job, run_claim, workdir)
   mesh = data.core.make_mesh()
   platform = data.core.platform(mesh)
   metrics.report("run: %s for %d steps of batch %d on %d %s devices, in %s", config.model,
@@ -363,6 +366,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
       preempted = preemption.reached(step)
       if step % config.log_every_steps == 0 or is_last or preempted:
         _check_finite(state)
+        check_claim()
         writer.write_train(step, jax.device_get(pending))
         pending = []
         if warming_up and state.warmup.over:
@@ -373,9 +377,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
         jax.block_until_ready(state)  # Steps still queued count as training, not evaluation.
         with writer.paused("evaluation"):
           eval_result = evaluate(eval_fn, state, eval_batches())
+        check_claim()
         writer.write_eval(step, eval_result)
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
         _check_finite(state)
+        check_claim()
         with writer.paused("checkpoints"):
           manager.save(step, state, train_iter.get_state(),
                        eval_result if step % config.eval_every_steps == 0 or is_last else None)
@@ -391,6 +397,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
         eval_result = evaluate(eval_fn, state, eval_batches())
       writer.write_eval(start_step, eval_result, logged=False)
     best_step = manager.best_step()
+    check_claim()
     writer.write_summary(config, eval_result, num_params=models.count_params(model),
                          steps_run=len(steps), wall_seconds=time.perf_counter() - run_started,
                          compile_seconds=compile_seconds,
