@@ -1,9 +1,9 @@
 """The training loop: data-parallel SGD over a device mesh, evaluation and checkpoints.
 
 `train_and_evaluate(config, workdir)` reads as the algorithm: check the config,
-claim the workdir (one run per workdir: `claim`), build the mesh, data, model and
-optimizer, resume from the newest checkpoint, then step, log, evaluate and save
-until `num_train_steps`.
+claim the workdir (one run per workdir: `claim`, checked before each write), build the
+mesh, data, model and optimizer, resume from the newest checkpoint, then step, log,
+evaluate and save until `num_train_steps`.
 
 Data parallelism is `jax.jit` over a one-axis mesh ("data"): batches are sharded
 on it, parameters, BN statistics and optimizer state replicated. Batch norm
@@ -317,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise StartupError(str(error)) from error
   with run_claim or contextlib.nullcontext(), _Preemption() as preemption:
     try:
-      return _train_and_evaluate(config, workdir, preemption)
+      return _train_and_evaluate(config, workdir, run_claim, preemption)
     except Preempted:
       logging.warning("Preempted during start-up: nothing was trained or saved; rerun the same "
                       "command to start again.")
@@ -325,8 +325,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
-                        preemption: _Preemption) -> dict[str, float]:
+                        run_claim: claim.Claim | None, preemption: _Preemption
+                        ) -> dict[str, float]:
   run_started = time.perf_counter()
+  # Before each write of the loop: a run whose claim another run took over (while this one was
+  # stopped, or its machine asleep) stops without writing anything more.
+  check_claim = functools.partial(claim.check_for_job, run_claim, workdir)
   mesh = data.core.make_mesh()
   platform = data.core.platform(mesh)
   metrics.report("run: %s for %d steps of batch %d on %d %s devices, in %s", config.model,
@@ -397,6 +401,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
       preempted = preemption.reached(step)
       if step % config.log_every_steps == 0 or is_last or preempted:
         _check_finite(state)
+        check_claim()
         writer.write_train(step, jax.device_get(pending))
         pending = []
         if warming_up and state.warmup.over:
@@ -407,9 +412,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
         _check_finite(state)  # Also waits for the steps still queued: they count as training.
         with writer.paused("evaluation"):
           eval_result = evaluate(eval_fn, state, eval_batches())
+        check_claim()
         writer.write_eval(step, eval_result)
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
         _check_finite(state)
+        check_claim()
         with writer.paused("checkpoints"):
           manager.save(step, state, train_iter.get_state(),
                        eval_result if step % config.eval_every_steps == 0 or is_last else None)
@@ -427,6 +434,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
         eval_result = evaluate(eval_fn, state, eval_batches())
       writer.write_eval(start_step, eval_result, logged=False)
     best_step = manager.best_step()
+    check_claim()
     writer.write_summary(config, eval_result, num_params=models.count_params(model),
                          steps_run=len(steps), wall_seconds=time.perf_counter() - run_started,
                          compile_seconds=compile_seconds,
