@@ -4,7 +4,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
