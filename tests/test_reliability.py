@@ -282,6 +282,8 @@ BAD_COMMAND_LINES = [
     ([CONFIG, WORKDIR, "extra"], "unexpected arguments: extra"),
     ([CONFIG, WORKDIR, "--epochs=3"], "Unknown command line flag 'epochs'"),
     ([CONFIG, WORKDIR, "--config.learning_rate=-0.1"], "learning_rate must be positive, got -0.1"),
+    ([CONFIG, WORKDIR, "--config.learning_rate=nan"], "learning_rate must be a finite number, got nan"),
+    ([CONFIG, WORKDIR, "--config.weight_decay=inf"], "weight_decay must be a finite number, got inf"),
     ([CONFIG, WORKDIR, "--config.momentum=1.5"], "momentum must be in [0, 1), got 1.5"),
     ([CONFIG, WORKDIR, "--config.weight_decay=-1"], "weight_decay must be non-negative"),
     ([CONFIG, WORKDIR, "--config.batch_size=20"], "batch_size 20 does not divide across 8 devices"),
