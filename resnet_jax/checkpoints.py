@@ -183,9 +183,11 @@ class Reader:
     """The (state, data state) saved at `step`, laid out as `state` (arrays or their shapes)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     has_data = (self.directory / str(step) / "data").exists()
-    with ocp.StandardCheckpointer() as checkpointer:
-      saved_fields = set(checkpointer.metadata(self.directory / str(step) / "state")
-                         .item_metadata.keys())
+    # The item's handler, not a Checkpointer: that would look in the item's folder for the step's
+    # metadata, which the manager writes in the step's folder (a WARNING at every restore).
+    handler = ocp.StandardCheckpointHandler()
+    saved_fields = set(handler.metadata(self.directory / str(step) / "state").keys())
+    handler.close()
     older = hasattr(abstract, "warmup") and set(_OLDER_WARMUP_FIELDS) <= saved_fields
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_older_layout(abstract) if older else abstract),

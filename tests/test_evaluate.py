@@ -159,6 +159,7 @@ def test_evaluating_a_claimed_workdir_leaves_the_claim_and_checkpoints_untouched
       f"{logged['top1_error']:.2f}%  top-5 error {logged['top5_error']:.2f}%  loss "
       f"{logged['loss']:.4f}  (200 examples); written to {trained_run}/evaluations/10-center.json"]
   assert "Traceback" not in completed.stderr and "WARNING" not in completed.stderr
+  assert "_CHECKPOINT_METADATA" not in completed.stderr  # orbax's step metadata, where it is.
 
 
 @pytest.mark.slow
