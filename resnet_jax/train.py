@@ -286,12 +286,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = epath.Path(workdir)
   try:  # Before any data is read: a bad config, an unusable workdir, another run in it.
     validate(config, jax.device_count())
-    checkpoints.check_writable(workdir)
+    created = checkpoints.check_writable(workdir)
     run_claim = claim.acquire_for_job(workdir)
   except ValueError as error:
     raise StartupError(str(error)) from error
-  with run_claim or contextlib.nullcontext():
-    return _train_and_evaluate(config, workdir)
+  try:
+    with run_claim or contextlib.nullcontext():
+      return _train_and_evaluate(config, workdir)
+  except StartupError:
+    checkpoints.remove_if_empty(created)  # A run that never started leaves no workdir behind.
+    raise
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
