@@ -161,7 +161,7 @@ def test_cifar100_prepared_from_generated_images_holds_them_exactly(cifar100_tfd
   assert beaver.sum() == CIFAR100_TEST_PER_CLASS and (stored["coarse_label"][beaver] == 0).all()
 
 
-def test_tfds_cifar100_through_data_create(cifar100_tfds, tmp_path):
+def test_tfds_cifar100_through_data_create(cifar100_tfds, tmp_path, monkeypatch):
   data_dir, arrays = cifar100_tfds
   config = data.default_config("cifar100")
   config.data_dir, config.cache_dir = str(data_dir), str(tmp_path)
@@ -179,6 +179,14 @@ def test_tfds_cifar100_through_data_create(cifar100_tfds, tmp_path):
       np.testing.assert_allclose(image, test_images[test_labels == label][0], atol=1e-4)
       seen.append(int(label))
   assert sorted(seen) == list(range(100))  # every test image once
+  # An evaluator's dataset reads the test split alone; the mean is the one cached above.
+  read, tfds_records = [], sources.tfds_records
+  monkeypatch.setattr(sources, "tfds_records", lambda name, data_dir, split: (
+      read.append(split), tfds_records(name, data_dir, split))[1])
+  evaluation_only = data.create(config, data.core.make_mesh(), train=False)
+  assert read == ["test"] and evaluation_only.info.eval_size == 100
+  for name in ("eval_images", "eval_labels", "eval_mask", "mean"):
+    np.testing.assert_array_equal(*(np.asarray(getattr(d, name)) for d in (ds, evaluation_only)))
 
 
 def test_cifar100_prepared_as_array_record_reads_as_the_tfrecord_one(cifar100_tfds, tmp_path):
