@@ -19,6 +19,7 @@ so it may read those of a run that is still training (`resnet_jax.evaluate`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging as std_logging
 import os
 import shutil
@@ -61,8 +62,13 @@ def quiet_orbax_info(record: std_logging.LogRecord) -> bool:
           and not any(expected in message for expected in _EXPECTED_ORBAX_WARNINGS))
 
 
-def check_writable(workdir: epath.Path) -> None:
-  """Raises ValueError if the workdir cannot be created or written."""
+def check_writable(workdir: epath.Path) -> list[epath.Path]:
+  """Creates the workdir if needed; returns the directories made for it, the deepest first.
+  Raises ValueError if it cannot be created or written."""
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"workdir {workdir} is a file, not a directory; pass a --workdir that is a "
+                     "directory, or one that does not exist yet.")
+  created = list(itertools.takewhile(lambda path: not path.exists(), [workdir, *workdir.parents]))
   probe = workdir / f".write_probe_{uuid.uuid4().hex}"
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -74,6 +80,19 @@ def check_writable(workdir: epath.Path) -> None:
   finally:
     if probe.exists():  # A full disk creates the probe, then fails to write it.
       probe.unlink()
+  return created
+
+
+def remove_if_empty(directories: list[epath.Path]) -> None:
+  """Removes each of `directories` (`check_writable`'s, the deepest first) while it holds no file
+  (only directories, such as the empty checkpoints/): what a run stopped at start-up made."""
+  for directory in directories:
+    try:
+      if any(files for _, _, files in directory.walk()):
+        return
+      directory.rmtree()
+    except Exception:  # pylint: disable=broad-except  # Removed by another process of the job.
+      pass  # The start-up error that brought us here is what matters.
 
 
 def check_space(workdir: epath.Path, state) -> None:
@@ -229,9 +248,11 @@ class Reader:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     has_data = (self.directory / str(step) / "data").exists()
     has_checksums = (self.directory / str(step) / "checksums").exists()
-    with ocp.StandardCheckpointer() as checkpointer:
-      saved_fields = set(checkpointer.metadata(self.directory / str(step) / "state")
-                         .item_metadata.keys())
+    # The item's handler, not a Checkpointer: that would look in the item's folder for the step's
+    # metadata, which the manager writes in the step's folder (a WARNING at every restore).
+    handler = ocp.StandardCheckpointHandler()
+    saved_fields = set(handler.metadata(self.directory / str(step) / "state").keys())
+    handler.close()
     older = hasattr(abstract, "warmup") and set(_OLDER_WARMUP_FIELDS) <= saved_fields
     layout = _older_layout(abstract) if older else abstract
     restored = self._manager.restore(step, args=ocp.args.Composite(

@@ -311,17 +311,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = epath.Path(workdir)
   try:  # Before any data is read: a bad config, an unusable workdir, another run in it.
     validate(config, jax.device_count())
-    checkpoints.check_writable(workdir)
+    created = checkpoints.check_writable(workdir)
     run_claim = claim.acquire_for_job(workdir)
   except ValueError as error:
     raise StartupError(str(error)) from error
-  with run_claim or contextlib.nullcontext(), _Preemption() as preemption:
-    try:
-      return _train_and_evaluate(config, workdir, run_claim, preemption)
-    except Preempted:
-      logging.warning("Preempted during start-up: nothing was trained or saved; rerun the same "
-                      "command to start again.")
-      raise SystemExit(PREEMPTED_EXIT_CODE) from None
+  try:
+    with run_claim or contextlib.nullcontext(), _Preemption() as preemption:
+      try:
+        return _train_and_evaluate(config, workdir, run_claim, preemption)
+      except Preempted:
+        logging.warning("Preempted during start-up: nothing was trained or saved; rerun the same "
+                        "command to start again.")
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
+  except StartupError:
+    checkpoints.remove_if_empty(created)  # A run that never started leaves no workdir behind.
+    raise
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,

@@ -297,6 +297,8 @@ BAD_COMMAND_LINES = [
     ([CONFIG, WORKDIR, "extra"], "unexpected arguments: extra"),
     ([CONFIG, WORKDIR, "--epochs=3"], "Unknown command line flag 'epochs'"),
     ([CONFIG, WORKDIR, "--config.learning_rate=-0.1"], "learning_rate must be positive, got -0.1"),
+    ([CONFIG, WORKDIR, "--config.learning_rate=nan"], "learning_rate must be a finite number, got nan"),
+    ([CONFIG, WORKDIR, "--config.weight_decay=inf"], "weight_decay must be a finite number, got inf"),
     ([CONFIG, WORKDIR, "--config.momentum=1.5"], "momentum must be in [0, 1), got 1.5"),
     ([CONFIG, WORKDIR, "--config.weight_decay=-1"], "weight_decay must be non-negative"),
     ([CONFIG, WORKDIR, "--config.batch_size=20"], "batch_size 20 does not divide across 8 devices"),
@@ -314,6 +316,8 @@ BAD_COMMAND_LINES = [
      "TFDS dataset 'cifar10' is not prepared in {tmp}/empty"),
     ([CONFIG, WORKDIR, "--config.dataset.name=image_folder", "--config.dataset.data_dir={tmp}/no"],
      "image folder {tmp}/no does not exist"),
+    ([CONFIG, "--workdir={tmp}/broken.py"],
+     "workdir {tmp}/broken.py is a file, not a directory; pass a --workdir that is a directory"),
 ]
 
 
@@ -330,7 +334,7 @@ def test_bad_command_line_is_one_error_line_and_exit_status_2(tmp_path, args, me
   assert completed.returncode == 2 and len(errors) == 1, completed.stderr[-3000:]
   assert errors[0].startswith(f"error: {message.format(tmp=tmp_path)}"), errors[0]
   assert "Traceback" not in completed.stderr
-  assert not (tmp_path / "w" / "checkpoints").exists()
+  assert not (tmp_path / "w").exists()  # Nothing written: a workdir made at start-up is removed.
   assert os.listdir(tmp_path / "empty") == []  # TFDS was never asked to download
 
 

@@ -213,6 +213,22 @@ def test_unknown_dataset_and_unwritable_workdir_fail_at_start_up(tmp_path):
     train.train_and_evaluate(smoke_config(), str(blocker / "workdir"))
 
 
+def test_a_run_stopped_at_start_up_leaves_no_workdir_it_made(tmp_path):
+  missing = smoke_config()
+  missing.dataset.update(name="image_folder", data_dir=str(tmp_path / "missing"))
+  too_large = smoke_config()  # Fails once checkpoints/ is made.
+  too_large.dataset.synthetic_train_size = 16
+  for config, message in ((missing, "does not exist"), (too_large, "batch size 32 exceeds")):
+    with pytest.raises(train.StartupError, match=message):
+      train.train_and_evaluate(config, str(tmp_path / "new" / "run"))
+    assert sorted(os.listdir(tmp_path)) == []
+  # A workdir that was there is left as it was, empty folders and all.
+  (tmp_path / "kept" / "notes").mkdir(parents=True)
+  with pytest.raises(train.StartupError, match="does not exist"):
+    train.train_and_evaluate(missing, str(tmp_path / "kept"))
+  assert os.listdir(tmp_path / "kept") == ["notes"]
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
   config = smoke_config(num_train_steps=2, lr_boundaries=(1,), checkpoint_every_steps=2,
                         eval_every_steps=2, log_every_steps=2)
@@ -484,6 +500,8 @@ def test_resume_and_rerun_of_a_finished_run_say_what_they_do(tmp_path, caplog):
   (restore,) = [line for line in console(caplog) if line.startswith("restore:")]
   assert restore.startswith(f"restore: resumed at step 2 of 4 from {tmp_path / 'checkpoints' / '2'}")
   assert console(caplog)[-1].startswith("done: 4 steps, 2 in this run")
+  # orbax's step metadata is found where it is: no "Metadata file does not exist" warning.
+  assert not [record for record in caplog.records if "_CHECKPOINT_METADATA" in record.getMessage()]
 
   caplog.clear()
   logged = (tmp_path / "metrics.jsonl").read_text()
