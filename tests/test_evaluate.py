@@ -237,6 +237,15 @@ def unreadable(workdir):
       path.write_bytes(b"garbage")
 
 
+def flipped(workdir):
+  """Bytes inverted inside the largest array file, its size kept: orbax reads it without error."""
+  files = [path for path in (workdir / "checkpoints" / "20" / "state").rglob("*") if path.is_file()]
+  largest = max(files, key=lambda path: path.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2:len(data) // 2 + 4] = bytes(255 - b for b in data[len(data) // 2:][:4])
+  largest.write_bytes(bytes(data))
+
+
 def mismatched(workdir):
   config = json.loads((workdir / "config.json").read_text())
   (workdir / "config.json").write_text(json.dumps({**config, "model": "cifar_resnet20"}))
@@ -274,6 +283,9 @@ def mismatched(workdir):
      "directory the trainer was given."),
     (["--workdir={run}", "--checkpoint=20"], unreadable,
      "checkpoint 20 in {run}/checkpoints is unreadable ("),
+    (["--workdir={run}", "--checkpoint=20"], flipped,
+     "checkpoint 20 in {run}/checkpoints is unreadable (DamagedCheckpointError: 1 arrays differ "
+     "from their saved checksums ("),
     (["--workdir={run}", "--checkpoint=20"], mismatched,
      "{run}/config.json is not the config of checkpoint 20: the workdir holds checkpoints of a "
      "different run ("),
@@ -283,7 +295,7 @@ def mismatched(workdir):
      "unexpected arguments: 10 (flags take the form --name=value)."),
 ], ids=["no_workdir", "no_config", "no_checkpoints", "unknown_step", "bad_checkpoint",
         "unsupported_protocol", "unknown_protocol", "bad_batch_size", "zero_batch_size",
-        "negative_batch_size", "file_workdir", "unreadable", "other_run", "config_flag",
+        "negative_batch_size", "file_workdir", "unreadable", "flipped", "other_run", "config_flag",
         "stray_argument"])
 def test_each_error_is_one_line_and_exit_status_2(trained_run, tmp_path, args, damage, message):
   run = tmp_path / "run"
