@@ -60,7 +60,8 @@ def load_or_compute(key: str, compute: Callable[[], np.ndarray], cache_dir: str 
   return array
 
 
-def _read(path: epath.Path, shape: tuple[int, ...], dtype: np.dtype, what: str) -> np.ndarray | None:
+def _read(path: epath.Path, shape: tuple[int, ...], dtype: np.dtype,
+          what: str) -> np.ndarray | None:
   """The array cached in `path`, or None (and a WARNING naming it) if it is not one of `shape`
   and `dtype`."""
   try:
@@ -70,7 +71,8 @@ def _read(path: epath.Path, shape: tuple[int, ...], dtype: np.dtype, what: str) 
   else:
     if array.shape == tuple(shape) and array.dtype == dtype:
       return array
-    problem = f"holds a {array.dtype} array of shape {array.shape}, not {dtype} of shape {tuple(shape)}"
+    problem = (f"holds a {array.dtype} array of shape {array.shape}, not {dtype} of shape "
+               f"{tuple(shape)}")
   logging.warning("The cache file %s %s; computing %s again, and caching it anew.", path, problem,
                   what)
   return None

@@ -59,7 +59,8 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
     train_files = sources.folder_records(root, config.train_split)
     eval_files = sources.folder_records(root, config.eval_split)
     read_train, read_eval = lambda: train_files, lambda: eval_files
-    name, num_train, shape = f"image_folder({root})", len(train_files), sources.peek_shape(train_files)
+    name, num_train = f"image_folder({root})", len(train_files)
+    shape = sources.peek_shape(train_files)
     # What the mean is computed from: the files, by name, size and modification time.
     identity = lambda: f"image_folder {config.train_split} {sources.fingerprint(train_files)}"
   else:  # TFDS: the splits are read only once the protocol is checked.

@@ -78,7 +78,8 @@ def fingerprint(records: Records, ids: np.ndarray | None = None) -> str:
   picked = records.paths if ids is None else records.paths[ids]
   if "://" in picked[0]:  # A request per file: many at a time.
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
-      stats = [(stat.length, stat.mtime) for stat in pool.map(lambda p: epath.Path(p).stat(), picked)]
+      stats = [(stat.length, stat.mtime)
+               for stat in pool.map(lambda path: epath.Path(path).stat(), picked)]
   else:  # In nanoseconds, which epath's stat rounds to seconds.
     stats = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, picked)]
   digest = hashlib.sha256()
@@ -211,7 +212,8 @@ def tfds_records(name: str, data_dir: str | None, split: str) -> Records:
                    identity=identity)
   dataset = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False, decoders=decoders)
   arrays = tfds.as_numpy(dataset)
-  return Records(labels=arrays["label"].astype(np.int32), encoded=arrays["image"], identity=identity)
+  return Records(labels=arrays["label"].astype(np.int32), encoded=arrays["image"],
+                 identity=identity)
 
 
 def tfds_random_access(name: str, data_dir: str | None, split: str) -> Records:
