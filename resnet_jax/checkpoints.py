@@ -161,9 +161,9 @@ def _best_metric(metrics: dict[str, float]) -> float:
 
 
 def _orbax_manager(workdir: epath.Path, **options) -> ocp.CheckpointManager:
-  # Each array is written whole by its first replica. Orbax's default on CPU and TPU splits a
-  # replicated array among its replicas with a jitted slice per shape, a compile each on the
-  # first save of a process: 9 s for ResNet-8 on 8 CPU devices, with a preemption waiting.
+  # Each array is written whole by its first replica: orbax's default on CPU and TPU splits a
+  # replicated array among its replicas with a jitted slice per shape, compiled at the first
+  # save of a process, which may be a preemption's (BENCHMARKS.md, "Checkpoint saves").
   arrays = ocp.type_handlers.create_type_handler_registry(
       (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
   # best_fn (lowest first) makes orbax write each save's metrics and answer best_step().
