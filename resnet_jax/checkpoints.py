@@ -7,7 +7,9 @@ a workdir of another model is refused with a clear error instead of a shape
 mismatch deep inside orbax. An unreadable newest checkpoint is reported in one
 line, renamed to `<step>.unreadable-<time>` (kept, never overwritten) and the
 next older one is used; if none is readable, nothing is renamed and the run
-stops. A failed write raises `CheckpointError`. Each checkpoint written after an
+stops. A checkpoint is damaged, and handled the same way, when its arrays differ
+from the CRC-32 checksums saved beside them (a flipped byte) or its weights are not
+finite. A failed write raises `CheckpointError`. Each checkpoint written after an
 evaluation also records that evaluation's top-1 error, which picks the best one.
 
 `Reader` reads a run's checkpoints without writing, renaming or deleting anything,
@@ -17,16 +19,19 @@ so it may read those of a run that is still training (`resnet_jax.evaluate`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging as std_logging
 import os
 import shutil
 import time
 import uuid
+import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -36,7 +41,7 @@ from orbax.checkpoint import checkpoint_managers
 from resnet_jax import optim
 
 BEST_METRIC = "top1_error"
-_ITEM_NAMES = ("state", "data", "identity")
+_JSON_ITEMS = ("data", "identity", "checksums")
 # Orbax warnings about what this module does on purpose: a save without metrics (a checkpoint
 # between evaluations, or at a preemption, has none) and a read-only manager (`Reader`).
 _EXPECTED_ORBAX_WARNINGS = ("did not provide metrics", "Given directory is read only")
@@ -57,8 +62,13 @@ def quiet_orbax_info(record: std_logging.LogRecord) -> bool:
           and not any(expected in message for expected in _EXPECTED_ORBAX_WARNINGS))
 
 
-def check_writable(workdir: epath.Path) -> None:
-  """Raises ValueError if the workdir cannot be created or written."""
+def check_writable(workdir: epath.Path) -> list[epath.Path]:
+  """Creates the workdir if needed; returns the directories made for it, the deepest first.
+  Raises ValueError if it cannot be created or written."""
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"workdir {workdir} is a file, not a directory; pass a --workdir that is a "
+                     "directory, or one that does not exist yet.")
+  created = list(itertools.takewhile(lambda path: not path.exists(), [workdir, *workdir.parents]))
   probe = workdir / f".write_probe_{uuid.uuid4().hex}"
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +80,19 @@ def check_writable(workdir: epath.Path) -> None:
   finally:
     if probe.exists():  # A full disk creates the probe, then fails to write it.
       probe.unlink()
+  return created
+
+
+def remove_if_empty(directories: list[epath.Path]) -> None:
+  """Removes each of `directories` (`check_writable`'s, the deepest first) while it holds no file
+  (only directories, such as the empty checkpoints/): what a run stopped at start-up made."""
+  for directory in directories:
+    try:
+      if any(files for _, _, files in directory.walk()):
+        return
+      directory.rmtree()
+    except Exception:  # pylint: disable=broad-except  # Removed by another process of the job.
+      pass  # The start-up error that brought us here is what matters.
 
 
 def check_space(workdir: epath.Path, state) -> None:
@@ -89,6 +112,41 @@ class CheckpointError(OSError):
   """A checkpoint could not be written (a full disk, a lost mount)."""
 
 
+class DamagedCheckpointError(ValueError):
+  """A checkpoint read back is not what was saved, or holds non-finite weights."""
+
+
+def checksums(state) -> dict[str, str]:
+  """The CRC-32 of each array of `state` (replicated, as a TrainState is), by its tree path."""
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  # The first local copy of a replicated array is all of it, on every process.
+  values = jax.device_get([leaf.addressable_data(0) for _, leaf in leaves])
+  return {jax.tree_util.keystr(path): f"{zlib.crc32(np.asarray(value).tobytes()):08x}"
+          for (path, _), value in zip(leaves, values)}
+
+
+def check_restored(restored, saved_checksums: dict[str, str] | None) -> None:
+  """Raises DamagedCheckpointError if `restored` (a state as it was saved) differs from its
+  `saved_checksums` (None: a checkpoint from before they were saved) or holds non-finite weights."""
+  if saved_checksums is not None:
+    differ = [path for path, crc in checksums(restored).items() if saved_checksums.get(path) != crc]
+    if differ:
+      raise DamagedCheckpointError(f"{len(differ)} arrays differ from their saved checksums "
+                                   f"({', '.join(differ[:3])})")
+  # Only the weights: the optimizer may hold infinities by design (reduce_on_plateau's best loss).
+  nonfinite = [jax.tree_util.keystr(path)
+               for path, leaf in jax.tree_util.tree_leaves_with_path(restored)
+               if _is_weight(path) and not np.isfinite(jax.device_get(leaf.addressable_data(0))).all()]
+  if nonfinite:
+    raise DamagedCheckpointError(f"non-finite weights in {', '.join(nonfinite[:3])}")
+
+
+def _is_weight(path) -> bool:
+  """Whether a tree path of a TrainState (or its older dict) leads into params or batch_stats."""
+  first = path[0]
+  return getattr(first, "name", getattr(first, "key", None)) in ("params", "batch_stats")
+
+
 def run_identity(config: ml_collections.ConfigDict, num_classes: int | None) -> dict[str, Any]:
   """What a checkpoint must match to be resumed by `config` (and its model's class count)."""
   identity = {"model": config.model, "model_overrides": config.model_overrides.to_dict(),
@@ -103,11 +161,17 @@ def _best_metric(metrics: dict[str, float]) -> float:
 
 
 def _orbax_manager(workdir: epath.Path, **options) -> ocp.CheckpointManager:
+  # Each array is written whole by its first replica: orbax's default on CPU and TPU splits a
+  # replicated array among its replicas with a jitted slice per shape, compiled at the first
+  # save of a process, which may be a preemption's (BENCHMARKS.md, "Checkpoint saves").
+  arrays = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
   # best_fn (lowest first) makes orbax write each save's metrics and answer best_step().
   return ocp.CheckpointManager(
       workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(best_fn=_best_metric, best_mode="min", **options),
-      item_names=_ITEM_NAMES)
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=arrays),
+                     **{name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS}})
 
 
 # What a TrainState saved before the windowed warm-up (optim.Warmup) held in its place: whether
@@ -183,13 +247,20 @@ class Reader:
     """The (state, data state) saved at `step`, laid out as `state` (arrays or their shapes)."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     has_data = (self.directory / str(step) / "data").exists()
-    with ocp.StandardCheckpointer() as checkpointer:
-      saved_fields = set(checkpointer.metadata(self.directory / str(step) / "state")
-                         .item_metadata.keys())
+    has_checksums = (self.directory / str(step) / "checksums").exists()
+    # The item's handler, not a Checkpointer: that would look in the item's folder for the step's
+    # metadata, which the manager writes in the step's folder (a WARNING at every restore).
+    handler = ocp.StandardCheckpointHandler()
+    saved_fields = set(handler.metadata(self.directory / str(step) / "state").keys())
+    handler.close()
     older = hasattr(abstract, "warmup") and set(_OLDER_WARMUP_FIELDS) <= saved_fields
+    layout = _older_layout(abstract) if older else abstract
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_older_layout(abstract) if older else abstract),
-        **({"data": ocp.args.JsonRestore()} if has_data else {})))
+        state=ocp.args.PyTreeRestore(
+            layout, restore_args=ocp.checkpoint_utils.construct_restore_args(layout)),
+        **({"data": ocp.args.JsonRestore()} if has_data else {}),
+        **({"checksums": ocp.args.JsonRestore()} if has_checksums else {})))
+    check_restored(restored.state, restored.get("checksums"))
     return (_from_older(restored.state, abstract) if older else restored.state,
             restored.get("data"))
 
@@ -208,7 +279,8 @@ class Manager(Reader):
     super().__init__(workdir, preservation_policy=policy, create=True)
 
   def save(self, step: int, state, data_state: dict | None, eval_metrics: dict | None) -> None:
-    items = {"state": ocp.args.StandardSave(state), "identity": ocp.args.JsonSave(self.identity)}
+    items = {"state": ocp.args.PyTreeSave(state), "identity": ocp.args.JsonSave(self.identity),
+             "checksums": ocp.args.JsonSave(checksums(state))}
     if data_state is not None:
       items["data"] = ocp.args.JsonSave(data_state)
     metrics = {BEST_METRIC: eval_metrics[BEST_METRIC]} if eval_metrics else None
@@ -231,7 +303,12 @@ class Manager(Reader):
     for step in steps:
       try:
         restored = self.restore(step, state)
-      except Exception as error:  # Any damage: truncated, missing or garbage files.
+      except DamagedCheckpointError as error:
+        logging.error("Checkpoint at step %d is damaged (%s); trying the previous one.", step,
+                      error)
+        damaged.append(step)
+        continue
+      except Exception as error:  # Any other damage: truncated, missing or garbage files.
         logging.error("Checkpoint at step %d is unreadable (%s: %s); trying the previous one.",
                       step, type(error).__name__, _first_line(error)[:200])
         damaged.append(step)

@@ -5,8 +5,9 @@
 
 The run's config is the workdir's config.json (written by the trainer as it starts); the
 checkpoint is read without changing anything under checkpoints/ and without claiming the
-workdir, so a run may be evaluated while it is still training. The result goes to
-WORKDIR/evaluations/<step>-<protocol>.json, and one line sums it up.
+workdir, so a run may be evaluated while it is still training. Only the evaluation split is
+read (the training images too, once, if their per-pixel mean is not in the cache). The result
+goes to WORKDIR/evaluations/<step>-<protocol>.json, and one line sums it up.
 
   --checkpoint     best (default): the kept checkpoint with the lowest top-1 error in the
                    run's own evaluations; latest; or a step number
@@ -25,6 +26,7 @@ the trainer (--coordinator_address, --num_processes, --process_id).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -65,6 +67,9 @@ def evaluate_run(workdir: epath.PathLike, checkpoint: str = "best", protocol: st
   if protocol not in data.core.EVAL_PROTOCOLS:
     raise EvaluationError(f"unknown --eval_protocol {protocol!r}; choose one of "
                           f"{', '.join(data.core.EVAL_PROTOCOLS)}.")
+  if batch_size is not None and batch_size <= 0:
+    raise EvaluationError(f"--eval_batch_size must be positive, got {batch_size}; leave it out "
+                          f"for the run's own ({config.eval_batch_size}).")
   if data_dir:
     config.dataset.data_dir = data_dir
   batch_size = batch_size or config.eval_batch_size
@@ -77,8 +82,8 @@ def evaluate_run(workdir: epath.PathLike, checkpoint: str = "best", protocol: st
     raise EvaluationError(f"--eval_batch_size: {error}") from None
   try:
     checkpoints.check_writable(workdir / "evaluations")
-    dataset = data.create(train.dataset_config(config), mesh)
-    data.core.check_protocol(protocol, dataset.info, dataset.eval_protocols)
+    # The evaluation split alone, the protocol checked before any image is decoded.
+    dataset = data.create(train.dataset_config(config), mesh, train=False, eval_protocol=protocol)
   except ValueError as error:
     raise EvaluationError(str(error)) from None
   info = dataset.info
@@ -109,6 +114,9 @@ def evaluate_run(workdir: epath.PathLike, checkpoint: str = "best", protocol: st
 
 def _run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
   """The run's config, as the trainer recorded it in config.json."""
+  if workdir.exists() and not workdir.is_dir():
+    raise EvaluationError(f"workdir {workdir} is a file, not a directory; pass the --workdir of a "
+                          "run, the directory the trainer was given.")
   if not workdir.is_dir():
     raise EvaluationError(f"workdir {workdir} does not exist; pass the --workdir of a run.")
   path = workdir / "config.json"
@@ -196,18 +204,35 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return argv
 
 
+def _unless_orbax_loop_closed(unraisable) -> None:
+  """A sys.unraisablehook: Python's own, but silent on the "Event loop is closed" of the reads
+  of a checkpoint removed while it was read.
+
+  Orbax reads a checkpoint's arrays together, in an event loop of its own that it closes as soon
+  as one read fails (the trainer removed the step): each read still in flight then completes in
+  a tensorstore thread, whose call into the closed loop raises there, and Python prints each as
+  a traceback, dozens of them, around the one error line that says what happened. Orbax offers
+  no way to wait for those reads, and no other error is silenced.
+  """
+  error = unraisable.exc_value
+  if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv):
   del argv  # Checked by _parse_flags.
   cli.start()  # The run's own compilation cache may hold the evaluation step.
   logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
+  sys.unraisablehook = _unless_orbax_loop_closed
   try:
     path, record = evaluate_run(flags.FLAGS.workdir, flags.FLAGS.checkpoint,
                                 flags.FLAGS.eval_protocol, flags.FLAGS.eval_batch_size,
                                 flags.FLAGS.data_dir)
   except EvaluationError as error:
     cli.fail(str(error))
-  # OSError: a disk failing; CorruptImageError: an image that does not decode.
-  except (OSError, data.CorruptImageError) as error:
+  # OSError: a disk failing; CorruptImageError: an image that does not decode; NonFiniteError:
+  # finite weights whose scores overflow (no result is written).
+  except (OSError, data.CorruptImageError, train.NonFiniteError) as error:
     cli.fail(str(error), cli.RUN_FAILED)
   if jax.process_index() == 0:
     print(f"{record['model']} step {record['step']} ({record['checkpoint']}) on "

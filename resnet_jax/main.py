@@ -10,8 +10,9 @@ values, by `python -m resnet_jax.main --config=configs/cifar_resnet20.py --list_
 
 Exit status: 0 done; 2 the run could not start (a bad command line or config, a missing
 dataset, an unusable workdir) and nothing was trained; 1 the run failed once training had
-begun (a non-finite loss, a failing disk, a corrupt image); 75 preempted (SIGTERM): the
-step reached was saved, and the same command resumes it.
+begun (a non-finite loss, a failing disk, a corrupt image, its workdir taken over by another
+run while it was stopped); 75 preempted (SIGTERM): the step reached was saved, and the same
+command resumes it.
 
 On a TPU pod slice or a multi-process GPU job every process runs this same
 command; `jax.distributed` is initialised from the environment the cluster
@@ -58,14 +59,14 @@ def main(argv):
     print("\n".join(_fields(_CONFIG.value)))
     return
   cli.start()
-  from resnet_jax import checkpoints, data, train
+  from resnet_jax import checkpoints, claim, data, train
   logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
   try:
     train.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
   except train.StartupError as error:
     cli.fail(str(error), cli.USAGE_ERROR)
   # OSError: a disk failing; CorruptImageError: a bad file met mid-run by the streaming path.
-  except (train.NonFiniteError, OSError, data.CorruptImageError) as error:
+  except (train.NonFiniteError, OSError, data.CorruptImageError, claim.LostClaimError) as error:
     cli.fail(str(error), cli.RUN_FAILED)
 
 

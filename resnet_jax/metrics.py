@@ -3,7 +3,8 @@
 Files in the workdir (written by process 0 only, through etils.epath: local or gs://):
   metrics.jsonl   one JSON object per train log or evaluation: {"step", "kind", ...}; errors
                   (`top1_error`, `top5_error`) in percent for both kinds; at the end of each
-                  command that ran to the end, a "run" record: its steps and seconds by part;
+                  command that trained to the end or was preempted, a "run" record: how it
+                  ended, its steps and seconds by part;
                   a "warmup_end" record at the iteration the ResNet-110 warm-up ended
   events.out.*    TensorBoard event files (tensorboardX: no TensorFlow needed): the same scalars
                   and the config; a resumed run hides the steps after its checkpoint that the
@@ -55,6 +56,14 @@ class _EventFile:
 
   def flush(self) -> None:
     self._file.flush()
+
+  def write_run(self, step: int, *, steps_run: int, wall_seconds: float, compile_seconds: float,
+                ended: str) -> None:
+    """The command's "run" record: the step it `ended` at ("done" or "preempted"), its steps and
+    its seconds by part."""
+    if self.active:
+      self._append({"step": step, "kind": "run", "ended": ended, "steps": steps_run, "seconds": {
+          "wall": wall_seconds, "compile": compile_seconds, **self.seconds}})
 
   def close(self) -> None:
     self._context.close()
@@ -179,14 +188,22 @@ class Writer:
                "num_params": num_params, **result,
                "best_checkpoint_step": int(best_checkpoint.name) if best_checkpoint else None}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    self._append({"step": self.total_steps, "kind": "run", "steps": steps_run, "seconds": {
-        "wall": wall_seconds, "compile": compile_seconds, **self.seconds}})
+    self.write_run(self.total_steps, steps_run=steps_run, wall_seconds=wall_seconds,
+                   compile_seconds=compile_seconds, ended="done")
     logging.info("done: %d steps, %d in this run, in %s (compile %.1f s, training %.1f s, "
                  "evaluation %.1f s, checkpoints %.1f s); final top-1 error %.2f%%; summary %s; "
                  "best checkpoint %s", self.total_steps, steps_run, _duration(wall_seconds),
                  compile_seconds, self.seconds["training"], self.seconds["evaluation"],
                  self.seconds["checkpoints"], result["top1_error"], summary_path,
                  best_checkpoint or "none (no evaluation was saved with a checkpoint)")
+
+  def write_run(self, step: int, *, steps_run: int, wall_seconds: float, compile_seconds: float,
+                ended: str) -> None:
+    """The command's "run" record: the step it `ended` at ("done" or "preempted"), its steps and
+    its seconds by part."""
+    if self.active:
+      self._append({"step": step, "kind": "run", "ended": ended, "steps": steps_run, "seconds": {
+          "wall": wall_seconds, "compile": compile_seconds, **self.seconds}})
 
   def close(self) -> None:
     if self._tensorboard is not None:

@@ -26,6 +26,8 @@ weight decay on the learnable BN coefficients"); a BN parameter is one under a
 module attribute named `*norm` or `norms`, as every batch norm of resnet_jax.models is.
 """
 
+import math
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -33,12 +35,18 @@ import ml_collections
 import optax
 
 SCHEDULES = ("piecewise", "plateau")
+# The float fields of a schedule, none of which may be NaN or infinite.
+_FLOAT_FIELDS = ("learning_rate", "momentum", "weight_decay", "lr_decay", "warmup_learning_rate",
+                 "warmup_until_train_error", "lr_warmup_from")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the problem and the fix for an unusable schedule."""
   if config.lr_schedule not in SCHEDULES:
     raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; choose one of {SCHEDULES}.")
+  for field in _FLOAT_FIELDS:
+    if not math.isfinite(config[field]):
+      raise ValueError(f"{field} must be a finite number, got {config[field]}.")
   if config.num_train_steps <= 0:
     raise ValueError(f"num_train_steps must be positive, got {config.num_train_steps}.")
   if config.learning_rate <= 0:

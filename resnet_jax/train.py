@@ -1,9 +1,9 @@
 """The training loop: data-parallel SGD over a device mesh, evaluation and checkpoints.
 
 `train_and_evaluate(config, workdir)` reads as the algorithm: check the config,
-claim the workdir (one run per workdir: `claim`), build the mesh, data, model and
-optimizer, resume from the newest checkpoint, then step, log, evaluate and save
-until `num_train_steps`.
+claim the workdir (one run per workdir: `claim`, checked before each write), build the
+mesh, data, model and optimizer, resume from the newest checkpoint, then step, log,
+evaluate and save until `num_train_steps`.
 
 Data parallelism is `jax.jit` over a one-axis mesh ("data"): batches are sharded
 on it, parameters, BN statistics and optimizer state replicated. Batch norm
@@ -41,6 +41,9 @@ from resnet_jax import checkpoints, claim, data, metrics, models, ops, optim
 # Exit status of a run stopped by SIGTERM (a preemption notice) after saving:
 # EX_TEMPFAIL, "try again", so schedulers and scripts can tell it from a failure.
 PREEMPTED_EXIT_CODE = 75
+# Training steps the host may dispatch ahead of the device. Unbounded, dozens were queued when a
+# preemption notice came, and all ran before the save; a Cloud TPU spot VM gets about 30 s.
+MAX_STEPS_AHEAD = 2
 
 
 class StartupError(Exception):
@@ -48,7 +51,7 @@ class StartupError(Exception):
 
 
 class NonFiniteError(FloatingPointError):
-  """Training produced a non-finite loss or gradient."""
+  """Training produced a non-finite loss, gradient or weights, or a model non-finite scores."""
 
 
 @flax.struct.dataclass
@@ -58,7 +61,7 @@ class TrainState:
   batch_stats: nnx.State
   opt_state: optax.OptState
   warmup: optim.Warmup  # The ResNet-110 warm-up (Sec. 4.2).
-  nonfinite_step: jax.Array  # int32: first step with a non-finite loss or gradient, else -1.
+  nonfinite_step: jax.Array  # int32: first step with a non-finite loss, gradient or weights, else -1.
   graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
 
 
@@ -151,9 +154,15 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.
 
 
 def topk_errors(scores: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-  """Counts (not rates) of top-1 and top-5 mistakes over the unmasked rows."""
+  """Counts (not rates) of top-1 and top-5 mistakes over the unmasked rows.
+
+  A label is in the top k when fewer than k other classes score at least as high: a tie counts
+  against it (uniform scores are all wrong), and so does any NaN in its row.
+  """
   k = min(5, scores.shape[-1])
-  ranks = jnp.sum(scores > jnp.take_along_axis(scores, labels[:, None], axis=-1), axis=-1)
+  label_scores = jnp.take_along_axis(scores, labels[:, None], axis=-1)
+  ranks = jnp.where(jnp.isnan(scores).any(axis=-1), scores.shape[-1],
+                    jnp.sum(scores >= label_scores, axis=-1) - 1)
   return {"top1_errors": jnp.sum(mask & (ranks >= 1)), "top5_errors": jnp.sum(mask & (ranks >= k)),
           "count": jnp.sum(mask)}
 
@@ -180,19 +189,20 @@ def train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
       step=state.step + 1, params=optax.apply_updates(state.params, updates),
       batch_stats=batch_stats, opt_state=opt_state,
       warmup=optim.warmup_update(config, state.warmup, state.step, train_error))
-  # A non-finite loss or gradient leaves the state as it was and records the
-  # step; the host stops at its next check, so no NaN ever reaches a checkpoint.
-  # (One global norm, not a test per leaf: per-leaf tests made XLA's CPU
-  # compile of a ResNet-56 step 5x slower.)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A non-finite loss, gradient, or new weights leave the state as it was and record the
+  # step; the host stops at its next check, so no NaN ever reaches a checkpoint. Global
+  # norms, not a test per leaf (which slows XLA's CPU compile); a norm that overflows float32
+  # counts as divergence.
+  grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(new_state.params)
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+            & jnp.isfinite(optax.tree.norm(batch_stats)))
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   new_state = new_state.replace(nonfinite_step=jnp.where(
       finite | (state.nonfinite_step >= 0), state.nonfinite_step, state.step))
   # Errors in percent, as evaluate() reports them.
   step_metrics = {"loss": loss, "top1_error": 100 * train_error,
                   "top5_error": 100 * errors["top5_errors"] / errors["count"],
-                  "grad_norm": grad_norm, "param_norm": optax.tree.norm(new_state.params),
+                  "grad_norm": grad_norm, "param_norm": param_norm,
                   "learning_rate": rate * optim.plateau_scale(config, opt_state)}
   return new_state, step_metrics
 
@@ -204,6 +214,7 @@ def eval_step(state: TrainState, batch: data.Batch) -> dict[str, jax.Array]:
   scores = [jax.nn.softmax(model(view)) for view in data.views(batch)]
   mean_scores = sum(scores) / len(scores)
   sums = topk_errors(mean_scores, batch.labels, batch.mask)
+  sums["nonfinite"] = jnp.sum(batch.mask & ~jnp.isfinite(mean_scores).all(axis=-1))
   sums["loss_sum"] = jnp.sum(jnp.where(
       batch.mask, -jnp.log(jnp.take_along_axis(mean_scores, batch.labels[:, None], 1)[:, 0]
                            + 1e-12), 0.0))
@@ -218,16 +229,28 @@ def evaluate(eval_fn, state: TrainState, batches) -> dict[str, float]:
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = int(totals["count"])
+  if totals["nonfinite"]:
+    raise NonFiniteError(
+        f"the model's scores are not finite for {int(totals['nonfinite'])} of the {count} "
+        f"evaluation images at step {int(state.step)}, though its weights are; nothing of this "
+        "step is saved. Lower the learning rate, or use float32 (--config.dtype=float32).")
   return {"top1_error": 100.0 * float(totals["top1_errors"]) / count,
           "top5_error": 100.0 * float(totals["top5_errors"]) / count,
           "loss": float(totals["loss_sum"]) / count, "examples": count}
 
 
+class Preempted(BaseException):
+  """SIGTERM before the first step, when there is nothing to save. Not an Exception, so that no
+  `except Exception` on its way (a checkpoint restore's) takes it for a failure of its own."""
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls; on many hosts they agree on the step."""
+  """SIGTERM during start-up raises Preempted at once; once `training`, it is a flag the loop
+  polls after each step. On many hosts jax.distributed handles it, and they agree on the step."""
 
   def __init__(self):
     self.requested = False
+    self.training = False
     self._previous_handler = None
 
   def __enter__(self):
@@ -241,6 +264,8 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del signum, frame
+    if not self.training:
+      raise Preempted()
     self.requested = True
 
   def reached(self, step: int) -> bool:
@@ -286,17 +311,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = epath.Path(workdir)
   try:  # Before any data is read: a bad config, an unusable workdir, another run in it.
     validate(config, jax.device_count())
-    checkpoints.check_writable(workdir)
+    created = checkpoints.check_writable(workdir)
     run_claim = claim.acquire_for_job(workdir)
   except ValueError as error:
     raise StartupError(str(error)) from error
-  with run_claim or contextlib.nullcontext():
-    return _train_and_evaluate(config, workdir)
+  try:
+    with run_claim or contextlib.nullcontext(), _Preemption() as preemption:
+      try:
+        return _train_and_evaluate(config, workdir, run_claim, preemption)
+      except Preempted:
+        logging.warning("Preempted during start-up: nothing was trained or saved; rerun the same "
+                        "command to start again.")
+        raise SystemExit(PREEMPTED_EXIT_CODE) from None
+  except StartupError:
+    checkpoints.remove_if_empty(created)  # A run that never started leaves no workdir behind.
+    raise
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
+                        run_claim: claim.Claim | None, preemption: _Preemption
                         ) -> dict[str, float]:
   run_started = time.perf_counter()
+  # Before each write of the loop: a run whose claim another run took over (while this one was
+  # stopped, or its machine asleep) stops without writing anything more.
+  check_claim = functools.partial(claim.check_for_job, run_claim, workdir)
   mesh = data.core.make_mesh()
   platform = data.core.platform(mesh)
   metrics.report("run: %s for %d steps of batch %d on %d %s devices, in %s", config.model,
@@ -338,7 +376,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
                           dataset_name=info.name, start_step=start_step)
   writer.write_config(config)
   with contextlib.ExitStack() as cleanup:
-    preemption = cleanup.enter_context(_Preemption())
     cleanup.callback(writer.close)
     # Saves in flight complete even when training stops on an error (a non-finite loss).
     cleanup.callback(manager.wait)
@@ -355,14 +392,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
                      "checkpoint time is totalled in the closing line")
       batches = itertools.chain([first_inputs], train_iter)
       writer.start_timer(start_step)
+    preemption.training = True
+    in_flight = collections.deque()
     for step, inputs in zip(steps, batches):
       with jax.transfer_guard("disallow"):  # Nothing may move between host and device here.
         state, step_metrics = train_fn(state, inputs)
       pending.append(step_metrics)
+      in_flight.append(step_metrics["loss"])
+      if len(in_flight) > MAX_STEPS_AHEAD:
+        in_flight.popleft().block_until_ready()
       is_last = step == config.num_train_steps
       preempted = preemption.reached(step)
       if step % config.log_every_steps == 0 or is_last or preempted:
         _check_finite(state)
+        check_claim()
         writer.write_train(step, jax.device_get(pending))
         pending = []
         if warming_up and state.warmup.over:
@@ -370,17 +413,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
           writer.write_warmup_end(int(state.warmup.end_step), float(state.warmup.end_error),
                                   config)
       if step % config.eval_every_steps == 0 or is_last:
-        jax.block_until_ready(state)  # Steps still queued count as training, not evaluation.
+        _check_finite(state)  # Also waits for the steps still queued: they count as training.
         with writer.paused("evaluation"):
           eval_result = evaluate(eval_fn, state, eval_batches())
+        check_claim()
         writer.write_eval(step, eval_result)
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
         _check_finite(state)
+        check_claim()
         with writer.paused("checkpoints"):
           manager.save(step, state, train_iter.get_state(),
                        eval_result if step % config.eval_every_steps == 0 or is_last else None)
       if preempted:
         manager.wait()
+        writer.write_run(step, steps_run=step - start_step, compile_seconds=compile_seconds,
+                         wall_seconds=time.perf_counter() - run_started, ended="preempted")
         logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
                         step, workdir)
         raise SystemExit(PREEMPTED_EXIT_CODE)
@@ -391,6 +438,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path
         eval_result = evaluate(eval_fn, state, eval_batches())
       writer.write_eval(start_step, eval_result, logged=False)
     best_step = manager.best_step()
+    check_claim()
     writer.write_summary(config, eval_result, num_params=models.count_params(model),
                          steps_run=len(steps), wall_seconds=time.perf_counter() - run_started,
                          compile_seconds=compile_seconds,
@@ -444,5 +492,5 @@ def _check_finite(state: TrainState) -> None:
   bad_step = int(state.nonfinite_step)
   if bad_step >= 0:
     raise NonFiniteError(
-        f"non-finite loss or gradient at step {bad_step + 1}; the last finite state was not "
-        "saved over. Lower the learning rate, check the input data, or use float32.")
+        f"non-finite loss, gradient or weights at step {bad_step + 1}; the last finite state "
+        "was not saved over. Lower the learning rate, check the input data, or use float32.")

@@ -10,6 +10,8 @@ FAULT is one of
   eval          SIGKILL inside the first evaluation
   restore       SIGKILL inside the first checkpoint restore
   sigterm:N     SIGTERM (a preemption notice) to this process once step N is dispatched
+  sigterm-running:N  SIGTERM once the device runs step N (however far the host has dispatched)
+  sigterm-startup    SIGTERM while the model is built, before any step
   pause:N       once step N is dispatched, PAUSE_SECONDS before the trainer asks whether a
                 preemption notice reached every process (so that one sent to a peer at step N
                 settles on step N rather than racing the run's last steps)
@@ -18,13 +20,16 @@ FAULT is one of
                 <workdir>.go exists, so that a test can act while the run is surely live
 and is announced on stderr as "fault: FAULT" when it strikes.
 """
+import itertools
 import os
 import runpy
 import shutil
 import signal
 import sys
+import threading
 import time
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
@@ -77,11 +82,41 @@ def _after_step(self, step):
   return _reached(self, step)
 
 
+_compile = train._compile  # Compiles the train step ahead of the loop.
+
+
+def _signalling_compile(train_fn, state, inputs):
+  """The compiled train step, whose step ARG sends SIGTERM once the device has run it."""
+  compiled, seconds = _compile(train_fn, state, inputs)
+  steps = itertools.count(int(state.step) + 1)
+
+  def step_fn(*args):
+    outputs = compiled(*args)
+    if next(steps) == int(ARG):
+      threading.Thread(target=lambda: (jax.block_until_ready(outputs),
+                                       strike(signum=signal.SIGTERM)), daemon=True).start()
+    return outputs
+
+  return step_fn, seconds
+
+
+_create_model = train.create_model
+
+
+def _signalled_create_model(*args, **kwargs):
+  strike(signum=signal.SIGTERM)
+  return _create_model(*args, **kwargs)
+
+
 atomicity.on_commit_callback = _on_commit
 if KIND == "compile":
   train.train_step = strike
 elif KIND == "eval":
   train.evaluate = strike
+elif KIND == "sigterm-running":
+  train._compile = _signalling_compile
+elif KIND == "sigterm-startup":
+  train.create_model = _signalled_create_model
 elif KIND == "restore":
   ocp.CheckpointManager.restore = strike
 elif KIND in ("step", "sigterm", "pause", "fill", "hold"):

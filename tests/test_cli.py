@@ -96,8 +96,8 @@ def test_a_run_that_fails_after_it_started_exits_1(tmp_path, compilation_cache):
                       "--config.lr_boundaries=(3,)", "--config.log_every_steps=1",
                       **compilation_cache)
   assert completed.returncode == 1, completed.stderr[-3000:]
-  assert lines(completed.stderr)[-1].startswith("error: non-finite loss or gradient at step ")
-  assert completed.stderr.count("non-finite loss or gradient") == 1
+  assert lines(completed.stderr)[-1].startswith("error: non-finite loss, gradient or weights at step ")
+  assert completed.stderr.count("non-finite loss, gradient or weights") == 1
   assert "Traceback" not in completed.stderr
   assert not (tmp_path / "w" / "claim").exists()  # Released by a failed run too.
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import data
-from resnet_jax.data import core, mean_cache, on_device, sources
+from resnet_jax.data import core, imagenet, mean_cache, on_device, sources
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_MEAN = np.array([125.3, 123.0, 113.9])
@@ -83,9 +83,10 @@ def test_mean_cache_survives_unwritable_dir(tmp_path):
   calls = []
   compute = lambda: calls.append(1) or np.ones((2, 2, 3))
   unwritable = str(blocker / "cache")
-  np.testing.assert_array_equal(mean_cache.load_or_compute("k", compute, unwritable), np.ones((2, 2, 3)))
-  assert mean_cache.load_or_compute("k", compute, str(tmp_path)) is not None
-  mean_cache.load_or_compute("k", compute, str(tmp_path))
+  load = lambda cache_dir: mean_cache.load_or_compute("k", compute, cache_dir, shape=(2, 2, 3))
+  np.testing.assert_array_equal(load(unwritable), np.ones((2, 2, 3)))
+  assert load(str(tmp_path)) is not None
+  load(str(tmp_path))
   assert len(calls) == 2  # Computed for the unwritable dir and once for tmp_path, then read back.
 
 
@@ -306,8 +307,10 @@ def test_corrupt_image_at_start_up_is_one_error_naming_its_path(tmp_path, side, 
     data.create(folder_config(root, tmp_path), mesh_of(8))
 
 
-def test_corrupt_image_while_streaming_names_its_path(tmp_path):
+def test_corrupt_image_while_streaming_names_its_path(tmp_path, monkeypatch):
   root = image_folder(tmp_path / "images", side=80)
+  # The mean's sample is the first and last training image, as ImageNet's 50,000 are a part.
+  monkeypatch.setattr(imagenet, "MEAN_SAMPLE", 2)
   data.create(folder_config(root, tmp_path), mesh_of(8))  # Caches the mean: images read later.
   (root / "train" / "b" / "5.jpg").write_bytes(b"garbage")
   (root / "test" / "a" / "2.jpg").write_bytes(b"garbage")
@@ -371,7 +374,7 @@ def test_start_up_phases_are_logged_with_their_counts(tmp_path, caplog):
     data.create(config, mesh_of(8))
     data.create(config, mesh_of(8))
   messages = [record.getMessage() for record in caplog.records]
-  mean = mean_cache.cache_path(f"image_folder-{root}-train-24", config.cache_dir)
+  (mean,) = pathlib.Path(config.cache_dir).glob("mean_*.npy")
   for message in [f"Listing the images of 2 classes under {root}/train", f"Found 24 images under {root}/train",
                   f"Listing the images of 2 classes under {root}/test", f"Found 24 images under {root}/test",
                   f"Loading image_folder({root}) onto the devices: 24 training and 24 evaluation images "
@@ -379,6 +382,47 @@ def test_start_up_phases_are_logged_with_their_counts(tmp_path, caplog):
                   "Computing the per-pixel mean of 24 training images", f"Loading the per-pixel mean from {mean}"]:
     assert message in messages, messages
   assert messages.count("Computing the per-pixel mean of 24 training images") == 1  # Then cached.
+
+
+def decoded_mean(root, split="train") -> np.ndarray:
+  records = sources.folder_records(root, split)
+  return sources.decode_all(records, np.arange(len(records))).mean(axis=0, dtype=np.float64)
+
+
+# A folder's images replaced under the same names, by images of another size or of the same.
+@pytest.mark.parametrize("side", [40, 32])
+def test_images_replaced_in_place_get_the_mean_of_the_new_ones(tmp_path, side):
+  root = image_folder(tmp_path / "images", per_class=12)
+  config = folder_config(root, tmp_path)
+  data.create(config, mesh_of(8))  # Caches the mean of the images first written.
+  rng = np.random.default_rng(1)
+  for path in sorted(root.glob("*/*/*.jpg")):
+    image = rng.integers(0, 256, (side, side, 3), np.uint8)
+    path.write_bytes(sources.tensorflow().io.encode_jpeg(image).numpy())
+  mean = np.asarray(data.create(config, mesh_of(8)).mean)
+  assert mean.shape == (side, side, 3)
+  np.testing.assert_allclose(mean, decoded_mean(root), atol=1e-3)
+  assert len(list(pathlib.Path(config.cache_dir).glob("mean_*.npy"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another_shape"])
+def test_a_broken_cache_file_is_computed_again_with_one_warning_naming_it(tmp_path, caplog, damage):
+  root = image_folder(tmp_path / "images", per_class=12)
+  config = folder_config(root, tmp_path)
+  expected = np.asarray(data.create(config, mesh_of(8)).mean)
+  (cached,) = pathlib.Path(config.cache_dir).glob("mean_*.npy")
+  if damage == "truncated":
+    cached.write_bytes(cached.read_bytes()[:50])
+    problem = "is unreadable (EOF: reading array header, expected "
+  else:
+    np.save(cached, np.zeros((24, 24, 3), np.float32))
+    problem = "holds a float32 array of shape (24, 24, 3), not float32 of shape (32, 32, 3);"
+  with caplog.at_level("INFO"):
+    np.testing.assert_array_equal(data.create(config, mesh_of(8)).mean, expected)
+  warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+  assert len(warnings) == 1 and warnings[0].startswith(f"The cache file {cached} {problem}"), warnings
+  assert warnings[0].endswith("computing the per-pixel mean again, and caching it anew.")
+  np.testing.assert_array_equal(np.load(cached), expected)  # Rewritten: the next start loads it.
 
 
 def test_more_class_folders_than_num_classes_fails_at_start_up(tmp_path):

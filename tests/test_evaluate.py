@@ -159,6 +159,7 @@ def test_evaluating_a_claimed_workdir_leaves_the_claim_and_checkpoints_untouched
       f"{logged['top1_error']:.2f}%  top-5 error {logged['top5_error']:.2f}%  loss "
       f"{logged['loss']:.4f}  (200 examples); written to {trained_run}/evaluations/10-center.json"]
   assert "Traceback" not in completed.stderr and "WARNING" not in completed.stderr
+  assert "_CHECKPOINT_METADATA" not in completed.stderr  # orbax's step metadata, where it is.
 
 
 @pytest.mark.slow
@@ -236,6 +237,15 @@ def unreadable(workdir):
       path.write_bytes(b"garbage")
 
 
+def flipped(workdir):
+  """Bytes inverted inside the largest array file, its size kept: orbax reads it without error."""
+  files = [path for path in (workdir / "checkpoints" / "20" / "state").rglob("*") if path.is_file()]
+  largest = max(files, key=lambda path: path.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2:len(data) // 2 + 4] = bytes(255 - b for b in data[len(data) // 2:][:4])
+  largest.write_bytes(bytes(data))
+
+
 def mismatched(workdir):
   config = json.loads((workdir / "config.json").read_text())
   (workdir / "config.json").write_text(json.dumps({**config, "model": "cifar_resnet20"}))
@@ -264,8 +274,18 @@ def mismatched(workdir):
     (["--workdir={run}", "--eval_batch_size=12"], None,
      "--eval_batch_size: global batch size 12 is not divisible by the 8 devices on the mesh's "
      "'data' axis; use a multiple of 8 (e.g. 16)."),
+    (["--workdir={run}", "--eval_batch_size=0"], None,
+     "--eval_batch_size must be positive, got 0; leave it out for the run's own (64)."),
+    (["--workdir={run}", "--eval_batch_size=-8"], None,
+     "--eval_batch_size must be positive, got -8; leave it out for the run's own (64)."),
+    (["--workdir={run}/config.json"], None,
+     "workdir {run}/config.json is a file, not a directory; pass the --workdir of a run, the "
+     "directory the trainer was given."),
     (["--workdir={run}", "--checkpoint=20"], unreadable,
      "checkpoint 20 in {run}/checkpoints is unreadable ("),
+    (["--workdir={run}", "--checkpoint=20"], flipped,
+     "checkpoint 20 in {run}/checkpoints is unreadable (DamagedCheckpointError: 1 arrays differ "
+     "from their saved checksums ("),
     (["--workdir={run}", "--checkpoint=20"], mismatched,
      "{run}/config.json is not the config of checkpoint 20: the workdir holds checkpoints of a "
      "different run ("),
@@ -274,8 +294,9 @@ def mismatched(workdir):
     (["--workdir={run}", "10"], None,
      "unexpected arguments: 10 (flags take the form --name=value)."),
 ], ids=["no_workdir", "no_config", "no_checkpoints", "unknown_step", "bad_checkpoint",
-        "unsupported_protocol", "unknown_protocol", "bad_batch_size", "unreadable", "other_run",
-        "config_flag", "stray_argument"])
+        "unsupported_protocol", "unknown_protocol", "bad_batch_size", "zero_batch_size",
+        "negative_batch_size", "file_workdir", "unreadable", "flipped", "other_run", "config_flag",
+        "stray_argument"])
 def test_each_error_is_one_line_and_exit_status_2(trained_run, tmp_path, args, damage, message):
   run = tmp_path / "run"
   shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("evaluations"))
@@ -303,28 +324,80 @@ def test_best_of_checkpoints_without_an_evaluation_is_one_line_naming_the_fix(tm
       "of [2, 4].")
 
 
-# Stands in for a training run that removes the step (an old one past keep_checkpoints) after
-# the evaluator listed it and before it read it.
-REMOVED_BEFORE_READ = """
-import runpy, shutil
+# Stands in for a training run that removes the step (an old one past keep_checkpoints) while
+# the evaluator reads it: the step goes as orbax opens its second array, while the first one's
+# read is still in flight (it fails a second later, as a large array's would once removed).
+REMOVED_WHILE_READ = """
+import runpy, shutil, threading, time
+import tensorstore
 from resnet_jax import checkpoints
-read = checkpoints.Reader.restore
-def removed_first(self, step, state):
-  shutil.rmtree(self.directory / str(step))
+read, open_array = checkpoints.Reader.restore, tensorstore.open
+def removed_while_read(self, step, state):
+  opened = []
+  def opening(*args, **kwargs):
+    opened.append(args)
+    if len(opened) == 1:
+      promise, future = tensorstore.Promise.new()
+      threading.Thread(target=lambda: (time.sleep(1), promise.set_exception(
+          FileNotFoundError("removed")))).start()
+      return future
+    if len(opened) == 2:
+      shutil.rmtree(self.directory / str(step))
+    return open_array(*args, **kwargs)
+  tensorstore.open = opening
   return read(self, step, state)
-checkpoints.Reader.restore = removed_first
+checkpoints.Reader.restore = removed_while_read
 runpy.run_module("resnet_jax.evaluate", run_name="__main__", alter_sys=True)
 """
 
 
 def test_a_step_removed_while_it_is_read_is_one_line_naming_the_kept_steps(trained_run, tmp_path):
   shutil.copytree(trained_run, tmp_path / "run")
-  completed = evaluator(f"--workdir={tmp_path}/run", "--checkpoint=10", code=REMOVED_BEFORE_READ)
+  completed = evaluator(f"--workdir={tmp_path}/run", "--checkpoint=10", code=REMOVED_WHILE_READ)
   assert completed.returncode == 2, completed.stderr[-3000:]
   assert lines(completed.stderr)[-1] == (
       "error: checkpoint 10 was removed while it was read (a training run keeps only its last "
       "checkpoints and the best); rerun, with one of the steps kept now: [20].")
-  assert "Traceback" not in completed.stderr
+  assert "Traceback" not in completed.stderr and "Event loop is closed" not in completed.stderr
+
+
+def test_the_evaluation_split_alone_is_read_and_the_protocol_checked_first(tmp_path, monkeypatch):
+  root = tmp_path / "images"  # 32x32 images: held on the devices, the training split decoded whole.
+  tf = data.sources.tensorflow()
+  for split in ("train", "test"):
+    for label in ("a", "b"):
+      (root / split / label).mkdir(parents=True)
+      for index in range(8):
+        image = np.random.default_rng(index).integers(0, 256, (32, 32, 3), np.uint8)
+        (root / split / label / f"{index}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
+  config = smoke_config()
+  config.dataset.update(name="image_folder", data_dir=str(root), cache_dir=str(tmp_path / "cache"))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  manager = checkpoints.Manager(epath.Path(workdir), config, keep=1, num_classes=10)
+  manager.save(4, initial_state(config, 4), None, None)
+  manager.wait()
+  decode_all, decoded = data.sources.decode_all, []
+  monkeypatch.setattr(data.sources, "decode_all", lambda records, ids, shape=None: (
+      decoded.extend(records.paths[ids]), decode_all(records, ids, shape))[1])
+  splits = lambda: sorted({epath.Path(path).parent.parent.name for path in decoded})
+
+  with pytest.raises(evaluate.EvaluationError, match="eval_protocol '10crop' is not available"):
+    evaluate.evaluate_run(workdir, checkpoint="latest", protocol="10crop")
+  assert decoded == []
+  _, uncached = evaluate.evaluate_run(workdir, checkpoint="latest")  # The mean is computed once.
+  assert splits() == ["test", "train"] and len(decoded) == 32
+  decoded.clear()
+  _, cached = evaluate.evaluate_run(workdir, checkpoint="latest")
+  assert splits() == ["test"] and len(decoded) == 16
+  # The trainer's dataset, both splits and its mean, gives the same numbers.
+  dataset = data.create(train.dataset_config(config), data.core.make_mesh())
+  direct = train.evaluate(jax.jit(train.eval_step), initial_state(config, 4),
+                          dataset.eval_batches(64, "center"))
+  for result in (uncached, cached):
+    assert (result["top1_error"], result["examples"]) == (direct["top1_error"], 16)
+    assert result["loss"] == pytest.approx(direct["loss"], rel=1e-6)
 
 
 def test_help_exits_0_and_names_the_choices():

@@ -54,6 +54,17 @@ def test_a_gradual_warm_up_that_cannot_run_is_refused(overrides, message):
     optim.validate(config)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("field", ["learning_rate", "momentum", "weight_decay", "lr_decay",
+                                   "warmup_learning_rate", "warmup_until_train_error",
+                                   "lr_warmup_from"])
+def test_a_float_that_is_not_finite_is_refused(field, value):
+  config = cifar_resnet20.get_config()
+  config[field] = value
+  with pytest.raises(ValueError, match=f"^{field} must be a finite number, got {value}.$"):
+    optim.validate(config)
+
+
 def _batch_norm_parameters(model) -> set[tuple]:
   """Paths of the scale and shift of every nnx.BatchNorm of `model`, found by type."""
   modules = [path for path, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)]

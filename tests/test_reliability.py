@@ -107,6 +107,12 @@ def _damage(kind: str, step_dir) -> None:
   if kind == "truncated":  # the largest file, the array data, cut in half
     largest = max(files, key=lambda path: path.stat().st_size)
     os.truncate(largest, largest.stat().st_size // 2)
+  elif kind == "flipped":  # bytes of the largest file, the array data, inverted in place
+    largest = max(files, key=lambda path: path.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4] = bytes(255 - byte for byte in data[middle:middle + 4])
+    largest.write_bytes(bytes(data))
   elif kind == "deleted":  # the array data
     shutil.rmtree(step_dir / "state" / "ocdbt.process_0")
     shutil.rmtree(step_dir / "state" / "d")
@@ -129,17 +135,26 @@ def _checkpointed_workdir(workdir, steps):
 
 # Orbax leaves the reads it abandoned on a truncated file to fail again when collected.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("kind", ["truncated", "deleted", "garbage"])
+@pytest.mark.parametrize("kind", ["truncated", "deleted", "garbage", "flipped", "nonfinite"])
 def test_damaged_newest_checkpoint_is_reported_in_one_line_and_skipped(tmp_path, caplog, kind):
-  config, state = _checkpointed_workdir(tmp_path, (2, 4))
-  _damage(kind, tmp_path / "checkpoints" / "4")
+  config, state = _checkpointed_workdir(tmp_path, (2,) if kind == "nonfinite" else (2, 4))
+  if kind == "nonfinite":  # Saved with the checksums of its NaN weights (as no trainer would).
+    manager = checkpoints.Manager(epath.Path(tmp_path), config, keep=3, num_classes=10)
+    nan_params = jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.nan), state.params)
+    manager.save(4, state.replace(step=jnp.asarray(4, jnp.int32), params=nan_params), None, None)
+    manager.wait()
+  else:
+    _damage(kind, tmp_path / "checkpoints" / "4")
   manager = checkpoints.Manager(epath.Path(tmp_path), config, keep=3, num_classes=10)
   with caplog.at_level("INFO"):
     restored, _ = manager.restore_latest(state)
   assert int(restored.step) == 2
-  reports = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+  reports = [r.getMessage() for r in caplog.records
+             if r.getMessage().startswith("Checkpoint at step")]
   assert len(reports) == 1 and "\n" not in reports[0], reports
-  assert reports[0].startswith("Checkpoint at step 4 is unreadable (")
+  expected = {"flipped": "is damaged (1 arrays differ from their saved checksums (",
+              "nonfinite": "is damaged (non-finite weights in "}.get(kind, "is unreadable (")
+  assert reports[0].startswith(f"Checkpoint at step 4 {expected}"), reports[0]
   names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
   assert names[0] == "2" and names[1].startswith("4.unreadable-") and len(names) == 2
 
@@ -200,7 +215,7 @@ def test_nan_in_a_batch_stops_at_that_step_and_never_saves_it(tmp_path, monkeypa
   # Checkpoints at 2, 4 and 6; the first check after step 3 is the save of step 4.
   config = smoke_config(num_train_steps=6, lr_boundaries=(5,), log_every_steps=6,
                         eval_every_steps=2, checkpoint_every_steps=2)
-  with pytest.raises(train.NonFiniteError, match=r"non-finite loss or gradient at step 3;"):
+  with pytest.raises(train.NonFiniteError, match=r"non-finite loss, gradient or weights at step 3;"):
     train.train_and_evaluate(config, str(tmp_path))
   manager = ocp.CheckpointManager(tmp_path / "checkpoints")
   assert manager.all_steps() == [2]  # the only checkpoint, and so the only best one
@@ -282,6 +297,8 @@ BAD_COMMAND_LINES = [
     ([CONFIG, WORKDIR, "extra"], "unexpected arguments: extra"),
     ([CONFIG, WORKDIR, "--epochs=3"], "Unknown command line flag 'epochs'"),
     ([CONFIG, WORKDIR, "--config.learning_rate=-0.1"], "learning_rate must be positive, got -0.1"),
+    ([CONFIG, WORKDIR, "--config.learning_rate=nan"], "learning_rate must be a finite number, got nan"),
+    ([CONFIG, WORKDIR, "--config.weight_decay=inf"], "weight_decay must be a finite number, got inf"),
     ([CONFIG, WORKDIR, "--config.momentum=1.5"], "momentum must be in [0, 1), got 1.5"),
     ([CONFIG, WORKDIR, "--config.weight_decay=-1"], "weight_decay must be non-negative"),
     ([CONFIG, WORKDIR, "--config.batch_size=20"], "batch_size 20 does not divide across 8 devices"),
@@ -299,6 +316,8 @@ BAD_COMMAND_LINES = [
      "TFDS dataset 'cifar10' is not prepared in {tmp}/empty"),
     ([CONFIG, WORKDIR, "--config.dataset.name=image_folder", "--config.dataset.data_dir={tmp}/no"],
      "image folder {tmp}/no does not exist"),
+    ([CONFIG, "--workdir={tmp}/broken.py"],
+     "workdir {tmp}/broken.py is a file, not a directory; pass a --workdir that is a directory"),
 ]
 
 
@@ -315,7 +334,7 @@ def test_bad_command_line_is_one_error_line_and_exit_status_2(tmp_path, args, me
   assert completed.returncode == 2 and len(errors) == 1, completed.stderr[-3000:]
   assert errors[0].startswith(f"error: {message.format(tmp=tmp_path)}"), errors[0]
   assert "Traceback" not in completed.stderr
-  assert not (tmp_path / "w" / "checkpoints").exists()
+  assert not (tmp_path / "w").exists()  # Nothing written: a workdir made at start-up is removed.
   assert os.listdir(tmp_path / "empty") == []  # TFDS was never asked to download
 
 

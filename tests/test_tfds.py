@@ -161,7 +161,7 @@ def test_cifar100_prepared_from_generated_images_holds_them_exactly(cifar100_tfd
   assert beaver.sum() == CIFAR100_TEST_PER_CLASS and (stored["coarse_label"][beaver] == 0).all()
 
 
-def test_tfds_cifar100_through_data_create(cifar100_tfds, tmp_path):
+def test_tfds_cifar100_through_data_create(cifar100_tfds, tmp_path, monkeypatch):
   data_dir, arrays = cifar100_tfds
   config = data.default_config("cifar100")
   config.data_dir, config.cache_dir = str(data_dir), str(tmp_path)
@@ -179,6 +179,14 @@ def test_tfds_cifar100_through_data_create(cifar100_tfds, tmp_path):
       np.testing.assert_allclose(image, test_images[test_labels == label][0], atol=1e-4)
       seen.append(int(label))
   assert sorted(seen) == list(range(100))  # every test image once
+  # An evaluator's dataset reads the test split alone; the mean is the one cached above.
+  read, tfds_records = [], sources.tfds_records
+  monkeypatch.setattr(sources, "tfds_records", lambda name, data_dir, split: (
+      read.append(split), tfds_records(name, data_dir, split))[1])
+  evaluation_only = data.create(config, data.core.make_mesh(), train=False)
+  assert read == ["test"] and evaluation_only.info.eval_size == 100
+  for name in ("eval_images", "eval_labels", "eval_mask", "mean"):
+    np.testing.assert_array_equal(*(np.asarray(getattr(d, name)) for d in (ds, evaluation_only)))
 
 
 def test_cifar100_prepared_as_array_record_reads_as_the_tfrecord_one(cifar100_tfds, tmp_path):
@@ -381,3 +389,27 @@ def test_offline_mistakes_are_one_error_line_and_exit_status_2(tmp_path, imagene
     assert error_lines(completed)[0].startswith(message), (args, error_lines(completed)[0])
     assert "Traceback" not in completed.stderr
     assert not (data_dir / "cifar10").exists() and not (data_dir / "imagenet2012" / "5.1.0").exists()
+
+
+@pytest.mark.parametrize("unwritable", ["under_a_file", "read_only"])
+def test_an_unwritable_data_dir_is_one_error_line_and_exit_status_2(tmp_path, unwritable):
+  # A tiny extracted CIFAR-10 binary version: preparing it gets as far as writing.
+  extracted = tmp_path / "manual" / "cifar-10-batches-bin"
+  extracted.mkdir(parents=True)
+  for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+    (extracted / name).write_bytes(bytes(3073 * 2))
+  (extracted / "batches.meta.txt").write_text("\n".join(source_files.CIFAR10_CLASSES))
+  if unwritable == "under_a_file":
+    (tmp_path / "file").write_text("")
+    data_dir, reason = tmp_path / "file" / "data", f"{tmp_path}/file is a file, not a folder"
+  else:
+    if os.geteuid() == 0:
+      pytest.skip("root writes into a read-only folder")
+    data_dir, reason = tmp_path / "read_only", f"{tmp_path}/read_only is not writable by this user"
+    data_dir.mkdir(mode=0o555)
+  completed = prepare("cifar10", f"--data_dir={data_dir}", f"--manual_dir={tmp_path / 'manual'}")
+  assert completed.returncode == 2, completed.stderr[-3000:]
+  assert error_lines(completed) == [completed.stderr.rstrip().splitlines()[-1]]
+  assert error_lines(completed)[0].startswith(
+      f"error: cannot prepare into {data_dir}/cifar10/3.0.2: {reason}; pass a --data_dir")
+  assert "Traceback" not in completed.stderr

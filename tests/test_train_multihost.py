@@ -34,11 +34,13 @@ def _train(workdir, num_processes, cache, faults=None, statuses=(0,)):
 
 
 def _records(workdir):
-  """metrics.jsonl, one record per (step, kind): the last, as a relaunch logs some steps again."""
+  """metrics.jsonl, one record per (step, kind): the last, as a relaunch logs some steps again;
+  without the "run" records of the commands, of which a preempted one has one more."""
   records = {}
   for line in (workdir / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)
-    records[record["step"], record["kind"]] = record
+    if record["kind"] != "run":
+      records[record["step"], record["kind"]] = record
   return list(records.values())
 
 

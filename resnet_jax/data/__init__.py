@@ -25,7 +25,9 @@ axis's size.
 Start-up: an on-device dataset decodes both splits onto the devices (logged with its counts)
 and computes or loads its per-pixel mean; a streaming one only lists its examples: a TFDS split
 is opened by index (its size read from metadata, no record read), and each label is read with
-its image when a step needs it. Every phase that can take long logs an INFO line.
+its image when a step needs it. Every phase that can take long logs an INFO line. An evaluator's
+`create(config, mesh, train=False, eval_protocol=p)` checks the protocol before any image is
+decoded and reads the evaluation split alone (the training images only for a mean not cached).
 
 Config fields (`default_config(name)` gives the defaults; set only what differs):
   name: "cifar10" | "cifar100" | "imagenet2012" | "image_folder" | "synthetic".
@@ -51,7 +53,10 @@ Config fields (`default_config(name)` gives the defaults; set only what differs)
   augment: training augmentation (CIFAR: pad 4 + random crop + flip; ImageNet: scale
     augmentation + 224 crop + flip + PCA lighting). Evaluation is never augmented.
   cache_dir: where the per-pixel mean and the evaluation images' sizes are cached, local or
-    gs:// (default $RESNET_JAX_CACHE_DIR, else ~/.cache/resnet_jax).
+    gs:// (default $RESNET_JAX_CACHE_DIR, else ~/.cache/resnet_jax), each under what it was
+    computed from: an image folder's file names, sizes and modification times, a TFDS split's
+    name, version, folder and size, and the image size; a file that is unreadable or of another
+    shape is computed again, with a WARNING naming it.
   mean: "per_pixel" (the paper: the training split's mean image, CIFAR's over every image,
     ImageNet's the mean 224 centre view of up to 50,000 images, resized to views of other
     sizes; computed once and cached) or "per_channel" (that image's channel means).

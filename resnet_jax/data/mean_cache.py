@@ -26,22 +26,25 @@ def cache_path(key: str, cache_dir: str | None = None, kind: str = "mean") -> ep
 
 
 def load_or_compute(key: str, compute: Callable[[], np.ndarray], cache_dir: str | None = None, *,
-                    kind: str = "mean", what: str = "the per-pixel mean",
-                    dtype: DTypeLike = np.float32) -> np.ndarray:
-  """The cached array of `kind` for `key`, or `compute()` as `dtype` saved for next time;
-  `what` names it in the log.
+                    shape: tuple[int, ...], dtype: DTypeLike = np.float32, kind: str = "mean",
+                    what: str = "the per-pixel mean") -> np.ndarray:
+  """The cached array of `kind` for `key`, or `compute()` as `dtype` saved for next time; `what`
+  names it in the log. `key` must name everything the array is computed from (its data, and the
+  parameters that shape the result), so that other data never finds it. A cached file that is
+  unreadable or holds another `shape` or `dtype` is computed again, with one WARNING naming it.
 
   With several processes, all of them load or all compute, so `compute` may be collective (each
   process reading a share): a cache on each host's own disk can hold the file on some hosts and
   not on others. Each process saves its copy, so such caches all hold it afterwards.
   """
   path = cache_path(key, cache_dir, kind)
-  cached = path.exists()
+  array = _read(path, shape, np.dtype(dtype), what) if path.exists() else None
+  cached = array is not None
   if jax.process_count() > 1:
     cached = bool(multihost_utils.process_allgather(np.asarray(cached)).all())
   if cached:
     logging.info("Loading %s from %s", what, path)
-    return np.load(io.BytesIO(path.read_bytes()))
+    return array
   array = np.asarray(compute(), dtype)
   buffer = io.BytesIO()
   np.save(buffer, array)
@@ -55,3 +58,21 @@ def load_or_compute(key: str, compute: Callable[[], np.ndarray], cache_dir: str 
   except Exception:  # pylint: disable=broad-except  (OSError here, tf.errors.* on gs://)
     pass  # An unwritable cache costs one recomputation per run, nothing else.
   return array
+
+
+def _read(path: epath.Path, shape: tuple[int, ...], dtype: np.dtype,
+          what: str) -> np.ndarray | None:
+  """The array cached in `path`, or None (and a WARNING naming it) if it is not one of `shape`
+  and `dtype`."""
+  try:
+    array = np.load(io.BytesIO(path.read_bytes()))
+  except Exception as error:  # pylint: disable=broad-except  (numpy's ValueError, OSError, gs://)
+    problem = f"is unreadable ({error})"
+  else:
+    if array.shape == tuple(shape) and array.dtype == dtype:
+      return array
+    problem = (f"holds a {array.dtype} array of shape {array.shape}, not {dtype} of shape "
+               f"{tuple(shape)}")
+  logging.warning("The cache file %s %s; computing %s again, and caching it anew.", path, problem,
+                  what)
+  return None

@@ -135,12 +135,12 @@ class OnDeviceDataset:
     return FusedIterator(self, batch_size)
 
   def num_eval_batches(self, batch_size: int) -> int:
-    return -(-self.eval_labels.shape[1] // self._per_device(batch_size))
+    return -(-self.eval_labels.shape[1] // core.check_batch_size(batch_size, self.mesh))
 
   def eval_batches(self, batch_size: int, protocol: str = "center") -> Iterator[core.Batch]:
     """Every evaluation example exactly once (padding rows have mask False); not augmented."""
     core.check_protocol(protocol, self.info, self.eval_protocols)
-    per_device = self._per_device(batch_size)
+    per_device = core.check_batch_size(batch_size, self.mesh)
     for index in range(self.num_eval_batches(batch_size)):
       yield _eval_batch(self.eval_images, self.eval_labels, self.eval_mask, self.mean, index,
                         per_device=per_device, mesh=self.mesh)

@@ -1,4 +1,8 @@
 """`create(config, mesh)`: picks the source and the pipeline (on-device or streaming) for a config."""
+import functools
+from typing import Callable
+
+import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -26,24 +30,24 @@ def synthetic_name(image_size: int, num_classes: int) -> str:
   return f"synthetic({image_size}x{image_size}x3,{num_classes} classes)"
 
 
-def create(config: ml_collections.ConfigDict, mesh: Mesh) -> core.Dataset:
+def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
+           eval_protocol: str | None = None) -> core.Dataset:
   """An `OnDeviceDataset` or a `StreamingDataset` for `config` (the trainer's `config.dataset`).
 
-  Raises ValueError for an invalid config, `DatasetNotFoundError` when the data is missing and
-  `CorruptImageError` / `ImageSizeError` for an image the devices cannot hold, all before
-  anything is compiled.
+  `train` False builds the evaluation side alone (an evaluator's): the training split is only
+  listed, or its size read from metadata, and its images are read only to compute a per-pixel
+  mean that is not cached; such a dataset has no training batches. `eval_protocol`, when given,
+  is checked as soon as the pipeline is known, before any image is decoded.
+
+  Raises ValueError for an invalid config or protocol, `DatasetNotFoundError` when the data is
+  missing and `CorruptImageError` / `ImageSizeError` for an image the devices cannot hold, all
+  before anything is compiled.
   """
   config = config_lib.resolve(config)
   core.num_data_devices(mesh)
   if config.name == "synthetic":
-    return _synthetic(config, mesh)
+    return _synthetic(config, mesh, eval_protocol)
   from resnet_jax.data import sources  # pylint: disable=g-import-not-at-top
-  if config.name == "imagenet2012":
-    from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
-    train = sources.tfds_random_access(config.name, config.data_dir, config.train_split)
-    evaluation = sources.tfds_random_access(config.name, config.data_dir, config.eval_split)
-    return streaming.from_records(config, mesh, train, evaluation, name=config.name, num_classes=1000,
-                                  cache_key=_tfds_cache_key(config, len(train)))
   if config.name == "image_folder":
     root = sources.absolute(config.data_dir)
     num_folders, num_classes = len(sources.folder_classes(root)), config.num_classes
@@ -52,40 +56,63 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> core.Dataset:
           f"image folder {root} has {num_folders} class folders but dataset.num_classes is "
           f"{num_classes}; set --config.dataset.num_classes={num_folders}, or remove the extra "
           "folders.")
-    train = sources.folder_records(root, config.train_split)
-    evaluation = sources.folder_records(root, config.eval_split)
-    name = f"image_folder({root})"
-    cache_key = f"image_folder-{root}-{config.train_split}-{len(train)}"
-  else:
-    train = sources.tfds_records(config.name, config.data_dir, config.train_split)
-    evaluation = sources.tfds_records(config.name, config.data_dir, config.eval_split)
-    name, num_classes = config.name, config_lib.NUM_CLASSES[config.name]
-    cache_key = _tfds_cache_key(config, len(train))
-  shape = sources.peek_shape(train)
-  if not held_on_device(shape, len(train), mesh):
-    from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
-    return streaming.from_records(config, mesh, train, evaluation, name=name, num_classes=num_classes,
-                                  cache_key=cache_key)
-  def mean(train_images):
+    train_files = sources.folder_records(root, config.train_split)
+    eval_files = sources.folder_records(root, config.eval_split)
+    read_train, read_eval = lambda: train_files, lambda: eval_files
+    name, num_train = f"image_folder({root})", len(train_files)
+    shape = sources.peek_shape(train_files)
+    # What the mean is computed from: the files, by name, size and modification time.
+    identity = lambda: f"image_folder {config.train_split} {sources.fingerprint(train_files)}"
+  else:  # TFDS: the splits are read only once the protocol is checked.
+    name = config.name
+    num_classes = config_lib.NUM_CLASSES[name]
+    reader = sources.tfds_random_access if name == "imagenet2012" else sources.tfds_records
+    read_train = lambda: reader(name, config.data_dir, config.train_split)
+    read_eval = lambda: reader(name, config.data_dir, config.eval_split)
+    train_identity, num_train, shape = sources.tfds_split(name, config.data_dir, config.train_split)
+    identity = lambda: train_identity
+  if name == "imagenet2012" or not held_on_device(shape, num_train, mesh):
+    from resnet_jax.data import imagenet, streaming  # pylint: disable=g-import-not-at-top
+    _check_protocol(eval_protocol, name, num_classes, (imagenet.CROP, imagenet.CROP, 3),
+                    core.EVAL_PROTOCOLS)
+    return streaming.from_records(config, mesh, read_train(), read_eval(), name=name,
+                                  num_classes=num_classes)
+  _check_protocol(eval_protocol, name, num_classes, shape, on_device.OnDeviceDataset.eval_protocols)
+  key = f"{identity()} {'x'.join(map(str, shape))}"
+
+  def mean(placed_train_images: Callable[[], jax.Array]) -> np.ndarray:
     image = mean_cache.load_or_compute(
-        cache_key, lambda: on_device.per_pixel_mean(train_images), config.cache_dir)
+        key, lambda: on_device.per_pixel_mean(placed_train_images()), config.cache_dir,
+        shape=shape)
     return image.mean(axis=(0, 1), keepdims=True) if config.mean == "per_channel" else image
   # Evaluation images must have the training images' size too: one model sees both.
   loader = lambda records: lambda ids: sources.decode_all(records, ids, shape)
-  return on_device.build(mesh, train.labels, loader(train), evaluation.labels, loader(evaluation),
-                         name=name, num_classes=num_classes, seed=config.seed, augment=config.augment,
-                         mean=mean)
+  build = functools.partial(on_device.build, mesh, name=name, num_classes=num_classes,
+                            seed=config.seed, augment=config.augment)
+  evaluation = read_eval()
+  if train:
+    train_split = read_train()
+    return build(train_split.labels, loader(train_split), evaluation.labels, loader(evaluation),
+                 mean=lambda images: mean(lambda: images))
+
+  def place_train() -> jax.Array:  # For a mean not cached: the images the trainer placed.
+    train_split = read_train()
+    return on_device.place_train(mesh, train_split.labels, loader(train_split), config.seed)[0]
+  return build(np.zeros(0, np.int32), lambda ids: np.zeros((0, *shape), np.uint8),
+               evaluation.labels, loader(evaluation), mean=lambda _: mean(place_train))
 
 
-def _tfds_cache_key(config: ml_collections.ConfigDict, train_size: int) -> str:
-  """What a TFDS split's cached mean is named by."""
-  return f"{config.name}-{config.data_dir or 'default'}-{config.train_split}-{train_size}"
+def _check_protocol(protocol: str | None, name: str, num_classes: int, shape: tuple[int, ...],
+                    protocols: tuple[str, ...]) -> None:
+  if protocol is not None:
+    core.check_protocol(protocol, core.DatasetInfo(name, num_classes, shape, 0, 0), protocols)
 
 
-def _synthetic(config: ml_collections.ConfigDict, mesh: Mesh):
+def _synthetic(config: ml_collections.ConfigDict, mesh: Mesh, eval_protocol: str | None):
   """Uniform-noise images with random labels: for benchmarks and smoke runs only."""
   name = synthetic_name(config.image_size, config.num_classes)
   shape = (config.image_size, config.image_size, 3)
+  _check_protocol(eval_protocol, name, config.num_classes, shape, ("center",))
   if not held_on_device(shape, config.synthetic_train_size, mesh):
     from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
     return streaming.synthetic(config, mesh, name=name)

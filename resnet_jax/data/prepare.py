@@ -14,6 +14,7 @@ pipeline reads examples by index), tfrecord for CIFAR (read whole onto the devic
 A mistake is one `error:` line naming the fix, exit status 2.
 """
 import hashlib
+import os
 import re
 import sys
 import tarfile
@@ -58,6 +59,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
       raise UserError(f"{name} is already prepared in {builder.data_dir} as {stored}, not "
                       f"{file_format}; delete that folder, or pass another --data_dir")
     return builder
+  _check_writable(epath.Path(builder.data_dir))
   kwargs = dict(data_dir=data_dir, file_format=file_format)
   builder = tfds.builder(name, **kwargs)
   # Never the prepared copies on TFDS's servers: they are tfrecord, and offline a lookup hangs.
@@ -93,6 +95,18 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
                     "or pass --manual_dir with the files (see python -m "
                     "resnet_jax.data.prepare --help)") from None
   return tfds.builder(name, data_dir=data_dir)
+
+
+def _check_writable(folder: epath.Path) -> None:
+  """`UserError` unless `folder` can be made and written, judged by its nearest existing folder
+  (so that nothing is made before the other checks pass)."""
+  existing = next(path for path in [folder, *folder.parents] if path.exists())
+  if not existing.is_dir():
+    raise UserError(f"cannot prepare into {folder}: {existing} is a file, not a folder; pass a "
+                    "--data_dir that is a folder, or one that does not exist yet")
+  if "://" not in str(existing) and not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f"cannot prepare into {folder}: {existing} is not writable by this user; pass "
+                    "a --data_dir you can write to")
 
 
 def _check_network(name: str, url: str) -> None:

@@ -5,8 +5,11 @@ file paths or encoded image bytes, or a TFDS random-access source that is only o
 process can pick its own examples and decode only those. TensorFlow is imported lazily, through
 `tensorflow()`, so that in-memory and synthetic pipelines run on machines without TensorFlow.
 """
+import concurrent.futures
 import dataclasses
 import functools
+import hashlib
+import os
 import re
 from typing import Any, Iterable, Iterator
 
@@ -41,11 +44,13 @@ def tensorflow_datasets() -> Any:
 class Records:
   """Examples of one split: `labels` with `paths` (file names) or `encoded` (image bytes); or
   `data_source` alone, a TFDS random-access source of {"image": bytes, "label": int} whose
-  examples are read, label and image together, only when the pipeline fetches them."""
+  examples are read, label and image together, only when the pipeline fetches them. A TFDS
+  split's `identity` names its data (`tfds_split`)."""
   labels: np.ndarray | None = None
   paths: np.ndarray | None = None
   encoded: np.ndarray | None = None
   data_source: Any = None
+  identity: str | None = None
 
   def __len__(self) -> int:
     return len(self.labels) if self.data_source is None else len(self.data_source)
@@ -57,7 +62,30 @@ class Records:
     if self.data_source is not None:
       raise ValueError("subset() of a TFDS data source: index it with ids instead")
     pick = lambda array: None if array is None else array[ids]
-    return Records(self.labels[ids], pick(self.paths), pick(self.encoded))
+    return Records(self.labels[ids], pick(self.paths), pick(self.encoded), identity=self.identity)
+
+
+def fingerprint(records: Records, ids: np.ndarray | None = None) -> str:
+  """What names the data of examples `ids` (default: all) of `records`, for a cache of what is
+  computed from them: a TFDS split's identity; for image files, their count and a digest of
+  every file name (from their common folder on) and of the size and modification time of the
+  files `ids`, so that files replaced in place, added, removed or renamed give another."""
+  if records.paths is None:
+    return records.identity
+  paths = sorted(records.paths)
+  common = next((i for i, (a, b) in enumerate(zip(paths[0], paths[-1])) if a != b), len(paths[0]))
+  start = paths[0].rfind("/", 0, common) + 1
+  picked = records.paths if ids is None else records.paths[ids]
+  if "://" in picked[0]:  # A request per file: many at a time.
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+      stats = [(stat.length, stat.mtime)
+               for stat in pool.map(lambda path: epath.Path(path).stat(), picked)]
+  else:  # In nanoseconds, which epath's stat rounds to seconds.
+    stats = [(stat.st_size, stat.st_mtime_ns) for stat in map(os.stat, picked)]
+  digest = hashlib.sha256()
+  digest.update("\n".join(path[start:] for path in paths).encode())
+  digest.update(repr(stats).encode())
+  return f"{len(paths)} files {digest.hexdigest()[:24]}"
 
 
 def train_val_split(labels: np.ndarray, val_size: int = VAL5K_SIZE, seed: int = VAL5K_SEED):
@@ -151,24 +179,41 @@ def tfds_builder(name: str, data_dir: str | None) -> Any:
   return builder
 
 
+def tfds_split(name: str, data_dir: str | None, split: str) -> tuple[str, int, tuple]:
+  """(identity, size, image shape) of a prepared TFDS split, from its metadata alone (no record
+  read): the identity names its data (dataset, version, folder, split and size); the shape has
+  None for a side whose images differ."""
+  builder = tfds_builder(name, data_dir)
+  derived = _derived_split(split)
+  size = builder.info.splits[derived[0] if derived else split].num_examples
+  if derived:
+    size = VAL5K_SIZE if derived[1] else size - VAL5K_SIZE
+  identity = f"TFDS {name} {builder.info.version} {split} of {size} in {builder.data_dir}"
+  return identity, size, tuple(builder.info.features["image"].shape)
+
+
 def tfds_records(name: str, data_dir: str | None, split: str) -> Records:
   """Encoded images and labels of a small TFDS split, read without decoding."""
   derived = _derived_split(split)
   if derived:
     base = tfds_records(name, data_dir, derived[0])
-    return base.subset(train_val_split(base.labels)[derived[1]])
+    return dataclasses.replace(base.subset(train_val_split(base.labels)[derived[1]]),
+                               identity=tfds_split(name, data_dir, split)[0])
   tfds = tensorflow_datasets()
   builder = tfds_builder(name, data_dir)
+  identity = tfds_split(name, data_dir, split)[0]
   logging.info("Reading the %d encoded images of TFDS %s:%s from %s",
                builder.info.splits[split].num_examples, name, split, builder.data_dir)
   decoders = {"image": tfds.decode.SkipDecoding()}
   if builder.info.file_format.value == "array_record":  # as_dataset reads tfrecord only.
     examples = list(builder.as_data_source(split=split, decoders=decoders))
     return Records(labels=np.asarray([example["label"] for example in examples], np.int32),
-                   encoded=np.asarray([example["image"] for example in examples], object))
+                   encoded=np.asarray([example["image"] for example in examples], object),
+                   identity=identity)
   dataset = builder.as_dataset(split=split, batch_size=-1, shuffle_files=False, decoders=decoders)
   arrays = tfds.as_numpy(dataset)
-  return Records(labels=arrays["label"].astype(np.int32), encoded=arrays["image"])
+  return Records(labels=arrays["label"].astype(np.int32), encoded=arrays["image"],
+                 identity=identity)
 
 
 def tfds_random_access(name: str, data_dir: str | None, split: str) -> Records:
@@ -190,7 +235,7 @@ def tfds_random_access(name: str, data_dir: str | None, split: str) -> Records:
                                   file_format="array_record")
   logging.info("Opened TFDS %s:%s in %s for random access: %d examples", name, split,
                builder.data_dir, len(source))
-  return Records(data_source=source)
+  return Records(data_source=source, identity=tfds_split(name, data_dir, split)[0])
 
 
 # ----------------------------------------------------------------------------- decoding

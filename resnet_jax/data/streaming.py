@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from resnet_jax.data import core, mean_cache
-from resnet_jax.data.sources import Records, naming_corrupt
+from resnet_jax.data.sources import Records, fingerprint, naming_corrupt
 
 PREFETCH_BATCHES = 2
 SYNTHETIC_POOL = 64  # Distinct synthetic images; examples cycle over them.
@@ -253,9 +253,10 @@ def _process_share(ids: np.ndarray) -> np.ndarray:
   return ids[jax.process_index()::jax.process_count()]
 
 
-def mean_image(config: ml_collections.ConfigDict, train: Records, cache_key: str) -> np.ndarray:
+def mean_image(config: ml_collections.ConfigDict, train: Records) -> np.ndarray:
   """The per-pixel mean (float32 [224, 224, 3]) of the centre views of up to MEAN_SAMPLE evenly
-  spaced training images, cached under `cache_key` in `config.cache_dir` (`mean_cache`)."""
+  spaced training images, cached in `config.cache_dir` (`mean_cache`) under what names those
+  images' data and the view."""
   from resnet_jax.data import imagenet  # pylint: disable=g-import-not-at-top
   from resnet_jax.data.sources import tensorflow  # pylint: disable=g-import-not-at-top
   tf = tensorflow()
@@ -281,14 +282,15 @@ def mean_image(config: ml_collections.ConfigDict, train: Records, cache_key: str
       total = multihost_utils.process_allgather(total.astype(np.int32)).sum(axis=0, dtype=np.int64)
     return total / len(ids)
 
-  return mean_cache.load_or_compute(f"{cache_key}-center{imagenet.CROP}-{len(ids)}", compute,
-                                    config.cache_dir)
+  view = f"centre {imagenet.CROP} of shorter side {imagenet.EVAL_SHORTER_SIDE}"
+  return mean_cache.load_or_compute(f"{fingerprint(train, ids)} {len(ids)} sampled {view}", compute,
+                                    config.cache_dir, shape=(imagenet.CROP, imagenet.CROP, 3))
 
 
 def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, evaluation: Records, *,
-                 name: str, num_classes: int, cache_key: str) -> StreamingDataset:
+                 name: str, num_classes: int) -> StreamingDataset:
   """A tf.data pipeline over encoded images with ImageNet's transforms (section 3.4), its mean
-  `mean_image` (cached under `cache_key`) or that image's channel means (`config.mean`)."""
+  `mean_image` (cached) or that image's channel means (`config.mean`)."""
   from resnet_jax.data import imagenet  # pylint: disable=g-import-not-at-top
   from resnet_jax.data.sources import tensorflow  # pylint: disable=g-import-not-at-top
   tf = tensorflow()
@@ -323,8 +325,9 @@ def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, 
   def eval_aspects():
     """The multi-scale aspect bucket of every evaluation image, from their sizes (cached)."""
     shapes = mean_cache.load_or_compute(
-        f"{cache_key}-eval-{config.eval_split}-{len(evaluation)}", lambda: image_shapes(evaluation),
-        config.cache_dir, kind="shapes", what="the evaluation images' sizes", dtype=np.int32)
+        f"{config.eval_split} {fingerprint(evaluation)}", lambda: image_shapes(evaluation),
+        config.cache_dir, shape=(len(evaluation), 2), dtype=np.int32, kind="shapes",
+        what="the evaluation images' sizes")
     distinct, index = np.unique(shapes, axis=0, return_inverse=True)
     return np.array([imagenet.multiscale_aspect(*shape) for shape in distinct])[index.reshape(-1)]
 
@@ -361,7 +364,7 @@ def from_records(config: ml_collections.ConfigDict, mesh: Mesh, train: Records, 
   logging.info("Streaming %s through tf.data: %d training examples (this process reads %d) and %d "
                "evaluation examples, read and decoded as the steps need them", name, len(train),
                len(train_ids), len(evaluation))
-  mean = mean_image(config, train, cache_key)
+  mean = mean_image(config, train)
   if config.mean == "per_channel":
     mean = mean.mean(axis=(0, 1), keepdims=True)
   return StreamingDataset(info, mesh, train_batches, eval_batches, tuple(imagenet.EVAL_PROTOCOLS),
