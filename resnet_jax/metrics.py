@@ -57,14 +57,6 @@ class _EventFile:
   def flush(self) -> None:
     self._file.flush()
 
-  def write_run(self, step: int, *, steps_run: int, wall_seconds: float, compile_seconds: float,
-                ended: str) -> None:
-    """The command's "run" record: the step it `ended` at ("done" or "preempted"), its steps and
-    its seconds by part."""
-    if self.active:
-      self._append({"step": step, "kind": "run", "ended": ended, "steps": steps_run, "seconds": {
-          "wall": wall_seconds, "compile": compile_seconds, **self.seconds}})
-
   def close(self) -> None:
     self._context.close()
 
