@@ -47,11 +47,16 @@ EXTRAS_REQUIRE = {
 
 setuptools.setup(
     name="resnet_jax",
-    version="0.1.0",
+    version="0.2.0",  # CHANGELOG.md
     description="Deep Residual Learning for Image Recognition, reproduced in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["resnet_jax", "resnet_jax.*"]),
+    license="Apache-2.0",
+    # The repository's configs/ installs as resnet_jax.configs (`--config=cifar_resnet110`).
+    packages=[*setuptools.find_packages(include=["resnet_jax", "resnet_jax.*"]),
+              "resnet_jax.configs"],
+    package_dir={"resnet_jax.configs": "configs"},
+    package_data={"resnet_jax": ["py.typed"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

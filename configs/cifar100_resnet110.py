@@ -2,8 +2,9 @@
 
 The paper reports no CIFAR-100 result; this is the recipe its successors use there.
 """
-from configs import cifar_resnet110, common
 from resnet_jax.data import config as data_config
+
+from . import cifar_resnet110, common
 
 
 def get_config(arg=None):

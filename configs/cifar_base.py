@@ -9,7 +9,7 @@ normalised each GPU's 64 images apart.
 """
 import ml_collections
 
-from configs import common
+from . import common
 
 
 def get_config(model: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,5 +1,5 @@
 """Fig. 6 (left): the plain 32-layer CIFAR-10 net, no shortcuts."""
-from configs import cifar_base
+from . import cifar_base
 
 
 def get_config(arg=None):

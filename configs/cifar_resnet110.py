@@ -1,5 +1,5 @@
 """Table 6: CIFAR-10 ResNet-110, with the 0.01 warm-up of Sec. 4.2."""
-from configs import cifar_base
+from . import cifar_base
 
 
 def get_config(arg=None):

@@ -1,5 +1,5 @@
 """Table 6: CIFAR-10 ResNet-1202 (option A)."""
-from configs import cifar_base
+from . import cifar_base
 
 
 def get_config(arg=None):

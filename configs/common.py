@@ -1,4 +1,4 @@
-"""Fields every run has, and the config arguments (`--config=configs/X.py:smoke`)."""
+"""Fields every run has, and the config arguments (`--config=cifar_resnet20:smoke`)."""
 import ml_collections
 
 from resnet_jax.data import config as data_config

@@ -11,7 +11,7 @@ Goyal et al. (2017, Sec. 5.1) reproduce it, and their 32 per worker at any batch
 """
 import ml_collections
 
-from configs import common
+from . import common
 
 
 def get_config(model: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -1,5 +1,5 @@
 """Table 2 / Fig. 4 (left): the plain 34-layer ImageNet net."""
-from configs import imagenet_base
+from . import imagenet_base
 
 
 def get_config(arg=None):

@@ -1,5 +1,5 @@
 """Tables 2-4: ImageNet ResNet-18 (option B)."""
-from configs import imagenet_base
+from . import imagenet_base
 
 
 def get_config(arg=None):

@@ -1,5 +1,5 @@
 """Table 2 / Fig. 4 (right): ResNet-18 with shortcut option A, as the paper's plain-vs-residual comparison."""
-from configs import imagenet_base
+from . import imagenet_base
 
 
 def get_config(arg=None):

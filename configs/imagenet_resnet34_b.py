@@ -1,5 +1,5 @@
 """Table 3: ResNet-34 with shortcut option B (Sec. 3.3)."""
-from configs import imagenet_base
+from . import imagenet_base
 
 
 def get_config(arg=None):

@@ -20,7 +20,7 @@ at batch 256.
 """
 import ml_collections
 
-from configs import common, imagenet_base
+from . import common, imagenet_base
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 BATCH_SIZE = 8_192

@@ -116,7 +116,7 @@ def measure(runners: dict[str, object], repeats: int, steps: int) -> dict[str, l
 def make_config(model: str, batch_size: int, dtype: str, batch_norm_group: int | None = None):
   """The model's training recipe (configs/), with synthetic data of the right shape; its batch
   norm groups (`config.batch_norm_group`) unless `batch_norm_group` is given."""
-  from configs import cifar_base, imagenet_base  # pylint: disable=g-import-not-at-top
+  from resnet_jax.configs import cifar_base, imagenet_base  # pylint: disable=g-import-not-at-top
   base = cifar_base if model.startswith("cifar_") else imagenet_base
   config = base.get_config(model)
   if batch_norm_group is not None:

@@ -8,10 +8,15 @@ process (the tests import the evaluator's library beside the sweeps' command lin
 """
 
 import difflib
+import importlib
+import importlib.machinery
+import importlib.util
 import logging as std_logging
 import os
+import pkgutil
 import re
 import sys
+import types
 from typing import NoReturn
 
 import ml_collections
@@ -42,64 +47,123 @@ def define_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 
 
+CONFIG_HELP = (
+    "The experiment's config: a config's name, one per experiment of the paper (e.g. "
+    "cifar_resnet110; they ship with the package as resnet_jax.configs, the repository's "
+    "configs/), or a config file X.py; `:smoke` after either makes a 20-step run on synthetic "
+    "data.")
+# The package that a config file's folder is loaded as, whatever the folder's name, so that it
+# shadows no module.
+CONFIG_FOLDER_PACKAGE = "resnet_jax_config_folder"
+
+
 def define_config_flag() -> flags.FlagHolder:
-  """--config, the experiment's config file, with its --config.FIELD=VALUE overrides."""
-  return config_flags.DEFINE_config_file(
-      "config", None, "Experiment config file, configs/X.py[:smoke]: one per experiment of the "
-      "paper.", lock_config=True)
+  """--config, the experiment's config, with its --config.FIELD=VALUE overrides.
+
+  Defined as a string for --help; `parse_config_flags` loads the config it names and defines the
+  flag anew as ml_collections' flag of that config, which takes the overrides.
+  """
+  return flags.DEFINE_string("config", None, CONFIG_HELP)
 
 
 def parse_config_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing for a command with --config (`define_config_flag`), but every bad flag,
-  override or config file is one line and exit status 2."""
+  override or config is one line and exit status 2."""
   help_if_asked(argv)
-  value = _config_value(argv)
+  value, argv = _take_config(argv)
   if not value:
-    fail("--config is missing; pass one of the repository's configs/*.py (one per experiment "
-         "of the paper), e.g. --config=configs/cifar_resnet20.py.")
-  # A config file in a package (configs/ is one) imports its siblings by the package's name
-  # (`from configs import cifar_base`): the folder above the package goes first on sys.path, so
-  # that the config loads from any working directory.
-  package = epath.Path(value.split(":", 1)[0]).absolute().parent
-  if (package / "__init__.py").is_file():
-    sys.path.insert(0, str(package.parent))
+    fail("--config is missing; pass a config's name, e.g. --config=cifar_resnet20 (README.md "
+         "lists them), or a config file.")
+  config = _load_config(value)
+  del flags.FLAGS.config
   try:
+    # Reads the overrides from `argv` and defines a flag for each.
+    config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, sys_argv=argv)
     argv = flags.FLAGS(argv)
-    flags.FLAGS["config"].value.keys()  # A config file that failed to load raises only when read.
   except (AttributeError, KeyError, TypeError):
     # ml_collections' answers to an override of a field the config lacks.
-    message = _unknown_override(argv, value)
-    if message is None:  # Not an override: a bug in the config file, whose traceback helps.
+    message = _unknown_override(argv, config)
+    if message is None:  # Not an override: a bug, whose traceback helps.
       raise
     fail(message)
-  except (flags.Error, OSError, SyntaxError) as error:
-    # Config-file errors arrive with their traceback as text; its last line names the problem.
+  except flags.Error as error:
     fail(str(error).strip().splitlines()[-1].strip())
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
   return argv
 
 
-def _config_value(argv: list[str]) -> str | None:
-  """The value of --config (`file.py[:arguments]`), as absl will read it from argv."""
-  for arg, following in zip(argv, [*argv[1:], None]):
+def _load_config(value: str) -> ml_collections.ConfigDict:
+  """The config of `--config=value`: `NAME[:ARG]`, a config of the package (resnet_jax.configs),
+  or `FILE.py[:ARG]`; ARG is passed to its get_config."""
+  source, *arg = value.split(":", 1)
+  module = _config_file(source) if source.endswith(".py") else _named_config(source)
+  try:
+    return module.get_config(*arg)
+  except ValueError as error:  # An argument the config does not take.
+    fail(f"--config={value}: {error}")
+
+
+def config_names() -> list[str]:
+  """The configs of the package, one per experiment, which --config takes by name."""
+  try:
+    from resnet_jax import configs  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    fail("the package's configs are not installed (in a checkout: pip install -e .); pass a "
+         "config file, e.g. --config=configs/cifar_resnet20.py.")
+  return sorted(module.name for module in pkgutil.iter_modules(configs.__path__)
+                if module.name not in configs.RECIPES)
+
+
+def _named_config(name: str) -> types.ModuleType:
+  names = config_names()
+  if name not in names:
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    fail(f"--config={name}: no such config{hint}; the configs are {', '.join(names)} (or a "
+         "config file, X.py).")
+  return importlib.import_module(f"resnet_jax.configs.{name}")
+
+
+def _config_file(path: str) -> types.ModuleType:
+  """The config file at `path`, imported as a module of its folder, which is loaded as the
+  package CONFIG_FOLDER_PACKAGE: the configs import each other relatively, from the
+  repository's configs/ as from the installed resnet_jax.configs."""
+  file = epath.Path(path).absolute()
+  if not file.is_file():
+    fail(f"--config={path}: no such file; pass a config's name (e.g. cifar_resnet20) or a "
+         "config file.")
+  init = file.parent / "__init__.py"
+  if init.is_file():
+    spec = importlib.util.spec_from_file_location(
+        CONFIG_FOLDER_PACKAGE, str(init), submodule_search_locations=[str(file.parent)])
+  else:
+    spec = importlib.machinery.ModuleSpec(CONFIG_FOLDER_PACKAGE, None, is_package=True)
+    spec.submodule_search_locations.append(str(file.parent))
+  package = sys.modules[CONFIG_FOLDER_PACKAGE] = importlib.util.module_from_spec(spec)
+  try:
+    if spec.loader:
+      spec.loader.exec_module(package)
+    return importlib.import_module(f"{CONFIG_FOLDER_PACKAGE}.{file.stem}")
+  except SyntaxError as error:
+    fail(f"--config={path}: {error}")
+
+
+def _take_config(argv: list[str]) -> tuple[str | None, list[str]]:
+  """The value of --config (`--config=VALUE` or `--config VALUE`), and argv without it."""
+  for index, arg in enumerate(argv):
     if arg in ("--config", "-config"):
-      return following
+      return (argv[index + 1] if index + 1 < len(argv) else None,
+              argv[:index] + argv[index + 2:])
     if arg.startswith(("--config=", "-config=")):
-      return arg.split("=", 1)[1]
-  return None
+      return arg.split("=", 1)[1], argv[:index] + argv[index + 1:]
+  return None, argv
 
 
-def _unknown_override(argv: list[str], value: str) -> str | None:
+def _unknown_override(argv: list[str], config: ml_collections.ConfigDict) -> str | None:
   """The error line for the first `--config.a.b` of argv that names no field of the config."""
   overrides = [match.group(1) for match in map(re.compile(r"--?config\.([^=]+)").match, argv)
                if match]
-  if not overrides:
-    return None
-  try:
-    config = flags.FLAGS["config"].parser.parse(value)
-  except Exception:  # pylint: disable=broad-except  # The file itself fails: its traceback helps.
-    return None
   for override in overrides:
     node, names = config, override.split(".")
     for depth, name in enumerate(names):

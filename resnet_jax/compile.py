@@ -1,7 +1,7 @@
 """Compiles a config's steps for a TPU topology on any machine, and says whether they fit.
 
-  python -m resnet_jax.compile --config=configs/imagenet_resnet50.py --topology=v5e:16x16
-  python -m resnet_jax.compile --config=configs/cifar_resnet110.py --topology=v6e:2x2 \\
+  python -m resnet_jax.compile --config=imagenet_resnet50 --topology=v5e:16x16
+  python -m resnet_jax.compile --config=cifar_resnet110 --topology=v6e:2x2 \\
       --config.batch_size=4096
 
 It builds what the trainer builds on that slice, from the same functions: the "data" mesh over

@@ -1,12 +1,13 @@
 """Trains and evaluates a network of the paper.
 
-  python -m resnet_jax.main --config=configs/cifar_resnet110.py --workdir=/tmp/resnet110
-  python -m resnet_jax.main --config=configs/cifar_resnet20.py:smoke --workdir=/tmp/smoke
+  python -m resnet_jax.main --config=cifar_resnet110 --workdir=/tmp/resnet110
+  python -m resnet_jax.main --config=cifar_resnet20:smoke --workdir=/tmp/smoke
 
-Configs are the files configs/*.py of the repository, one per experiment of the paper
-(README.md's table); `:smoke` after the file name makes a 20-step run on synthetic data.
-Any config field can be overridden (`--config.batch_size=256`); list them all, with their
-values, by `python -m resnet_jax.main --config=configs/cifar_resnet20.py --list_fields`.
+--config names one of the configs that ship with the package, one per experiment of the paper
+(README.md's table; the repository's configs/*.py), or a config file (configs/X.py); `:smoke`
+after either makes a 20-step run on synthetic data. Any config field can be overridden
+(`--config.batch_size=256`); list them all, with their values, by
+`python -m resnet_jax.main --config=cifar_resnet20 --list_fields`.
 
 Exit status: 0 done; 2 the run could not start (a bad command line or config, a missing
 dataset, an unusable workdir) and nothing was trained; 1 the run failed once training had

@@ -1,7 +1,8 @@
 """`python -m resnet_jax.main` as a user meets it: --help, --list_fields, typos, exit statuses.
 
 Each test runs the trainer from a directory outside the repository, with only the package
-importable (as an install would make it), so the configs must load from anywhere.
+importable, laid out as an install lays it out (configs/ as resnet_jax.configs), so the configs
+must load from anywhere.
 """
 import os
 import subprocess
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 
+import configs
 import processes
 
 CONFIGS = os.path.join(processes.REPO, "configs")
@@ -20,8 +22,10 @@ def trainer(tmp_path, *args: str, unset: tuple[str, ...] = (), **env: str
   """The trainer run in `tmp_path`, importing this checkout's package and nothing else of it."""
   site = tmp_path / "site"
   if not site.exists():
-    site.mkdir()
-    (site / "resnet_jax").symlink_to(os.path.join(processes.REPO, "resnet_jax"))
+    (site / "resnet_jax").mkdir(parents=True)
+    for name in os.listdir(os.path.join(processes.REPO, "resnet_jax")):
+      (site / "resnet_jax" / name).symlink_to(os.path.join(processes.REPO, "resnet_jax", name))
+    (site / "resnet_jax" / "configs").symlink_to(CONFIGS)
   env = dict(processes.environment(8), PYTHONPATH=str(site), **env)
   for name in unset:
     env.pop(name, None)
@@ -37,8 +41,8 @@ def lines(text: str) -> list[str]:
 def test_help_exits_0_and_says_where_the_configs_are_and_how_to_list_their_fields(tmp_path, flag):
   completed = trainer(tmp_path, flag)
   assert completed.returncode == 0, completed.stderr
-  assert "configs/*.py of the repository, one per experiment" in completed.stdout
-  assert "--config=configs/cifar_resnet20.py --list_fields" in completed.stdout
+  assert "--config names one of the configs that ship with the package" in completed.stdout
+  assert "--config=cifar_resnet20 --list_fields" in completed.stdout
   assert "Exit status: 0 done; 2 the run could not start" in completed.stdout
 
 
@@ -54,6 +58,26 @@ def test_list_fields_prints_each_field_as_the_flag_that_overrides_it(tmp_path):
   overrides = [field for field in fields if "# unset" not in field]
   again = trainer(tmp_path, f"--config={CONFIGS}/cifar_resnet110.py", *overrides, "--list_fields")
   assert again.returncode == 0 and again.stdout == completed.stdout, again.stderr
+
+
+@pytest.mark.parametrize("arg", ["", ":smoke"])
+def test_a_config_by_name_is_the_config_file_of_that_name(tmp_path, arg):
+  by_name = trainer(tmp_path, f"--config=cifar_resnet110{arg}", "--list_fields")
+  by_file = trainer(tmp_path, f"--config={CONFIGS}/cifar_resnet110.py{arg}", "--list_fields")
+  assert by_name.returncode == 0 and by_name.stderr == "", by_name.stderr
+  assert by_name.stdout == by_file.stdout
+
+
+def test_an_unknown_config_name_is_one_line_that_lists_the_names_and_status_2(tmp_path):
+  completed = trainer(tmp_path, "--config=cifar_resnt20", f"--workdir={tmp_path}/w")
+  experiments = sorted(name.removesuffix(".py") for name in os.listdir(CONFIGS)
+                       if name.endswith(".py") and name.removesuffix(".py") not in (
+                           "__init__", *configs.RECIPES))
+  assert completed.returncode == 2
+  assert lines(completed.stderr) == [
+      "error: --config=cifar_resnt20: no such config (did you mean cifar_resnet20?); the "
+      f"configs are {', '.join(experiments)} (or a config file, X.py)."]
+  assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("override,field,suggestion", [

@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import configs
 from resnet_jax import data, models, optim, train
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
-                     if p.stem not in ("__init__", "common", "cifar_base", "imagenet_base"))
+                     if p.stem != "__init__" and p.stem not in configs.RECIPES)
 # Deep ImageNet nets and ResNet-1202 take a minute or more to compile on 2 CPU cores.
 SLOW = {"cifar_resnet1202", "imagenet_resnet50", "imagenet_resnet101", "imagenet_resnet152",
         "imagenet_resnet50_goyal8k"}

@@ -1,4 +1,5 @@
-"""setup.py declares exactly what the code imports, in the extra that needs it.
+"""setup.py declares exactly what the code imports, in the extra that needs it; the wheel holds
+the configs, and trains by a config's name outside the checkout.
 
 `pip install resnet_jax` is the models alone (no TensorFlow); `[train]` adds the trainer, its
 data pipelines and the report; `[test]` and `[benchmark]` add theirs.
@@ -6,10 +7,14 @@ data pipelines and the report; `[test]` and `[benchmark]` add theirs.
 import ast
 import os
 import pathlib
+import re
 import runpy
+import shutil
+import site
 import subprocess
 import sys
 import types
+import zipfile
 
 import pytest
 from packaging.requirements import Requirement
@@ -38,11 +43,13 @@ FIRST_PARTY = {"resnet_jax", "configs", "experiments", "processes", "torchvision
 # Declared and never imported by name: TFDS's dataset builders import importlib_resources
 # without declaring it; pytest loads its plugins.
 UNIMPORTED = {"importlib-resources", "pytest-xdist", "pytest-timeout"}
+# The files setup.py builds the wheel from.
+WHEEL_SOURCES = ("setup.py", "README.md", "LICENSE", "resnet_jax", "configs")
 
 
 @pytest.fixture(scope="module")
-def requirements() -> dict[str, list[Requirement]]:
-  """setup.py's requirements by extra ("" for install_requires), as setuptools receives them."""
+def setup_arguments() -> dict:
+  """The arguments setup.py gives setuptools.setup."""
   arguments = {}
   fake = types.ModuleType("setuptools")
   fake.setup, fake.find_packages = arguments.update, lambda **kwargs: []
@@ -50,6 +57,13 @@ def requirements() -> dict[str, list[Requirement]]:
     patch.setitem(sys.modules, "setuptools", fake)
     patch.chdir(REPO)
     runpy.run_path("setup.py")
+  return arguments
+
+
+@pytest.fixture(scope="module")
+def requirements(setup_arguments) -> dict[str, list[Requirement]]:
+  """setup.py's requirements by extra ("" for install_requires), as setuptools receives them."""
+  arguments = setup_arguments
   extras = {"": arguments["install_requires"], **arguments["extras_require"]}
   return {extra: [Requirement(line) for line in lines] for extra, lines in extras.items()}
 
@@ -88,8 +102,10 @@ def distributions(names: set[str]) -> set[str]:
 
 
 def package_modules():
-  for path in sorted((REPO / "resnet_jax").rglob("*.py")):
-    name = path.relative_to(REPO / "resnet_jax").with_suffix("").as_posix()
+  """Each module of the package as `resnet_jax/{name}.py`, the configs (resnet_jax.configs)
+  among them, with the extra it needs."""
+  for path in sorted([*(REPO / "resnet_jax").rglob("*.py"), *(REPO / "configs").glob("*.py")]):
+    name = path.relative_to(REPO).with_suffix("").as_posix().removeprefix("resnet_jax/")
     extra = "" if name in CORE_MODULES else "benchmark" if name in BENCHMARK_MODULES else "train"
     yield path, name, extra
 
@@ -168,3 +184,59 @@ def test_a_models_only_install_brings_no_tensorflow(tmp_path):
   # 0.27M parameters (Table 6); nothing of the trainer's installed but optax, which flax needs.
   assert check.stdout.split("\n")[:2] == ["269722", "['ml_collections', 'tensorflow', "
                                           "'tensorflow_datasets']"], check.stdout
+
+
+def test_the_changelog_opens_with_the_version(setup_arguments):
+  heading = re.search(r"^## (\S+)", (REPO / "CHANGELOG.md").read_text(), re.M)
+  assert heading and heading.group(1) == setup_arguments["version"]
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_configs_and_trains_by_a_config_name_outside_the_checkout(tmp_path):
+  # Built from a copy: a build in the checkout would leave build/ there, whose stale files a
+  # later build ships.
+  source = tmp_path / "source"
+  source.mkdir()
+  for name in WHEEL_SOURCES:
+    (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, source / name)
+  pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+  build = subprocess.run([*pip, "wheel", "--no-deps", "-w", tmp_path / "dist", source],
+                         capture_output=True, text=True, timeout=600)
+  assert build.returncode == 0, build.stderr[-3000:]
+  (wheel,) = (tmp_path / "dist").glob("resnet_jax-*.whl")
+  names = set(zipfile.ZipFile(wheel).namelist())
+  assert {f"resnet_jax/configs/{path.name}" for path in (REPO / "configs").glob("*.py")} <= names
+  assert "resnet_jax/py.typed" in names
+  assert any(re.fullmatch(r"resnet_jax-[^/]+\.dist-info/(licenses/)?LICENSE", n) for n in names)
+  assert not [n for n in names if not n.startswith("resnet_jax")], names
+
+  # A fresh venv holding the wheel, installed as a user installs it; its dependencies are this
+  # environment's, through a .pth line, which adds their folders to sys.path without running
+  # the .pth files there: an editable install of the checkout stays out.
+  venv = tmp_path / "venv"
+  subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=300)
+  python = str(venv / "bin" / "python")
+  site_packages = subprocess.run(
+      [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+      capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+  (pathlib.Path(site_packages) / "dependencies.pth").write_text(
+      "\n".join(site.getsitepackages()) + "\n")
+  install = subprocess.run([*pip, "--python", python, "install", "--no-deps", "--no-compile",
+                            wheel], capture_output=True, text=True, timeout=600)
+  assert install.returncode == 0, install.stderr[-3000:]
+
+  run = tmp_path / "run"
+  run.mkdir()
+  environment = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+  where = subprocess.run(
+      [python, "-c", "import importlib.util, resnet_jax\n"
+       "print(resnet_jax.__file__, importlib.util.find_spec('configs'))"],
+      cwd=run, capture_output=True, text=True, timeout=60, env=environment)
+  assert where.stdout.split() == [f"{site_packages}/resnet_jax/__init__.py", "None"], where
+  smoke = subprocess.run(
+      [python, "-m", "resnet_jax.main", "--config=cifar_resnet20:smoke",
+       "--config.model=cifar_resnet8", "--config.num_train_steps=2", "--config.lr_boundaries=(1,)",
+       "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2", f"--workdir={run}/w"],
+      cwd=run, capture_output=True, text=True, timeout=600, env=environment)
+  assert smoke.returncode == 0, smoke.stderr[-3000:]
+  assert "done: 2 steps" in smoke.stderr
