@@ -18,18 +18,18 @@ TRAIN_REQUIRES = [
     "ml_collections>=1.1.0,<2",
     "absl-py>=2.1",
     "tensorboardX>=2.6",
-    "matplotlib>=3.8",  # resnet_jax.report's figures.
+    "matplotlib>=3.8",  # resnet_jax.tools.report's figures.
     # tensorflow-cpu has no wheel for Linux aarch64 (GH200 and GB200 hosts): there, tensorflow's
     # own (resnet_jax.data.sources hides the GPUs from TensorFlow either way).
     "tensorflow-cpu>=2.21.0,<2.22; platform_machine != 'aarch64'",
     "tensorflow>=2.21.0,<2.22; platform_machine == 'aarch64'",
     "tensorflow-datasets>=4.9.10,<5",
-    # TFDS's dataset builders (resnet_jax.data.prepare) import it; TFDS does not declare it.
+    # TFDS's dataset builders (resnet_jax.tools.prepare) import it; TFDS does not declare it.
     "importlib_resources>=6",
-    "requests>=2.31",  # resnet_jax.data.prepare checks the network with it, as TFDS downloads.
+    "requests>=2.31",  # resnet_jax.tools.prepare checks the network with it, as TFDS downloads.
 ]
-# grain: the input-pipeline benchmark's comparison (resnet_jax.data.benchmark).
-# torch: the baseline of resnet_jax.benchmark, and the PyTorch twins that torchvision weights and
+# grain: the input-pipeline benchmark's comparison (resnet_jax.tools.input_benchmark).
+# torch: the baseline of resnet_jax.tools.benchmark, and the PyTorch twins that torchvision weights and
 # pre-activation nets are tested against (tests/test_torchvision.py, tests/test_preactivation.py);
 # its 2.13.0 CPU wheel is for Python 3.11, so those tests run in CI's Python 3.11 suite and skip
 # elsewhere, where you install the torch you want.

@@ -4,17 +4,17 @@
     python benchmarks/cpu_ladder.py --layers   # one 3x3 convolution per CIFAR stage, in isolation
 
 Variants, each adding one change to the one before: XLA's defaults (flax's `nnx.Conv` and
-`nnx.BatchNorm`, default compiler options: what `models.create` builds by default); `ops.Conv`'s
-weight gradient; `ops.compiler_options("cpu")`; `ops.BatchNorm`'s four-sum gradient with XLA's
-reductions; its sums as matrix products (`ops._channel_sums`), the last being what the trainer
-runs on CPU (`ops.training_layers("cpu")`). Each is the trainer's own `train.train_step` on data
+`nnx.BatchNorm`, default compiler options: what `models.create` builds by default); `cpu_kernels.Conv`'s
+weight gradient; `cpu_kernels.compiler_options("cpu")`; `cpu_kernels.BatchNorm`'s four-sum gradient with XLA's
+reductions; its sums as matrix products (`cpu_kernels._channel_sums`), the last being what the trainer
+runs on CPU (`cpu_kernels.training_layers("cpu")`). Each is the trainer's own `loop.train_step` on data
 already on the device, its model built with the variant's conv and norm (the fourth's with
 `matmul_sum_channels=0`; every batch norm over the whole batch, as before batch norm groups,
 `config.batch_norm_group`), and all are timed in alternating
-repeats (`resnet_jax.benchmark.measure`) so that they see the same machine load. With
---layers it times instead the forward pass, input gradient and `ops.weight_gradient` of one
+repeats (`resnet_jax.tools.benchmark.measure`) so that they see the same machine load. With
+--layers it times instead the forward pass, input gradient and `cpu_kernels.weight_gradient` of one
 3x3 convolution of each CIFAR stage at batch 128, compiled with XLA's default options and
-with `ops.compiler_options("cpu")`. Figures in BENCHMARKS.md.
+with `cpu_kernels.compiler_options("cpu")`. Figures in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from resnet_jax import benchmark, data, models, ops, optim, train  # pylint: disable=g-import-not-at-top
+from resnet_jax.tools import benchmark  # pylint: disable=g-import-not-at-top
+from resnet_jax import data, models  # pylint: disable=g-import-not-at-top
+from resnet_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
+from resnet_jax.training import optim, loop  # pylint: disable=g-import-not-at-top
 
 
 CIFAR_STAGES = ((32, 16), (16, 32), (8, 64))  # (spatial size, channels) of each stage.
@@ -48,14 +51,14 @@ def time_layers(batch: int, repeats: int) -> None:
   passes = {
       "forward": lambda x, w, dy: conv(x, w),
       "input gradient": lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0],
-      "weight gradient": lambda x, w, dy: ops.weight_gradient(x, dy, w.shape, (1, 1), padding),
+      "weight gradient": lambda x, w, dy: cpu_kernels.weight_gradient(x, dy, w.shape, (1, 1), padding),
   }
   rng = np.random.default_rng(0)
   for size, channels in CIFAR_STAGES:
     x, dy = (jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32)
              for _ in range(2))
     w = jnp.asarray(rng.standard_normal((3, 3, channels, channels)), jnp.float32)
-    for label, options in (("XLA defaults", None), ("ops.compiler_options()", ops.compiler_options("cpu"))):
+    for label, options in (("XLA defaults", None), ("cpu_kernels.compiler_options()", cpu_kernels.compiler_options("cpu"))):
       cells = []
       for name, fn in passes.items():
         compiled = jax.jit(fn, compiler_options=options).lower(x, w, dy).compile()
@@ -89,24 +92,24 @@ def main() -> None:
       images=jnp.asarray(rng.standard_normal((args.batch, size, size, 3), np.float32)),
       labels=jnp.asarray(rng.integers(0, classes, args.batch, dtype=np.int32)),
       mask=jnp.ones(args.batch, bool))
-  cpu_options = ops.compiler_options("cpu")
-  reductions = functools.partial(ops.BatchNorm, matmul_sum_channels=0)
+  cpu_options = cpu_kernels.compiler_options("cpu")
+  reductions = functools.partial(cpu_kernels.BatchNorm, matmul_sum_channels=0)
   variants = (  # (name, compiler options, convolution, batch norm)
       ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm),
-      ("+ ops weight gradient", None, ops.Conv, nnx.BatchNorm),
-      ("+ ops.compiler_options()", cpu_options, ops.Conv, nnx.BatchNorm),
-      ("+ ops.BatchNorm, XLA's sums", cpu_options, ops.Conv, reductions),
-      ("+ matrix-product sums", cpu_options, ops.Conv, ops.BatchNorm),
+      ("+ ops weight gradient", None, cpu_kernels.Conv, nnx.BatchNorm),
+      ("+ cpu_kernels.compiler_options()", cpu_options, cpu_kernels.Conv, nnx.BatchNorm),
+      ("+ cpu_kernels.BatchNorm, XLA's sums", cpu_options, cpu_kernels.Conv, reductions),
+      ("+ matrix-product sums", cpu_options, cpu_kernels.Conv, cpu_kernels.BatchNorm),
   )
   runners = {}
   for name, options, conv, norm in variants:
     model = models.create(config.model, num_classes=classes, rngs=nnx.Rngs(config.seed),
                           conv=conv, norm=norm, **config.model_overrides)
     tx = optim.create(config)
-    step = lambda state, batch, tx=tx: train.train_step(config, tx, state, batch)[0]
+    step = lambda state, batch, tx=tx: loop.train_step(config, tx, state, batch)[0]
     runners[name] = benchmark.Runner(
         jax.jit(step, donate_argnums=0, compiler_options=options),
-        train.create_train_state(config, model, tx), batch)
+        loop.create_train_state(config, model, tx), batch)
   times = benchmark.measure(runners, args.repeats, args.steps)
   print(f"{args.model}, batch {args.batch}, float32, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}; {args.repeats} alternating repeats of {args.steps} steps")

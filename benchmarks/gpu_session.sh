@@ -50,11 +50,11 @@ step 180 python3 benchmarks/torch_baseline.py --model=resnet50 --batch=$(size 25
 
 # 2. CIFAR ResNet-20 and ResNet-110 at batch 128 with the on-device input pipeline in the
 #    step: 64,000 steps at the median step time must take at most 2 and 10 minutes.
-step 45 python3 -m resnet_jax.benchmark --model=cifar_resnet20 --batch=$(size 128 8) \
+step 45 python3 -m resnet_jax.tools.benchmark --model=cifar_resnet20 --batch=$(size 128 8) \
   --steps=$(size 200 1) --repeats=$(size 5 1) --input_pipeline
-step 60 python3 -m resnet_jax.benchmark --model=cifar_resnet110 --batch=$(size 128 8) \
+step 60 python3 -m resnet_jax.tools.benchmark --model=cifar_resnet110 --batch=$(size 128 8) \
   --steps=$(size 100 1) --repeats=$(size 5 1) --input_pipeline
 
 # 3. What XLA's deterministic GPU ops cost (RELIABILITY.md), against the runs above.
-XLA_FLAGS=--xla_gpu_deterministic_ops=true step 40 python3 -m resnet_jax.benchmark \
+XLA_FLAGS=--xla_gpu_deterministic_ops=true step 40 python3 -m resnet_jax.tools.benchmark \
   --model=cifar_resnet20 --batch=$(size 128 8) --steps=$(size 200 1) --repeats=$(size 5 1)

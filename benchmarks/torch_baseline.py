@@ -20,7 +20,7 @@ by default), and every timed repeat ends in torch.cuda.synchronize.
 
 With --compare, the JAX and PyTorch steps are timed in alternating repeats, so
 both see the same background load. The JAX side runs in a child process,
-`python -m resnet_jax.benchmark --serve` (each repeat on request), of the
+`python -m resnet_jax.tools.benchmark --serve` (each repeat on request), of the
 interpreter `--jax_python` names (default: this one), so the two can come from
 different environments: the newest jax needs Python 3.12, PyTorch 2.13 may not
 install there. PyTorch is a benchmark-only extra (`pip install -e .[benchmark]`);
@@ -127,7 +127,7 @@ class ResNet(nn.Module):
 
 
 class TorchRunner:
-  """The `resnet_jax.benchmark.Runner` interface for a PyTorch step on `device`."""
+  """The `resnet_jax.tools.benchmark.Runner` interface for a PyTorch step on `device`."""
 
   def __init__(self, step, device: torch.device, warmup: int = 3):
     self._step, self._device = step, device
@@ -150,7 +150,7 @@ class TorchRunner:
 
 
 class JaxServer:
-  """`python -m resnet_jax.benchmark --serve` in a child process of `python`: resnet_jax's
+  """`python -m resnet_jax.tools.benchmark --serve` in a child process of `python`: resnet_jax's
   "train" and "eval" steps, timed on request."""
 
   def __init__(self, python: str, model: str, batch: int, dtype: str):
@@ -158,7 +158,7 @@ class JaxServer:
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ}
     # Batch norm over the whole batch, as nn.BatchNorm2d's: the same work on both sides.
     self._process = subprocess.Popen(
-        [python, "-m", "resnet_jax.benchmark", f"--model={model}", f"--batch={batch}",
+        [python, "-m", "resnet_jax.tools.benchmark", f"--model={model}", f"--batch={batch}",
          f"--dtype={dtype}", "--batch_norm_group=0", "--serve"],
         cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     self._header = None

@@ -16,7 +16,7 @@ def base(dataset: str) -> ml_collections.ConfigDict:
       "preact": False, "zero_init_last_bn": False})
   config.dataset = data_config.default_config(dataset)
   config.seed = 0
-  # SGD with momentum 0.9 and weight decay 1e-4 (Sec. 3.4); see resnet_jax/optim.py.
+  # SGD with momentum 0.9 and weight decay 1e-4 (Sec. 3.4); see resnet_jax/training/optim.py.
   config.momentum = 0.9
   config.weight_decay = 1e-4
   config.weight_decay_batch_norm = True  # Decay BN scales and shifts too (see optim.py).

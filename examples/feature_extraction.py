@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resnet_jax import models, pretrained
+from resnet_jax import models
+from resnet_jax.models import pretrained
 
 # torchvision's ImageNet normalisation of RGB images in [0, 1].
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)

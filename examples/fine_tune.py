@@ -22,7 +22,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from resnet_jax import models, ops, pretrained
+from resnet_jax import models
+from resnet_jax.models import cpu_kernels, pretrained
 
 # torchvision's ImageNet normalisation of RGB images in [0, 1].
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -87,7 +88,7 @@ def main() -> None:
   # options (None elsewhere). Every batch has the shapes of the first.
   step = nnx.jit(train_step).lower(
       model, optimizer, normalise(pixels[first]), jnp.asarray(labels[first])
-  ).compile(compiler_options=ops.compiler_options(jax.default_backend()))
+  ).compile(compiler_options=cpu_kernels.compiler_options(jax.default_backend()))
   for i in range(args.steps):
     batch = batches[i % len(batches)]
     loss = step(model, optimizer, normalise(pixels[batch]), jnp.asarray(labels[batch]))

@@ -4,7 +4,7 @@
   python -m experiments.fit_table --write_doc
 
 `--run` compiles each entry of ENTRIES not yet in the records file with
-`python -m resnet_jax.compile` (libtpu; an ImageNet net takes minutes on 2 cores, so run it in
+`python -m resnet_jax.training.compile` (libtpu; an ImageNet net takes minutes on 2 cores, so run it in
 the background), one entry after another, appending its steps to the records file as it goes:
 stopped anywhere, the same command carries on with the entries still missing. `--write_doc`
 renders the records as the table between the fit-table markers of docs/running_at_scale.md.
@@ -83,7 +83,7 @@ def run_entries(path: pathlib.Path) -> int:
       continue
     with tempfile.TemporaryDirectory() as scratch:
       steps = pathlib.Path(scratch) / "steps.jsonl"
-      command = [sys.executable, "-m", "resnet_jax.compile", f"--config=configs/{config}.py",
+      command = [sys.executable, "-m", "resnet_jax.training.compile", f"--config=configs/{config}.py",
                  f"--topology={topology}", *overrides, f"--record={steps}",
                  *(["--largest_batch"] if largest else [])]
       print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[1:])}", flush=True)

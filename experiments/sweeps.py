@@ -8,7 +8,7 @@ run, for a fleet of TPU VMs or GPU hosts; `--run` runs them one after another
 here. Each member trains in `<workdir>/<config name>/seed<k>`. A sweep of a table
 the paper reports by another test protocol than the configs' centre view (10-crop
 for Tables 2 and 3, multi-scale for Table 4) follows training with
-`python -m resnet_jax.evaluate` of the final checkpoint by that protocol. A member
+`python -m resnet_jax.training.evaluate` of the final checkpoint by that protocol. A member
 with a `summary.json` (and that evaluation) has finished and is skipped; one with
 checkpoints but no summary was stopped and its command resumes it (the trainer
 restores the newest checkpoint of its workdir); one trained but not yet evaluated
@@ -36,7 +36,7 @@ from absl import app, flags
 from etils import epath
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-PREEMPTED_EXIT_CODE = 75  # resnet_jax.train.PREEMPTED_EXIT_CODE, without importing jax here.
+PREEMPTED_EXIT_CODE = 75  # resnet_jax.training.loop.PREEMPTED_EXIT_CODE, without importing jax here.
 SCHEDULES = ("full", "short")
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 
@@ -100,7 +100,7 @@ class Member:
   seed: int
   workdir: epath.Path
   command: tuple[str, ...]  # argv, starting with "python".
-  # `python -m resnet_jax.evaluate` of the final checkpoint by the sweep's protocol, and the
+  # `python -m resnet_jax.training.evaluate` of the final checkpoint by the sweep's protocol, and the
   # file it writes; None where the run's own evaluation is the paper's protocol.
   evaluation: tuple[str, ...] | None = None
   evaluation_file: epath.Path | None = None
@@ -182,7 +182,7 @@ def plan(sweep_name: str, workdir: epath.PathLike, schedule: str | None = None,
                  f"--workdir={member_dir}", f"--config.seed={seed}", *extra)
       evaluation = evaluation_file = None
       if sweep.eval_protocol != "center":
-        evaluation = ("python", "-m", "resnet_jax.evaluate", f"--workdir={member_dir}",
+        evaluation = ("python", "-m", "resnet_jax.training.evaluate", f"--workdir={member_dir}",
                       f"--checkpoint={final_step}", f"--eval_protocol={sweep.eval_protocol}")
         evaluation_file = member_dir / "evaluations" / f"{final_step}-{sweep.eval_protocol}.json"
       members.append(Member(config, seed, member_dir, command, evaluation, evaluation_file))

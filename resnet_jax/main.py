@@ -25,7 +25,7 @@ from typing import Iterator
 import ml_collections
 from absl import app, flags, logging
 
-from resnet_jax import cli
+from resnet_jax.training import cli
 
 _CONFIG = cli.define_config_flag()
 _LIST_FIELDS = flags.DEFINE_bool(
@@ -60,14 +60,15 @@ def main(argv):
     print("\n".join(_fields(_CONFIG.value)))
     return
   cli.start()
-  from resnet_jax import checkpoints, claim, data, train
+  from resnet_jax.training import checkpoints, claim, loop
+  from resnet_jax import data
   logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
   try:
-    train.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
-  except train.StartupError as error:
+    loop.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+  except loop.StartupError as error:
     cli.fail(str(error), cli.USAGE_ERROR)
   # OSError: a disk failing; CorruptImageError: a bad file met mid-run by the streaming path.
-  except (train.NonFiniteError, OSError, data.CorruptImageError, claim.LostClaimError) as error:
+  except (loop.NonFiniteError, OSError, data.CorruptImageError, claim.LostClaimError) as error:
     cli.fail(str(error), cli.RUN_FAILED)
 
 

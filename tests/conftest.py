@@ -11,7 +11,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TensorFlow must never see a GPU.
 
-from resnet_jax import cli  # pylint: disable=wrong-import-position
+from resnet_jax.training import cli  # pylint: disable=wrong-import-position
 
 cli.quiet()  # libtpu, where installed, compiles for TPUs here and must not complain of no TPU.
 

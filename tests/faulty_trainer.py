@@ -33,7 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint._src.path import atomicity
 
-from resnet_jax import train
+from resnet_jax.training import loop
 
 FAULT = sys.argv.pop(1)
 KIND, _, ARG = FAULT.partition(":")
@@ -62,7 +62,7 @@ async def _on_commit(tmp_dir, **kwargs):
     strike()
 
 
-_reached = train._Preemption.reached  # Called once after every step.
+_reached = loop._Preemption.reached  # Called once after every step.
 
 
 def _after_step(self, step):
@@ -82,7 +82,7 @@ def _after_step(self, step):
   return _reached(self, step)
 
 
-_compile = train._compile  # Compiles the train step ahead of the loop.
+_compile = loop._compile  # Compiles the train step ahead of the loop.
 
 
 def _signalling_compile(train_fn, state, inputs):
@@ -100,7 +100,7 @@ def _signalling_compile(train_fn, state, inputs):
   return step_fn, seconds
 
 
-_create_model = train.create_model
+_create_model = loop.create_model
 
 
 def _signalled_create_model(*args, **kwargs):
@@ -110,17 +110,17 @@ def _signalled_create_model(*args, **kwargs):
 
 atomicity.on_commit_callback = _on_commit
 if KIND == "compile":
-  train.train_step = strike
+  loop.train_step = strike
 elif KIND == "eval":
-  train.evaluate = strike
+  loop.evaluate = strike
 elif KIND == "sigterm-running":
-  train._compile = _signalling_compile
+  loop._compile = _signalling_compile
 elif KIND == "sigterm-startup":
-  train.create_model = _signalled_create_model
+  loop.create_model = _signalled_create_model
 elif KIND == "restore":
   ocp.CheckpointManager.restore = strike
 elif KIND in ("step", "sigterm", "pause", "fill", "hold"):
-  train._Preemption.reached = _after_step
+  loop._Preemption.reached = _after_step
 elif KIND not in ("commit", "committed"):
   sys.exit(f"unknown fault {FAULT!r}")
 runpy.run_module("resnet_jax.main", run_name="__main__", alter_sys=True)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax import analysis, models
+from resnet_jax.models import analysis
+from resnet_jax.training import metrics
+from resnet_jax import models
 
 
 def _randomize_batch_norms(model, seed=0):
@@ -73,7 +75,7 @@ def test_training_curves_read_metrics_and_keep_the_last_record_of_a_step(tmp_pat
       {"step": 20, "kind": "eval", "top1_error": 70.0},
   ]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-  curves = analysis.training_curves([tmp_path, tmp_path / "missing"])
+  curves = metrics.training_curves([tmp_path, tmp_path / "missing"])
   run = curves[str(tmp_path)]
   np.testing.assert_array_equal(run["train_step"], [10, 20])
   np.testing.assert_allclose(run["train_error"], [90.0, 60.0])

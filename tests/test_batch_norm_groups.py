@@ -1,4 +1,4 @@
-"""Batch norm over groups of images (`models.BatchNorm`, `ops.BatchNorm`, `batch_norm_group`).
+"""Batch norm over groups of images (`models.BatchNorm`, `cpu_kernels.BatchNorm`, `batch_norm_group`).
 
 Each group of G consecutive images must be normalised as nnx.BatchNorm normalises that group
 alone, in value and gradient to rounding, on one device or sharded over eight, and on two
@@ -19,12 +19,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import processes
 from configs import cifar_resnet20, imagenet_base
-from resnet_jax import checkpoints, data, models, ops, optim, train
+from resnet_jax.training import checkpoints, optim, loop
+from resnet_jax import data, models
+from resnet_jax.models import cpu_kernels
 
 CHANNELS = 6
 # The flax layer; the CPU kernel with its sums as matrix products and as XLA's reductions.
-LAYERS = {"models": models.BatchNorm, "ops": ops.BatchNorm,
-          "ops_reductions": functools.partial(ops.BatchNorm, matmul_sum_channels=0)}
+LAYERS = {"models": models.BatchNorm, "ops": cpu_kernels.BatchNorm,
+          "ops_reductions": functools.partial(cpu_kernels.BatchNorm, matmul_sum_channels=0)}
 SCALE, BIAS = jnp.linspace(0.5, 2.0, CHANNELS), jnp.linspace(-1.0, 1.0, CHANNELS)
 
 
@@ -166,8 +168,8 @@ def test_sharded_over_eight_devices_as_on_one(layer, group_size):
 def _train_step_program(config, model, batch) -> str:
   """The jaxpr of the trainer's step for `model`: what XLA compiles."""
   tx = optim.create(config)
-  state = train.create_train_state(config, model, tx)
-  return str(jax.make_jaxpr(functools.partial(train.train_step, config, tx))(state, batch))
+  state = loop.create_train_state(config, model, tx)
+  return str(jax.make_jaxpr(functools.partial(loop.train_step, config, tx))(state, batch))
 
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])  # ops' kernels, and flax's layers.
@@ -176,12 +178,12 @@ def test_group_0_is_the_whole_batch_code(platform):
   config.update(model="cifar_resnet8", batch_norm_group=0)
   batch = data.Batch(images=images((8, 32, 32, 3)), labels=jnp.arange(8) % 10,
                      mask=jnp.ones((8,), bool))
-  model = train.create_model(config, 10, 0, platform)
-  # What the trainer built before batch norm groups: nnx.BatchNorm, or ops.BatchNorm on CPU.
+  model = loop.create_model(config, 10, 0, platform)
+  # What the trainer built before batch norm groups: nnx.BatchNorm, or cpu_kernels.BatchNorm on CPU.
   before = models.create(config.model, num_classes=10, rngs=nnx.Rngs(0),
-                         **ops.training_layers(platform))
+                         **cpu_kernels.training_layers(platform))
   assert {type(n) for n in (model.stem_norm, before.stem_norm)} == (
-      {ops.BatchNorm} if platform == "cpu" else {models.BatchNorm, nnx.BatchNorm})
+      {cpu_kernels.BatchNorm} if platform == "cpu" else {models.BatchNorm, nnx.BatchNorm})
   # The same program, so bitwise the same step.
   assert _train_step_program(config, model, batch) == _train_step_program(config, before, batch)
 
@@ -192,25 +194,25 @@ def test_the_trainer_builds_its_norms_with_the_configs_groups():
   assert imagenet_base.get_config("resnet50").batch_norm_group == 32  # Goyal et al.: 8 x 32.
   assert cifar_resnet20.get_config("smoke").batch_norm_group == 16
   config.model = "cifar_resnet8"
-  for platform, cls in (("cpu", ops.BatchNorm), ("tpu", models.BatchNorm)):
-    norms = [node for _, node in nnx.iter_graph(train.create_model(config, 10, 0, platform))
+  for platform, cls in (("cpu", cpu_kernels.BatchNorm), ("tpu", models.BatchNorm)):
+    norms = [node for _, node in nnx.iter_graph(loop.create_model(config, 10, 0, platform))
              if isinstance(node, nnx.BatchNorm)]
     assert len(norms) == 7 and all(type(n) is cls and n.group_size == 64 for n in norms)
 
 
 def test_a_batch_that_is_not_whole_groups_fails_at_start_up():
   config = cifar_resnet20.get_config()
-  train.validate(config, 8)
+  loop.validate(config, 8)
   config.batch_size = 96
   with pytest.raises(ValueError, match=re.escape(
       "batch_size 96 is not a whole number of batch norm groups of 64 images; use a multiple of "
       "64 (e.g. --config.batch_size=128) or a --config.batch_norm_group that divides it.")):
-    train.validate(config, 8)
+    loop.validate(config, 8)
   config.batch_norm_group = 32
-  train.validate(config, 8)
+  loop.validate(config, 8)
   config.batch_norm_group = -1
   with pytest.raises(ValueError, match="batch_norm_group must be positive, or 0"):
-    train.validate(config, 8)
+    loop.validate(config, 8)
 
 
 def test_groups_change_neither_the_checkpoint_layout_nor_the_run_identity():
@@ -219,7 +221,7 @@ def test_groups_change_neither_the_checkpoint_layout_nor_the_run_identity():
   configs[1].batch_norm_group = 0
   # What a checkpoint holds: every leaf's path, shape, dtype and sharding.
   layouts = [jax.tree_util.tree_flatten_with_path(
-      train.abstract_train_state(c, 10, mesh, optim.create(c)))[0] for c in configs]
+      loop.abstract_train_state(c, 10, mesh, optim.create(c)))[0] for c in configs]
   assert layouts[0] == layouts[1] and len(layouts[0]) > 50
   # A run may resume with other groups: they are how it trains, not what it trains.
   assert checkpoints.run_identity(configs[0], 10) == checkpoints.run_identity(configs[1], 10)

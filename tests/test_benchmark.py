@@ -1,4 +1,4 @@
-"""`python -m resnet_jax.benchmark` runs end to end on a tiny network; its FLOPs are count_macs'.
+"""`python -m resnet_jax.tools.benchmark` runs end to end on a tiny network; its FLOPs are count_macs'.
 
 So do `benchmarks/cpu_ladder.py`'s two modes, the benchmark's `--serve` protocol (the PyTorch
 baseline's JAX side) and the input benchmark's ImageNet pipelines, so that none rots.
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax import benchmark, models
+from resnet_jax.tools import benchmark
+from resnet_jax import models
 from resnet_jax.data import benchmark as data_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Our NNX ResNet inside a Linen model, through `resnet_jax.linen.to_linen`."""
+"""Our NNX ResNet inside a Linen model, through `resnet_jax.models.linen.to_linen`."""
 import jax
 import jax.numpy as jnp
 import numpy as np

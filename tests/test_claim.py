@@ -14,7 +14,7 @@ import pytest
 from etils import epath
 
 import processes
-from resnet_jax import claim
+from resnet_jax.training import claim
 
 
 def write_holder(workdir: epath.Path, **fields) -> dict:

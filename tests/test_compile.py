@@ -1,4 +1,4 @@
-"""`python -m resnet_jax.compile`: a config's steps compiled for TPU topologies on a CPU host.
+"""`python -m resnet_jax.training.compile`: a config's steps compiled for TPU topologies on a CPU host.
 
 The tests that compile need libtpu (`pip install ".[tpu]"`, Python 3.12): they skip without it,
 except where RESNET_JAX_REQUIRE_LIBTPU=1 (.ci/run's Python 3.12 suite) makes them required.
@@ -17,7 +17,9 @@ from flax import nnx
 
 from configs import cifar_resnet20
 from resnet_jax import compile as tpu_compile
-from resnet_jax import data, models, ops, train
+from resnet_jax import data, models
+from resnet_jax.models import cpu_kernels
+from resnet_jax.training import loop
 
 GIB = 1 << 30
 
@@ -103,16 +105,16 @@ def test_the_search_says_when_not_even_the_smallest_batch_fits():
 
 def test_on_cpu_the_trainer_keeps_its_cpu_kernels_and_float32():
   config = small_cifar_config()
-  model = train.create_model(config, 10, 0, "cpu")
-  assert isinstance(model.stem_conv, ops.Conv) and isinstance(model.stem_norm, ops.BatchNorm)
+  model = loop.create_model(config, 10, 0, "cpu")
+  assert isinstance(model.stem_conv, cpu_kernels.Conv) and isinstance(model.stem_norm, cpu_kernels.BatchNorm)
   assert model.stem_conv.dtype == jnp.float32
-  tpu_model = train.create_model(config, 10, 0, "tpu")
+  tpu_model = loop.create_model(config, 10, 0, "tpu")
   # flax's layers (batch norm by groups of config.batch_norm_group images), not the CPU kernels.
   assert type(tpu_model.stem_conv) is nnx.Conv and type(tpu_model.stem_norm) is models.BatchNorm
   assert tpu_model.stem_norm.group_size == config.batch_norm_group == 64
   assert tpu_model.stem_conv.dtype == jnp.bfloat16
-  assert ops.training_layers("tpu") == ops.training_layers("gpu") == {}
-  assert ops.compiler_options("tpu") is None and ops.compiler_options("cpu") is not None
+  assert cpu_kernels.training_layers("tpu") == cpu_kernels.training_layers("gpu") == {}
+  assert cpu_kernels.compiler_options("tpu") is None and cpu_kernels.compiler_options("cpu") is not None
   # The trainer's own mesh here is of CPU devices, whatever platform a compile targets.
   assert data.core.platform(data.core.make_mesh()) == "cpu"
 
@@ -124,10 +126,10 @@ def test_a_cifar_net_compiled_for_a_tpu_has_no_cpu_kernel_and_bfloat16_convoluti
   assert target.platform == "tpu" and target.dtype == jnp.bfloat16
   assert target.on_device  # CIFAR is held on the chips, as the trainer holds it.
   inputs = data.on_device.abstract(target.mesh, target.info, seed=0, augment=True)
-  step = lambda state, inputs: train.train_step(
+  step = lambda state, inputs: loop.train_step(
       target.config, target.tx, state, inputs.train_batch(state.step, 128))
   jaxpr = str(jax.make_jaxpr(step)(target.state, inputs))
-  assert "custom_vjp_call" not in jaxpr  # ops.Conv and ops.BatchNorm are custom VJPs.
+  assert "custom_vjp_call" not in jaxpr  # cpu_kernels.Conv and cpu_kernels.BatchNorm are custom VJPs.
   # 7 forward convolutions, 7 weight gradients, 6 input gradients (none for the images).
   assert jaxpr.count("conv_general_dilated[") == 20
   report = target.train_step(128)
@@ -170,7 +172,7 @@ def test_a_batch_that_does_not_fit_is_one_error_naming_the_largest_that_does(lib
   # ResNet-8's evaluation of 224x224 views: 4,480 per chip need just over 16 GiB (and the
   # command, in a process of its own, must print nothing of libtpu's start-up complaints).
   completed = subprocess.run(
-      [sys.executable, "-m", "resnet_jax.compile", "--config=configs/cifar_resnet20.py:smoke",
+      [sys.executable, "-m", "resnet_jax.training.compile", "--config=configs/cifar_resnet20.py:smoke",
        "--config.model=cifar_resnet8", "--topology=v5e:2x2", "--config.dataset.image_size=224",
        "--config.dataset.synthetic_train_size=256", "--config.eval_batch_size=17920"],
       capture_output=True, text=True, check=False,

@@ -220,7 +220,7 @@ def test_missing_tfds_dataset_is_one_clear_error(tmp_path):
     data.create(config, mesh_of(8))
   assert time.time() - start < 30
   message = str(error.value)
-  assert str(tmp_path) in message and "python -m resnet_jax.data.prepare cifar10" in message and "image_folder" in message
+  assert str(tmp_path) in message and "python -m resnet_jax.tools.prepare cifar10" in message and "image_folder" in message
   assert isinstance(error.value, ValueError)
 
 

@@ -1,4 +1,4 @@
-"""Evaluating a saved run (`python -m resnet_jax.evaluate`): which checkpoint, which protocol,
+"""Evaluating a saved run (`python -m resnet_jax.training.evaluate`): which checkpoint, which protocol,
 the numbers against the trainer's own, a run still training, and one line for each error."""
 import calendar
 import json
@@ -16,7 +16,8 @@ from etils import epath
 
 import processes
 from configs import cifar_resnet20, cifar_resnet110
-from resnet_jax import checkpoints, claim, data, evaluate, optim, train
+from resnet_jax.training import checkpoints, claim, evaluate, optim, loop
+from resnet_jax import data
 
 
 def smoke_config(**overrides):
@@ -27,8 +28,8 @@ def smoke_config(**overrides):
 
 
 def evaluator(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
-  """`python -m resnet_jax.evaluate ARGS`, or `python -c CODE ARGS` where CODE runs it."""
-  head = ["-c", code] if code else ["-m", "resnet_jax.evaluate"]
+  """`python -m resnet_jax.training.evaluate ARGS`, or `python -c CODE ARGS` where CODE runs it."""
+  head = ["-c", code] if code else ["-m", "resnet_jax.training.evaluate"]
   return subprocess.run([sys.executable, *head, *args], cwd=processes.REPO,
                         env=processes.environment(8), capture_output=True, text=True,
                         timeout=300)
@@ -53,7 +54,7 @@ def tree(directory) -> dict[str, tuple[int, int]]:
 def trained_run(tmp_path_factory):
   """A 20-step smoke run, evaluated and checkpointed at steps 10 and 20."""
   workdir = tmp_path_factory.mktemp("trained") / "run"
-  train.train_and_evaluate(smoke_config(), str(workdir))
+  loop.train_and_evaluate(smoke_config(), str(workdir))
   return workdir
 
 
@@ -71,8 +72,8 @@ def fabricated_run(workdir, errors: dict[int, float | None], keep: int):
   return config, manager
 
 
-def initial_state(config, seed: int) -> train.TrainState:
-  state = train.create_train_state(config, train.create_model(config, 10, seed, "cpu"),
+def initial_state(config, seed: int) -> loop.TrainState:
+  state = loop.create_train_state(config, loop.create_model(config, 10, seed, "cpu"),
                                    optim.create(config))
   return state.replace(step=jnp.asarray(seed, jnp.int32))
 
@@ -133,8 +134,8 @@ def test_best_is_the_kept_step_of_lowest_logged_error_also_after_a_resume(tmp_pa
   assert (best["step"], best["checkpoint"], latest["step"]) == (4, "best", 8)
   # The numbers are those of the model saved at step 4, evaluated here directly.
   mesh = data.core.make_mesh()
-  dataset = data.create(train.dataset_config(config), mesh)
-  direct = {seed: train.evaluate(jax.jit(train.eval_step), initial_state(config, seed),
+  dataset = data.create(loop.dataset_config(config), mesh)
+  direct = {seed: loop.evaluate(jax.jit(loop.eval_step), initial_state(config, seed),
                                  dataset.eval_batches(64, "center")) for seed in (4, 8)}
   assert best["top1_error"] == direct[4]["top1_error"]
   assert best["loss"] == pytest.approx(direct[4]["loss"], rel=1e-6)
@@ -214,7 +215,7 @@ def test_10crop_matches_a_run_evaluated_by_10crop_and_every_protocol_is_sane(tmp
                         eval_protocol="10crop")
   config.dataset.update(name="image_folder", data_dir=str(tmp_path / "images"), num_classes=2,
                         cache_dir=str(tmp_path / "cache"))
-  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
   # The images moved: --data_dir finds them.
   shutil.move(tmp_path / "images", tmp_path / "moved")
   results = {protocol: evaluate.evaluate_run(tmp_path / "run", protocol=protocol,
@@ -330,7 +331,7 @@ def test_best_of_checkpoints_without_an_evaluation_is_one_line_naming_the_fix(tm
 REMOVED_WHILE_READ = """
 import runpy, shutil, threading, time
 import tensorstore
-from resnet_jax import checkpoints
+from resnet_jax.training import checkpoints
 read, open_array = checkpoints.Reader.restore, tensorstore.open
 def removed_while_read(self, step, state):
   opened = []
@@ -347,7 +348,7 @@ def removed_while_read(self, step, state):
   tensorstore.open = opening
   return read(self, step, state)
 checkpoints.Reader.restore = removed_while_read
-runpy.run_module("resnet_jax.evaluate", run_name="__main__", alter_sys=True)
+runpy.run_module("resnet_jax.training.evaluate", run_name="__main__", alter_sys=True)
 """
 
 
@@ -392,8 +393,8 @@ def test_the_evaluation_split_alone_is_read_and_the_protocol_checked_first(tmp_p
   _, cached = evaluate.evaluate_run(workdir, checkpoint="latest")
   assert splits() == ["test"] and len(decoded) == 16
   # The trainer's dataset, both splits and its mean, gives the same numbers.
-  dataset = data.create(train.dataset_config(config), data.core.make_mesh())
-  direct = train.evaluate(jax.jit(train.eval_step), initial_state(config, 4),
+  dataset = data.create(loop.dataset_config(config), data.core.make_mesh())
+  direct = loop.evaluate(jax.jit(loop.eval_step), initial_state(config, 4),
                           dataset.eval_batches(64, "center"))
   for result in (uncached, cached):
     assert (result["top1_error"], result["examples"]) == (direct["top1_error"], 16)

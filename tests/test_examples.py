@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax import models, pretrained
+from resnet_jax import models
+from resnet_jax.models import pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

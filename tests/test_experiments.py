@@ -11,7 +11,8 @@ from etils import epath
 
 from configs import cifar_resnet20
 from experiments import sweeps
-from resnet_jax import checkpoints, optim, report, train
+from resnet_jax.training import checkpoints, optim, loop
+from resnet_jax.tools import report
 
 
 def _finish(workdir: pathlib.Path, model: str, top1_error: float, train_error: float = 5.0,
@@ -57,7 +58,7 @@ def test_the_papers_five_resnet110_runs_differ_in_data_order_as_in_initialisatio
   assert config.dataset.seed is None  # So the trainer's data order follows the run seed:
   for seed in range(5):
     config.seed = seed
-    assert train.dataset_config(config).seed == seed
+    assert loop.dataset_config(config).seed == seed
 
 
 def test_short_schedule_keeps_the_papers_fractions():
@@ -136,7 +137,7 @@ def test_a_table_sweep_evaluates_the_final_checkpoint_by_the_papers_protocol(tmp
                                           "imagenet_resnet50", "imagenet_resnet101",
                                           "imagenet_resnet152"]
   first = members[0]
-  assert first.evaluation == ("python", "-m", "resnet_jax.evaluate", f"--workdir={first.workdir}",
+  assert first.evaluation == ("python", "-m", "resnet_jax.training.evaluate", f"--workdir={first.workdir}",
                               "--checkpoint=600", "--eval_protocol=multiscale")
   assert first.evaluation_file == first.workdir / "evaluations" / "600-multiscale.json"
   assert shell_command_parts(first) == [list(first.command), list(first.evaluation)]
@@ -161,9 +162,9 @@ def test_a_table_sweep_evaluates_the_final_checkpoint_by_the_papers_protocol(tmp
     return 0
 
   assert sweeps.run(members[:2], fake_runner) == 0
-  assert calls == [("imagenet_resnet34_b", "resnet_jax.evaluate"),
+  assert calls == [("imagenet_resnet34_b", "resnet_jax.training.evaluate"),
                    ("imagenet_resnet34_c", "resnet_jax.main"),
-                   ("imagenet_resnet34_c", "resnet_jax.evaluate")]
+                   ("imagenet_resnet34_c", "resnet_jax.training.evaluate")]
   assert [m.status for m in members[:2]] == ["finished", "finished"]
 
 
@@ -273,7 +274,7 @@ def _checkpointed_run(workdir: pathlib.Path, model: str):
   config.model = model
   workdir.mkdir(parents=True)
   (workdir / "config.json").write_text(config.to_json_best_effort())
-  state = train.create_train_state(config, train.create_model(config, 10, 0, "cpu"),
+  state = loop.create_train_state(config, loop.create_model(config, 10, 0, "cpu"),
                                    optim.create(config))
   manager = checkpoints.Manager(epath.Path(workdir), config, keep=3)
   manager.save(2, state.replace(step=jnp.asarray(2, jnp.int32)), None, None)

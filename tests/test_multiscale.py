@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from configs import cifar_resnet20
-from resnet_jax import data, models, optim, train
+from resnet_jax import data, models
+from resnet_jax.training import optim, loop
 from resnet_jax.data import imagenet, streaming
 from resnet_jax.data.sources import tensorflow
 
@@ -107,15 +108,15 @@ def test_pipeline_multiscale_evaluation_equals_the_direct_computation(folder, tm
   scores = direct_multiscale(model, folder, ds.mean)
   labels = np.array(sorted(EVAL_LABELS))  # Listing order: by class folder.
   config = cifar_resnet20.get_config("smoke")
-  state = train.create_train_state(config, model, optim.create(config))
-  result = train.evaluate(jax.jit(train.eval_step), state, ds.eval_batches(8, "multiscale"))
+  state = loop.create_train_state(config, model, optim.create(config))
+  result = loop.evaluate(jax.jit(loop.eval_step), state, ds.eval_batches(8, "multiscale"))
   assert result["examples"] == len(EVAL_SIZES)
   ranks = (scores > scores[np.arange(len(labels)), labels][:, None]).sum(axis=1)
   assert result["top1_error"] == pytest.approx(100 * np.mean(ranks >= 1))
   loss = -np.log(scores[np.arange(len(labels)), labels]).mean()
   assert result["loss"] == pytest.approx(loss, rel=1e-4)
   # Views differ enough to show in the loss: the centre crop's is far from it.
-  centre = train.evaluate(jax.jit(train.eval_step), state, ds.eval_batches(8, "center"))
+  centre = loop.evaluate(jax.jit(loop.eval_step), state, ds.eval_batches(8, "center"))
   assert abs(centre["loss"] - loss) > 100 * 1e-4 * loss
 
 

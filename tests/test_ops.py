@@ -1,4 +1,4 @@
-"""resnet_jax.ops: the CPU convolution and the batch norm have exactly the reference values and gradients; the CPU compiler options leave YNNPACK out."""
+"""resnet_jax.models.cpu_kernels: the CPU convolution and the batch norm have exactly the reference values and gradients; the CPU compiler options leave YNNPACK out."""
 import functools
 import itertools
 
@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 from jax import lax
 
-from resnet_jax import models, ops
+from resnet_jax import models
+from resnet_jax.models import cpu_kernels
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -59,7 +60,7 @@ def test_gradients_equal_lax(kernel, stride, padding, size, c_in, c_out):
   x, w = random_inputs((3, size, size, c_in), (kernel, kernel, c_in, c_out))
   strides = (stride, stride)
   y_ref, dx_ref, dw_ref = conv_grads(lax.conv_general_dilated, x, w, strides, padding)
-  y, dx, dw = conv_grads(ops.conv_general_dilated, x, w, strides, padding)
+  y, dx, dw = conv_grads(cpu_kernels.conv_general_dilated, x, w, strides, padding)
   assert y.shape == y_ref.shape and dw.shape == w.shape and dw.dtype == w.dtype
   assert_close(y, y_ref, 1e-6)
   assert_close(dx, dx_ref, 1e-6)
@@ -69,7 +70,7 @@ def test_gradients_equal_lax(kernel, stride, padding, size, c_in, c_out):
 def test_gradients_equal_lax_without_jit():
   x, w = random_inputs((2, 9, 9, 3), (3, 3, 3, 4))
   ref = conv_grads(lax.conv_general_dilated, x, w, (2, 2), ((1, 1), (1, 1)), jit=False)
-  got = conv_grads(ops.conv_general_dilated, x, w, (2, 2), ((1, 1), (1, 1)), jit=False)
+  got = conv_grads(cpu_kernels.conv_general_dilated, x, w, (2, 2), ((1, 1), (1, 1)), jit=False)
   for actual, expected in zip(got, ref):
     assert_close(actual, expected, 1e-5)
 
@@ -79,7 +80,7 @@ def test_bfloat16_gradients(stride):
   x, w = random_inputs((4, 16, 16, 8), (3, 3, 8, 16), jnp.bfloat16)
   padding = ((1, 1), (1, 1))
   _, dx_ref, dw_ref = conv_grads(lax.conv_general_dilated, x, w, (stride, stride), padding)
-  _, dx, dw = conv_grads(ops.conv_general_dilated, x, w, (stride, stride), padding)
+  _, dx, dw = conv_grads(cpu_kernels.conv_general_dilated, x, w, (stride, stride), padding)
   assert dx.dtype == dw.dtype == jnp.bfloat16
   # Exact to bfloat16 rounding: both are rounded from float32-accumulated sums.
   assert_close(dx, dx_ref, 2 ** -7)
@@ -97,13 +98,13 @@ def test_other_convolutions_are_lax(x_shape, w_shape, kwargs):
   x, w = random_inputs(x_shape, w_shape)
   trace = lambda conv: jax.make_jaxpr(
       lambda x, w: conv(x, w, (1, 1), ((1, 1), (1, 1)), **kwargs))(x, w)
-  assert str(trace(ops.conv_general_dilated)) == str(trace(lax.conv_general_dilated))
+  assert str(trace(cpu_kernels.conv_general_dilated)) == str(trace(lax.conv_general_dilated))
 
 
 def test_training_layers_put_the_cpu_kernels_in_the_model_and_only_there():
-  assert ops.training_layers("cpu") == {"conv": ops.Conv, "norm": ops.BatchNorm}  # CPU
+  assert cpu_kernels.training_layers("cpu") == {"conv": cpu_kernels.Conv, "norm": cpu_kernels.BatchNorm}  # CPU
   model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0),
-                        **ops.training_layers("cpu"))
+                        **cpu_kernels.training_layers("cpu"))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   default = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
 
@@ -131,9 +132,9 @@ def test_training_layers_put_the_cpu_kernels_in_the_model_and_only_there():
 
 
 def bn_pair(features, dtype=jnp.float32, **fast_options):
-  """An nnx.BatchNorm and an ops.BatchNorm with the same non-trivial variables."""
+  """An nnx.BatchNorm and an cpu_kernels.BatchNorm with the same non-trivial variables."""
   pair = []
-  for cls in (nnx.BatchNorm, functools.partial(ops.BatchNorm, **fast_options)):
+  for cls in (nnx.BatchNorm, functools.partial(cpu_kernels.BatchNorm, **fast_options)):
     bn = cls(features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
              rngs=nnx.Rngs(0))
     bn.scale[...] = jnp.linspace(0.5, 2.0, features)
@@ -204,7 +205,7 @@ def test_normalize_differentiates_its_statistics_too(matmul_sums):
     y, mean, var = normalize(x, scale, bias)
     return jnp.sum(jnp.cos(y)) + jnp.sum(mean ** 3) + jnp.sum(jnp.sqrt(var) * scale)
 
-  fast = lambda x, scale, bias: ops._normalize(x, scale, bias, 1e-5, matmul_sums)  # pylint: disable=protected-access
+  fast = lambda x, scale, bias: cpu_kernels._normalize(x, scale, bias, 1e-5, matmul_sums)  # pylint: disable=protected-access
   got = jax.grad(loss, argnums=(1, 2, 3))(fast, x, scale, bias)
   expected = jax.grad(loss, argnums=(1, 2, 3))(reference, x, scale, bias)
   for actual, want in zip(got, expected):
@@ -215,8 +216,8 @@ def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack():
   x, w = random_inputs((8, 16, 16, 32), (3, 3, 32, 32))
   conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
   compiled = lambda options: jax.jit(conv, compiler_options=options).lower(x, w).compile()
-  assert ops.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert cpu_kernels.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
   # The default routes this convolution to YNNPACK; the options keep it in XLA (Eigen).
   assert "ynn_fusion" in compiled(None).as_text()
-  assert "ynn_fusion" not in compiled(ops.compiler_options("cpu")).as_text()
-  assert_close(compiled(ops.compiler_options("cpu"))(x, w), compiled(None)(x, w), 1e-6)
+  assert "ynn_fusion" not in compiled(cpu_kernels.compiler_options("cpu")).as_text()
+  assert_close(compiled(cpu_kernels.compiler_options("cpu"))(x, w), compiled(None)(x, w), 1e-6)

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from configs import cifar_resnet110, cifar_resnet20, imagenet_resnet50, imagenet_resnet50_goyal8k
-from resnet_jax import models, optim
+from resnet_jax import models
+from resnet_jax.training import optim
 
 
 def test_cifar_schedule_divides_by_10_at_32k_and_48k():

@@ -20,7 +20,7 @@ from etils import epath
 from etils.epath import backend, gpath, register
 
 from configs import cifar_resnet20
-from resnet_jax import checkpoints, train
+from resnet_jax.training import checkpoints, loop
 from resnet_jax.data import sources
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "resnet_jax"
@@ -31,14 +31,14 @@ BYPASSES = re.compile(r"(?<![\w.])(?<!def )open\(|\bpathlib\b|\bshutil\b|\btempf
 # (file, what): where the path can never be remote.
 ALLOWED = {
     # The throughput benchmark writes its generated JPEGs to a scratch folder of this machine.
-    ("data/benchmark.py", "tempfile"),
+    ("tools/input_benchmark.py", "tempfile"),
     # The free-space check asks the local disk; a gs:// workdir fails it (OSError) and is skipped.
-    ("checkpoints.py", "shutil"),
+    ("training/checkpoints.py", "shutil"),
     # The mean cache's key takes a local file's modification time in nanoseconds, which epath's
     # stat rounds to seconds; a URI's is read through epath.
     ("data/sources.py", "os.stat"),
     # A claim's holder is told from a later process with its id by this host's /proc, never a URI.
-    ("claim.py", "open"),
+    ("training/claim.py", "open"),
 }
 
 
@@ -102,7 +102,7 @@ def test_trainer_runs_with_every_path_a_uri(ram, tmp_path, monkeypatch, dataset)
       super().__init__(epath.Path(tmp_path / "orbax"), config, **options)
 
   monkeypatch.setattr(checkpoints, "Manager", LocalCheckpoints)
-  train.train_and_evaluate(config, str(workdir))
+  loop.train_and_evaluate(config, str(workdir))
 
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["kind"]) for r in records] == [(2, "train"), (2, "eval"), (4, "train"),

@@ -1,7 +1,7 @@
 """Pre-activation ResNets (He, Zhang, Ren, Sun 2016, "Identity Mappings in Deep
 Residual Networks") against a PyTorch twin transcribed from the reference Lua code.
 
-The twin is written from the two references, not from `resnet_jax/models.py`:
+The twin is written from the two references, not from `resnet_jax/models/resnet.py`:
 
   fb    facebookarchive/fb.resnet.torch, models/preresnet.lua at 985e569 (the
         repository's last commit; the file's last change to the layer structure

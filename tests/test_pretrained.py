@@ -8,7 +8,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from resnet_jax import models, pretrained
+from resnet_jax import models
+from resnet_jax.models import pretrained
 
 SIZE = 64  # The smallest input Keras accepts is 32; 64 keeps a 2x2 final map.
 
@@ -80,7 +81,7 @@ def test_unsupported_model_is_a_clear_error(build, message):
 
 
 def test_no_keras_tensorflow_or_torch_at_import():
-  code = ("import sys, resnet_jax.pretrained, resnet_jax.models; "
+  code = ("import sys, resnet_jax.models.pretrained, resnet_jax.models; "
           "print(sorted({m.split('.')[0] for m in sys.modules} & {'keras', 'tensorflow', 'torch'}))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        check=True, cwd=pathlib.Path(__file__).parents[1]).stdout

@@ -20,7 +20,8 @@ from etils import epath
 
 import processes
 from configs import cifar_resnet20
-from resnet_jax import checkpoints, data, optim, train
+from resnet_jax.training import checkpoints, optim, loop
+from resnet_jax import data
 
 REPO = processes.REPO
 
@@ -60,7 +61,7 @@ def test_kill_9_anywhere_resumes_from_the_newest_complete_checkpoint_bitwise(
   # One workdir through every fault in turn, each run restarted with the same command.
   for fault, status in [("compile", -signal.SIGKILL), ("step:6", -signal.SIGKILL),
                         ("commit:8", -signal.SIGKILL), ("committed:8", -signal.SIGKILL),
-                        ("sigterm:9", train.PREEMPTED_EXIT_CODE), ("restore", -signal.SIGKILL),
+                        ("sigterm:9", loop.PREEMPTED_EXIT_CODE), ("restore", -signal.SIGKILL),
                         ("eval", -signal.SIGKILL), (None, 0)]:
     newest = processes.newest_checkpoint(workdir)
     (run,) = processes.train(workdir, ARGS, faults={0: fault} if fault else None,
@@ -124,7 +125,7 @@ def _damage(kind: str, step_dir) -> None:
 def _checkpointed_workdir(workdir, steps):
   """A workdir with a checkpoint of an untrained state at each of `steps` (no training)."""
   config = smoke_config()
-  state = train.create_train_state(config, train.create_model(config, 10, 0, "cpu"),
+  state = loop.create_train_state(config, loop.create_model(config, 10, 0, "cpu"),
                                    optim.create(config))
   manager = checkpoints.Manager(epath.Path(workdir), config, keep=3, num_classes=10)
   for step in steps:
@@ -174,7 +175,7 @@ def test_no_readable_checkpoint_is_an_error_that_a_rerun_repeats(tmp_path):
 def test_checkpoint_of_the_state_before_the_windowed_warm_up_resumes(tmp_path, warmed_up):
   # TrainState held `warmed_up` and the smoothed error `train_error_ema` before optim.Warmup.
   config = smoke_config(warmup_learning_rate=0.01, warmup_window=4)
-  state = train.create_train_state(config, train.create_model(config, 10, 0, "cpu"),
+  state = loop.create_train_state(config, loop.create_model(config, 10, 0, "cpu"),
                                    optim.create(config))
   older = {"step": jnp.asarray(7, jnp.int32), "params": state.params,
            "batch_stats": state.batch_stats, "opt_state": state.opt_state,
@@ -185,7 +186,7 @@ def test_checkpoint_of_the_state_before_the_windowed_warm_up_resumes(tmp_path, w
   manager.wait()
   restored, _ = checkpoints.Manager(epath.Path(tmp_path), config, keep=3,
                                     num_classes=10).restore_latest(state)
-  assert isinstance(restored, train.TrainState) and int(restored.step) == 7
+  assert isinstance(restored, loop.TrainState) and int(restored.step) == 7
   assert_bitwise_equal((restored.params, restored.batch_stats, restored.opt_state),
                        (state.params, state.batch_stats, state.opt_state))
   np.testing.assert_array_equal(restored.warmup.recent_errors, [0.625] * 4)
@@ -200,8 +201,8 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
   _checkpointed_workdir(tmp_path, (2,))  # 10 classes
   config = smoke_config()
   config.dataset.num_classes = 5
-  with pytest.raises(train.StartupError, match="different run"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(loop.StartupError, match="different run"):
+    loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_nan_in_a_batch_stops_at_that_step_and_never_saves_it(tmp_path, monkeypatch):
@@ -215,8 +216,8 @@ def test_nan_in_a_batch_stops_at_that_step_and_never_saves_it(tmp_path, monkeypa
   # Checkpoints at 2, 4 and 6; the first check after step 3 is the save of step 4.
   config = smoke_config(num_train_steps=6, lr_boundaries=(5,), log_every_steps=6,
                         eval_every_steps=2, checkpoint_every_steps=2)
-  with pytest.raises(train.NonFiniteError, match=r"non-finite loss, gradient or weights at step 3;"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(loop.NonFiniteError, match=r"non-finite loss, gradient or weights at step 3;"):
+    loop.train_and_evaluate(config, str(tmp_path))
   manager = ocp.CheckpointManager(tmp_path / "checkpoints")
   assert manager.all_steps() == [2]  # the only checkpoint, and so the only best one
   state = processes.checkpointed_state(tmp_path, 2)
@@ -347,4 +348,4 @@ def test_orbax_info_lines_are_filtered_but_its_warnings_kept():
   keep = checkpoints.quiet_orbax_info
   assert not keep(record(logging.INFO, orbax))
   assert keep(record(logging.WARNING, orbax)) and keep(record(logging.ERROR, orbax))
-  assert keep(record(logging.INFO, "/work/resnet_jax/train.py"))
+  assert keep(record(logging.INFO, "/work/resnet_jax/loop.py"))

@@ -1,6 +1,6 @@
-"""TFDS datasets prepared by `python -m resnet_jax.data.prepare` with TFDS's own builders, offline,
+"""TFDS datasets prepared by `python -m resnet_jax.tools.prepare` with TFDS's own builders, offline,
 and read by the trainer: CIFAR-10 from the shared JPEGs, CIFAR-100 and a small ImageNet from
-generated images (resnet_jax/data/source_files.py writes the files the builders read).
+generated images (resnet_jax/tools/source_files.py writes the files the builders read).
 
 Each dataset is prepared once per session; all but CIFAR-10 are tiny.
 """
@@ -18,7 +18,8 @@ import pytest
 
 import processes
 from resnet_jax import data
-from resnet_jax.data import source_files, sources
+from resnet_jax.tools import source_files
+from resnet_jax.data import sources
 
 REPO = processes.REPO
 CIFAR100_TRAIN_PER_CLASS, CIFAR100_TEST_PER_CLASS = 2, 1
@@ -27,7 +28,7 @@ IMAGENET_CLASSES, IMAGENET_TRAIN_PER_CLASS, IMAGENET_VAL = 10, 4, 10
 
 def prepare(*args: str, **env: str) -> subprocess.CompletedProcess:
   """The README's preparation command."""
-  return subprocess.run([sys.executable, "-m", "resnet_jax.data.prepare", *args], cwd=REPO,
+  return subprocess.run([sys.executable, "-m", "resnet_jax.tools.prepare", *args], cwd=REPO,
                         env=dict(os.environ, PYTHONPATH=REPO, **env), capture_output=True,
                         text=True, timeout=600)
 

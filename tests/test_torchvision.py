@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch")
 
 from flax import nnx
 
-from resnet_jax import models, pretrained
+from resnet_jax import models
+from resnet_jax.models import pretrained
 
 import torchvision_resnet
 

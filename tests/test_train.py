@@ -19,7 +19,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tensorboardX.proto import event_pb2
 
 from configs import cifar_resnet20
-from resnet_jax import checkpoints, data, optim, train
+from resnet_jax.training import checkpoints, optim, loop
+from resnet_jax import data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +35,7 @@ def smoke_config(**overrides):
 def first_batch(config) -> np.ndarray:
   """The images of the first training batch the trainer would draw for `config`."""
   config.dataset.update(synthetic_train_size=64, synthetic_eval_size=8)
-  dataset = data.create(train.dataset_config(config), data.core.make_mesh())
+  dataset = data.create(loop.dataset_config(config), data.core.make_mesh())
   return np.asarray(dataset.train_batch(jnp.zeros((), jnp.int32), config.batch_size).images)
 
 
@@ -49,7 +50,7 @@ def test_the_run_seed_sets_initialisation_and_data_and_dataset_seed_sets_data_al
   np.testing.assert_array_equal(batches["data alone"], batches["seed 1"])
   np.testing.assert_array_equal(batches["init alone"], batches["seed 0"])
   kernel = lambda config: np.asarray(
-      train.create_model(config, 10, config.seed, "cpu").stem_conv.kernel[...])
+      loop.create_model(config, 10, config.seed, "cpu").stem_conv.kernel[...])
   assert not np.array_equal(kernel(smoke_config()), kernel(init_alone))
   np.testing.assert_array_equal(kernel(smoke_config()), kernel(data_alone))
 
@@ -66,16 +67,16 @@ def test_stop_and_resume_gives_bitwise_the_same_parameters(tmp_path, monkeypatch
   assert jax.device_count() == 8
   config = smoke_config(num_train_steps=8, lr_boundaries=(4, 6), log_every_steps=2,
                         eval_every_steps=4, checkpoint_every_steps=4)
-  result = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  result = loop.train_and_evaluate(config, str(tmp_path / "straight"))
 
   # Preempted after step 3 (between checkpoints), then resumed with the same command.
-  monkeypatch.setattr(train._Preemption, "reached", lambda self, step: step == 3)
+  monkeypatch.setattr(loop._Preemption, "reached", lambda self, step: step == 3)
   with pytest.raises(SystemExit) as exit_info:
-    train.train_and_evaluate(config, str(tmp_path / "stopped"))
-  assert exit_info.value.code == train.PREEMPTED_EXIT_CODE
+    loop.train_and_evaluate(config, str(tmp_path / "stopped"))
+  assert exit_info.value.code == loop.PREEMPTED_EXIT_CODE
   assert final_state(str(tmp_path / "stopped"))[0] == 3
   monkeypatch.undo()
-  resumed = train.train_and_evaluate(config, str(tmp_path / "stopped"))
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "stopped"))
 
   step_a, state_a = final_state(str(tmp_path / "straight"))
   step_b, state_b = final_state(str(tmp_path / "stopped"))
@@ -93,16 +94,16 @@ def test_streaming_run_resumes_bitwise_from_its_data_state(tmp_path, monkeypatch
                         eval_every_steps=4, checkpoint_every_steps=4, batch_size=16)
   config.dataset.image_size, config.dataset.synthetic_train_size = 72, 64
   config.dataset.synthetic_eval_size = 16
-  result = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  result = loop.train_and_evaluate(config, str(tmp_path / "straight"))
   assert result["examples"] == 16
 
-  monkeypatch.setattr(train._Preemption, "reached", lambda self, step: step == 1)
+  monkeypatch.setattr(loop._Preemption, "reached", lambda self, step: step == 1)
   with pytest.raises(SystemExit):
-    train.train_and_evaluate(config, str(tmp_path / "stopped"))
+    loop.train_and_evaluate(config, str(tmp_path / "stopped"))
   manager = ocp.CheckpointManager(str(tmp_path / "stopped" / "checkpoints"))
   assert manager.restore(1, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data == {"step": 1}
   monkeypatch.undo()
-  resumed = train.train_and_evaluate(config, str(tmp_path / "stopped"))
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "stopped"))
 
   (step_a, state_a), (step_b, state_b) = final_state(str(tmp_path / "straight")), final_state(str(tmp_path / "stopped"))
   assert step_a == step_b == 4
@@ -138,7 +139,7 @@ def shown_by_tensorboard(files) -> list[tuple[str, int]]:
 def test_run_writes_metrics_tensorboard_and_summary(tmp_path):
   config = smoke_config(num_train_steps=4, lr_boundaries=(2,), log_every_steps=2,
                         eval_every_steps=2, checkpoint_every_steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   kinds = [(r["step"], r["kind"]) for r in records]
   assert kinds == [(2, "train"), (2, "eval"), (4, "train"), (4, "eval"), (4, "run")]
@@ -164,9 +165,9 @@ def test_run_writes_metrics_tensorboard_and_summary(tmp_path):
 def test_a_resumed_run_hides_in_tensorboard_the_steps_it_logs_again(tmp_path):
   config = smoke_config(num_train_steps=4, lr_boundaries=(2,), log_every_steps=2,
                         eval_every_steps=2, checkpoint_every_steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   shutil.rmtree(tmp_path / "checkpoints" / "4")  # As if stopped before saving step 4.
-  train.train_and_evaluate(config, str(tmp_path))  # Resumes at step 2, logs step 4 again.
+  loop.train_and_evaluate(config, str(tmp_path))  # Resumes at step 2, logs step 4 again.
   files = event_files(tmp_path)
   assert len(files) == 2
   logged = [(value.tag, event.step) for events in files for event in events
@@ -190,27 +191,27 @@ def test_a_resumed_run_hides_in_tensorboard_the_steps_it_logs_again(tmp_path):
                                   r"classes\), whose 32x32 images are evaluated by 'center'"),
 ])
 def test_bad_configs_fail_at_start_up(tmp_path, overrides, message):
-  with pytest.raises(train.StartupError, match=message):
-    train.train_and_evaluate(smoke_config(**overrides), str(tmp_path))
+  with pytest.raises(loop.StartupError, match=message):
+    loop.train_and_evaluate(smoke_config(**overrides), str(tmp_path))
 
 
 @pytest.mark.parametrize("image_size", [32, 72])  # Held on the devices; streamed.
 def test_batch_larger_than_the_training_set_fails_at_start_up(tmp_path, image_size):
   config = smoke_config()
   config.dataset.image_size, config.dataset.synthetic_train_size = image_size, 16
-  with pytest.raises(train.StartupError, match="^batch size 32 exceeds the 16 training examples"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(loop.StartupError, match="^batch size 32 exceeds the 16 training examples"):
+    loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_unknown_dataset_and_unwritable_workdir_fail_at_start_up(tmp_path):
   config = smoke_config()
   config.dataset.name = "mnist"
-  with pytest.raises(train.StartupError, match="unknown dataset name 'mnist'"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(loop.StartupError, match="unknown dataset name 'mnist'"):
+    loop.train_and_evaluate(config, str(tmp_path))
   blocker = tmp_path / "a_file"
   blocker.write_text("")
-  with pytest.raises(train.StartupError, match="is not writable"):
-    train.train_and_evaluate(smoke_config(), str(blocker / "workdir"))
+  with pytest.raises(loop.StartupError, match="is not writable"):
+    loop.train_and_evaluate(smoke_config(), str(blocker / "workdir"))
 
 
 def test_a_run_stopped_at_start_up_leaves_no_workdir_it_made(tmp_path):
@@ -219,23 +220,23 @@ def test_a_run_stopped_at_start_up_leaves_no_workdir_it_made(tmp_path):
   too_large = smoke_config()  # Fails once checkpoints/ is made.
   too_large.dataset.synthetic_train_size = 16
   for config, message in ((missing, "does not exist"), (too_large, "batch size 32 exceeds")):
-    with pytest.raises(train.StartupError, match=message):
-      train.train_and_evaluate(config, str(tmp_path / "new" / "run"))
+    with pytest.raises(loop.StartupError, match=message):
+      loop.train_and_evaluate(config, str(tmp_path / "new" / "run"))
     assert sorted(os.listdir(tmp_path)) == []
   # A workdir that was there is left as it was, empty folders and all.
   (tmp_path / "kept" / "notes").mkdir(parents=True)
-  with pytest.raises(train.StartupError, match="does not exist"):
-    train.train_and_evaluate(missing, str(tmp_path / "kept"))
+  with pytest.raises(loop.StartupError, match="does not exist"):
+    loop.train_and_evaluate(missing, str(tmp_path / "kept"))
   assert os.listdir(tmp_path / "kept") == ["notes"]
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
   config = smoke_config(num_train_steps=2, lr_boundaries=(1,), checkpoint_every_steps=2,
                         eval_every_steps=2, log_every_steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   config.model = "cifar_plain8"
-  with pytest.raises(train.StartupError, match="different run"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(loop.StartupError, match="different run"):
+    loop.train_and_evaluate(config, str(tmp_path))
 
 
 def test_main_reports_one_line_and_exit_status_2(tmp_path):
@@ -273,9 +274,9 @@ def test_sigterm_saves_within_two_steps_of_the_one_running_and_exits_75(tmp_path
   status, stderr, seconds = _preempt(tmp_path, "sigterm-running:5", "--config.log_every_steps=1000",
                                      "--config.eval_every_steps=1000",
                                      "--config.checkpoint_every_steps=1000")
-  assert status == train.PREEMPTED_EXIT_CODE, stderr[-2000:]
+  assert status == loop.PREEMPTED_EXIT_CODE, stderr[-2000:]
   step, _ = final_state(str(tmp_path))
-  assert 5 <= step <= 5 + train.MAX_STEPS_AHEAD + 1
+  assert 5 <= step <= 5 + loop.MAX_STEPS_AHEAD + 1
   assert f"Preempted: saved step {step} " in stderr
   assert seconds < 10, seconds
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -286,7 +287,7 @@ def test_sigterm_saves_within_two_steps_of_the_one_running_and_exits_75(tmp_path
 
 def test_sigterm_during_start_up_exits_75_with_a_line_and_releases_the_claim(tmp_path):
   status, stderr, _ = _preempt(tmp_path, "sigterm-startup")
-  assert status == train.PREEMPTED_EXIT_CODE, stderr[-2000:]
+  assert status == loop.PREEMPTED_EXIT_CODE, stderr[-2000:]
   assert "Preempted during start-up: nothing was trained or saved" in stderr
   assert "Traceback" not in stderr
   assert not (tmp_path / "claim").exists()
@@ -327,20 +328,20 @@ def test_multi_view_protocols_average_softmax_scores_over_every_example(tmp_path
   dataset_config.data_dir = str(tmp_path)
   dataset = data.create(dataset_config, mesh)
   config = smoke_config()
-  model = train.create_model(config, 2, 0, "cpu")
-  state = jax.device_put(train.create_train_state(config, model, optim.create(config)),
+  model = loop.create_model(config, 2, 0, "cpu")
+  state = jax.device_put(loop.create_train_state(config, model, optim.create(config)),
                          NamedSharding(mesh, PartitionSpec()))
-  eval_fn = jax.jit(train.eval_step)
+  eval_fn = jax.jit(loop.eval_step)
   for protocol, num_views in [("center", 1), ("10crop", 10), ("multiscale", 5)]:
     batch = next(iter(dataset.eval_batches(8, protocol=protocol)))
     assert len(data.views(batch)) == num_views
-    result = train.evaluate(eval_fn, state, dataset.eval_batches(8, protocol=protocol))
+    result = loop.evaluate(eval_fn, state, dataset.eval_batches(8, protocol=protocol))
     assert result["examples"] == 12, protocol
   # The 10-crop score is the mean of the views' softmax scores.
   batch = next(iter(dataset.eval_batches(8, protocol="10crop")))
   model.eval()
   scores = np.mean([jax.nn.softmax(model(view)) for view in data.views(batch)], axis=0)
-  expected = train.topk_errors(scores, batch.labels, batch.mask)
+  expected = loop.topk_errors(scores, batch.labels, batch.mask)
   got = eval_fn(state, batch)
   assert int(got["top1_errors"]) == int(expected["top1_errors"])
   assert int(got["count"]) == int(np.sum(batch.mask))
@@ -349,8 +350,8 @@ def test_multi_view_protocols_average_softmax_scores_over_every_example(tmp_path
 def test_divergence_stops_at_the_first_non_finite_step_and_saves_nothing_bad(tmp_path):
   config = smoke_config(num_train_steps=6, lr_boundaries=(4,), learning_rate=1e12,
                         log_every_steps=1, eval_every_steps=6, checkpoint_every_steps=1)
-  with pytest.raises(train.NonFiniteError, match=r"non-finite loss, gradient or weights at step \d+"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(loop.NonFiniteError, match=r"non-finite loss, gradient or weights at step \d+"):
+    loop.train_and_evaluate(config, str(tmp_path))
   # Whatever was saved before the divergence is finite.
   if ocp.CheckpointManager(str(tmp_path / "checkpoints")).latest_step() is not None:
     _, state = final_state(str(tmp_path))
@@ -365,25 +366,25 @@ def test_uniform_nan_and_tied_scores_count_as_errors():
   scores[3, 3] = 1.0  # The label alone at the top: the only correct row.
   scores[4, 4], scores[4, 7] = 1.0, np.nan  # The label on top, but a NaN in the row.
   labels, mask = jnp.arange(5), jnp.ones(5, bool)
-  errors = train.topk_errors(jnp.asarray(scores), labels, mask)
+  errors = loop.topk_errors(jnp.asarray(scores), labels, mask)
   assert (int(errors["top1_errors"]), int(errors["top5_errors"])) == (4, 3)
   # Averaged over views (10-crop, multi-scale), one NaN view makes the mean NaN: an error too.
   views = np.stack([scores[3:4], np.full((1, 10), np.nan, np.float32)])
-  errors = train.topk_errors(jnp.asarray(views.mean(axis=0)), labels[3:4], mask[:1])
+  errors = loop.topk_errors(jnp.asarray(views.mean(axis=0)), labels[3:4], mask[:1])
   assert int(errors["top1_errors"]) == 1
 
 
 def test_non_finite_scores_are_never_scored():
   config = smoke_config()
   mesh = data.core.make_mesh()
-  dataset = data.create(train.dataset_config(config), mesh)
+  dataset = data.create(loop.dataset_config(config), mesh)
   state = jax.device_put(
-      train.create_train_state(config, train.create_model(config, 10, 0, "cpu"),
+      loop.create_train_state(config, loop.create_model(config, 10, 0, "cpu"),
                                optim.create(config)), NamedSharding(mesh, PartitionSpec()))
   nan_state = state.replace(params=jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state.params))
-  with pytest.raises(train.NonFiniteError,
+  with pytest.raises(loop.NonFiniteError,
                      match="scores are not finite for 200 of the 200 evaluation images at step 0"):
-    train.evaluate(train.jit_eval_step(mesh), nan_state,
+    loop.evaluate(loop.jit_eval_step(mesh), nan_state,
                    dataset.eval_batches(config.eval_batch_size, config.eval_protocol))
 
 
@@ -391,8 +392,8 @@ def test_a_step_that_makes_weights_non_finite_is_never_evaluated_or_saved(tmp_pa
   # The learning rate overflows the first update's weights while its loss and gradient are finite.
   config = smoke_config(learning_rate=1e38, log_every_steps=1, eval_every_steps=1,
                         checkpoint_every_steps=1)
-  with pytest.raises(train.NonFiniteError, match="non-finite loss, gradient or weights at step 1;"):
-    train.train_and_evaluate(config, str(tmp_path))
+  with pytest.raises(loop.NonFiniteError, match="non-finite loss, gradient or weights at step 1;"):
+    loop.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
   assert not (tmp_path / "metrics.jsonl").exists()  # Not even the step's training metrics.
 
@@ -400,7 +401,7 @@ def test_a_step_that_makes_weights_non_finite_is_never_evaluated_or_saved(tmp_pa
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
   config = smoke_config(num_train_steps=4, lr_boundaries=(3,), log_every_steps=2,
                         eval_every_steps=4, checkpoint_every_steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   newest = tmp_path / "checkpoints" / "4" / "state"
   for path in newest.rglob("*"):
     if path.is_file():
@@ -408,7 +409,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   config.num_train_steps = 6
   config.lr_boundaries = (5,)
   with caplog.at_level("INFO"):
-    result = train.train_and_evaluate(config, str(tmp_path))
+    result = loop.train_and_evaluate(config, str(tmp_path))
   messages = [r.getMessage() for r in caplog.records]
   assert any("Checkpoint at step 4 is unreadable" in m for m in messages), messages
   assert any("restore: resumed at step 2 of" in m for m in messages), messages
@@ -439,12 +440,12 @@ def test_throughput_and_eta_exclude_compilation_evaluation_and_checkpoints(tmp_p
       time.sleep(PAUSE)
       return function(*args, **kwargs)
     return slow
-  monkeypatch.setattr(train, "_compile", slowed(train._compile))
-  monkeypatch.setattr(train, "evaluate", slowed(train.evaluate))
+  monkeypatch.setattr(loop, "_compile", slowed(loop._compile))
+  monkeypatch.setattr(loop, "evaluate", slowed(loop.evaluate))
   monkeypatch.setattr(checkpoints.Manager, "save", slowed(checkpoints.Manager.save))
   config = smoke_config(num_train_steps=6, lr_boundaries=(4,), log_every_steps=1,
                         eval_every_steps=2, checkpoint_every_steps=3)
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
 
   windows = [config.batch_size / record["images_per_second"] for record in records(tmp_path, "train")]
   assert len(windows) == 6 and max(windows) < PAUSE, windows
@@ -462,7 +463,7 @@ def test_start_up_phases_then_the_closing_line_with_error_summary_and_best_check
   caplog.set_level(logging.INFO)
   config = smoke_config(num_train_steps=4, lr_boundaries=(2,), log_every_steps=2,
                         eval_every_steps=2, checkpoint_every_steps=2)
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = loop.train_and_evaluate(config, str(tmp_path))
 
   lines = console(caplog)
   phases = [line.split(":", 1)[0] for line in lines if re.match(r"[a-z]+: ", line)]
@@ -491,12 +492,12 @@ def test_resume_and_rerun_of_a_finished_run_say_what_they_do(tmp_path, caplog):
   caplog.set_level(logging.INFO)
   config = smoke_config(num_train_steps=2, lr_boundaries=(1,), log_every_steps=1,
                         eval_every_steps=2, checkpoint_every_steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   assert f"restore: no checkpoint in {tmp_path / 'checkpoints'}; training from step 0" in console(caplog)
 
   caplog.clear()
   config.num_train_steps = 4
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   (restore,) = [line for line in console(caplog) if line.startswith("restore:")]
   assert restore.startswith(f"restore: resumed at step 2 of 4 from {tmp_path / 'checkpoints' / '2'}")
   assert console(caplog)[-1].startswith("done: 4 steps, 2 in this run")
@@ -505,7 +506,7 @@ def test_resume_and_rerun_of_a_finished_run_say_what_they_do(tmp_path, caplog):
 
   caplog.clear()
   logged = (tmp_path / "metrics.jsonl").read_text()
-  rerun = train.train_and_evaluate(config, str(tmp_path))
+  rerun = loop.train_and_evaluate(config, str(tmp_path))
   lines = console(caplog)
   (restore,) = [line for line in lines if line.startswith("restore:")]
   assert restore.startswith("restore: the run finished already (step 4 of 4")
@@ -524,7 +525,7 @@ def test_warm_up_ends_at_the_iteration_its_window_says_and_the_run_reports_it(tm
   config = smoke_config(num_train_steps=6, lr_boundaries=(), log_every_steps=1,
                         eval_every_steps=6, checkpoint_every_steps=6, warmup_learning_rate=0.01,
                         warmup_window=3, warmup_until_train_error=1.01)
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   rates = [record["learning_rate"] for record in records(tmp_path, "train")]
   assert rates == pytest.approx([0.01] * 3 + [0.1] * 3)
   (end,) = records(tmp_path, "warmup_end")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import processes
-from resnet_jax import train
+from resnet_jax.training import loop
 
 STEPS = 8
 ARGS = ["--config=configs/cifar_resnet20.py:smoke", "--config.model=cifar_resnet8",
@@ -95,7 +95,7 @@ def test_two_processes_killed_and_preempted_resume_and_train_as_one(
   # SIGTERM to process 1 alone at step 6 while process 0 pauses there, so that the notice
   # is not outrun by the run's end: both agree on one step from 6 to 8, save it and exit 75.
   preempted = _train(tmp_path, 2, compilation_cache, faults={0: "pause:6", 1: "sigterm:6"},
-                     statuses=(train.PREEMPTED_EXIT_CODE,))
+                     statuses=(loop.PREEMPTED_EXIT_CODE,))
   saved = processes.newest_checkpoint(tmp_path)
   assert saved in (6, 7, 8)
   for result in preempted:

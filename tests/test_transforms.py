@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax import models, ops
+from resnet_jax import models
+from resnet_jax.models import cpu_kernels
 
 # Every block type, shortcut, stem and bottleneck stride placement, at toy depths and widths.
 _tiny = functools.partial(models.ResNet, stage_sizes=(1, 1), stage_widths=(8, 16),
@@ -119,7 +120,7 @@ def test_every_transformation(name, train):
 
 def test_cpu_training_kernels_support_reverse_mode_and_say_forward_mode_is_unsupported():
   model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0),
-                        **ops.training_layers("cpu"))
+                        **cpu_kernels.training_layers("cpu"))
   reference = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
   images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
   apply, params = functional(model, train=True)

@@ -190,7 +190,7 @@ def place_eval(mesh: Mesh, labels: np.ndarray, load: Callable[[np.ndarray], np.n
 def abstract(mesh: Mesh, info: core.DatasetInfo, *, seed: int, augment: bool) -> OnDeviceDataset:
   """The shapes, dtypes and shardings of the `OnDeviceDataset` that `build` makes for `info` on
   `mesh`, without its data: what a step is compiled for before the data exists
-  (`resnet_jax.compile`)."""
+  (`resnet_jax.training.compile`)."""
   devices = core.num_data_devices(mesh)
   sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                       sharding=core.batch_sharding(mesh))

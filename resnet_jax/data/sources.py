@@ -173,7 +173,7 @@ def tfds_builder(name: str, data_dir: str | None) -> Any:
     raise DatasetNotFoundError(
         f"TFDS dataset {name!r} is not prepared in {builder.data_dir} "
         f"(dataset.data_dir={data_dir!r}), and this pipeline never downloads. Fix it by one of: "
-        f"(1) preparing it: `python -m resnet_jax.data.prepare {name} --data_dir=<dir>`{manual}; "
+        f"(1) preparing it: `python -m resnet_jax.tools.prepare {name} --data_dir=<dir>`{manual}; "
         f"(2) pointing dataset.data_dir at a directory where it is prepared; "
         f"(3) using dataset.name='image_folder' with dataset.data_dir=<root>/<split>/<class>/<image>.")
   return builder
@@ -229,7 +229,7 @@ def tfds_random_access(name: str, data_dir: str | None, split: str) -> Records:
     raise DatasetNotFoundError(
         f"TFDS dataset {name!r} in {builder.data_dir} is stored as {sorted(formats)}; the streaming "
         "pipeline reads examples by index (resumable, step-indexed) and needs array_record. Fix: "
-        f"prepare it again into another data_dir with `python -m resnet_jax.data.prepare {name} "
+        f"prepare it again into another data_dir with `python -m resnet_jax.tools.prepare {name} "
         "--data_dir=<dir> --file_format=array_record`, or use an image folder.")
   source = builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()},
                                   file_format="array_record")

@@ -2,7 +2,7 @@
 
 Why tf.data and not Grain: measured on the same array_record records with the same decode and
 augmentation, Grain's worker processes spend about 1.4x the CPU per image (BENCHMARKS.md, "Input
-pipelines"; `python -m resnet_jax.data.benchmark`). tf.data's C++ runtime decodes and crops JPEGs
+pipelines"; `python -m resnet_jax.tools.input_benchmark`). tf.data's C++ runtime decodes and crops JPEGs
 in parallel outside Python's GIL (`decode_and_crop_jpeg` decodes only the crop window). We keep
 Grain's good idea: the pipeline is step-indexed. The examples of step s are a
 pure function of (seed, s): each epoch reads a seeded permutation of this process's examples, and

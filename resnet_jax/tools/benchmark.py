@@ -1,6 +1,6 @@
-"""Training and evaluation throughput: `python -m resnet_jax.benchmark --model=cifar_resnet20`.
+"""Training and evaluation throughput: `python -m resnet_jax.tools.benchmark --model=cifar_resnet20`.
 
-Times the trainer's own jitted steps (`train.train_step`, `train.eval_step`) in
+Times the trainer's own jitted steps (`loop.train_step`, `loop.eval_step`) in
 steady state: each step is compiled and run once before timing, and every timed
 repeat ends in `block_until_ready`. Reports compile time, the median step time
 with its spread over repeats, images per second and model FLOP utilisation
@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from resnet_jax import cli, data, models, ops, optim, train
+from resnet_jax.training import cli, optim, loop
+from resnet_jax import data, models
+from resnet_jax.models import cpu_kernels
 
 # Dense (no sparsity) peak TFLOP/s of one chip: NVIDIA H100/H200 SXM datasheets
 # (float32 is the non-tensor-core rate) and the Cloud TPU system architecture
@@ -138,10 +140,10 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
   batch_sharding = NamedSharding(mesh, PartitionSpec(data.core.DATA_AXIS))
   size, classes = config.dataset.image_size, config.dataset.num_classes
   platform = data.core.platform(mesh)
-  model = train.create_model(config, classes, config.seed, platform)
+  model = loop.create_model(config, classes, config.seed, platform)
   macs = models.count_macs(model, (config.batch_size, size, size, 3))
   tx = optim.create(config)
-  state = jax.device_put(train.create_train_state(config, model, tx), replicated)
+  state = jax.device_put(loop.create_train_state(config, model, tx), replicated)
   # Training steps donate their state: each runner gets its own copy.
   copy_state = lambda: jax.tree.map(jnp.copy, state)
 
@@ -151,16 +153,16 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
       labels=rng.integers(0, classes, config.batch_size, dtype=np.int32),
       mask=np.ones(config.batch_size, bool)), batch_sharding)
 
-  train_step = lambda state, batch: train.train_step(config, tx, state, batch)[0]
+  train_step = lambda state, batch: loop.train_step(config, tx, state, batch)[0]
   # Evaluation carries a running error count, so no call is dead code.
-  eval_step = lambda total, state, batch: total + train.eval_step(state, batch)["top1_errors"]
-  jit = functools.partial(jax.jit, compiler_options=ops.compiler_options(platform))
+  eval_step = lambda total, state, batch: total + loop.eval_step(state, batch)["top1_errors"]
+  jit = functools.partial(jax.jit, compiler_options=cpu_kernels.compiler_options(platform))
   runners = {
       "train": Runner(jit(train_step, donate_argnums=0), copy_state(), batch),
       "eval": Runner(jit(eval_step), jnp.zeros((), jnp.int32), state, batch),
   }
   if input_pipeline:
-    dataset = data.create(train.dataset_config(config), mesh)
+    dataset = data.create(loop.dataset_config(config), mesh)
     if not isinstance(dataset, data.OnDeviceDataset):
       raise ValueError(f"--input_pipeline needs an on-device dataset; {config.model} at "
                        f"{size}x{size} gets a {type(dataset).__name__}.")
@@ -225,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
   cli.quiet()
   config = make_config(args.model, args.batch, args.dtype, args.batch_norm_group)
   try:
-    train.validate(config, jax.device_count())
+    loop.validate(config, jax.device_count())
   except ValueError as error:
     cli.fail(str(error))
   device = jax.devices()[0]

@@ -7,7 +7,7 @@ hold) from an image folder, and ILSVRC2012-shaped tar files of generated images.
     files = write_ilsvrc2012_tars("manual", num_classes=10, train_per_class=4, val_images=10)
     # manual/ILSVRC2012_img_train.tar, manual/ILSVRC2012_img_val.tar
 
-Then `python -m resnet_jax.data.prepare <dataset> --manual_dir=manual --data_dir=DIR` runs TFDS's
+Then `python -m resnet_jax.tools.prepare <dataset> --manual_dir=manual --data_dir=DIR` runs TFDS's
 own builder on them. TensorFlow (decoding and encoding JPEGs) is imported only when called.
 """
 import dataclasses

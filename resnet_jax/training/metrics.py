@@ -1,4 +1,5 @@
-"""What a run reports: a console progress line, TensorBoard scalars, a JSON-lines log and a summary.
+"""What a run reports (a console progress line, TensorBoard scalars, a JSON-lines log and a
+summary), and the training curves read back from its log (Figs. 1, 4, 6).
 
 Files in the workdir (written by process 0 only, through etils.epath: local or gs://):
   metrics.jsonl   one JSON object per train log or evaluation: {"step", "kind", ...}; errors
@@ -32,7 +33,7 @@ from absl import logging
 from etils import epath
 
 
-def report(message: str, *args: Any) -> None:
+def log_line(message: str, *args: Any) -> None:
   """A line on the console, from the first process only (every process would repeat it)."""
   if jax.process_index() == 0:
     logging.info(message, *args)
@@ -200,3 +201,39 @@ class Writer:
   def close(self) -> None:
     if self._tensorboard is not None:
       self._tensorboard.close()
+
+
+def read_metrics(workdir: epath.PathLike) -> list[dict]:
+  """The records of a workdir's metrics.jsonl (local or gs://); [] when there is none."""
+  path = epath.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_curves(workdirs: Sequence[epath.PathLike]) -> dict[str, dict[str, np.ndarray]]:
+  """Training and test error (%) against iterations, per workdir (keyed by str(workdir)).
+
+  Returns {"train_step", "train_error", "test_step", "test_error"} arrays for each
+  workdir. A resumed run logs again the steps between its last checkpoint and the
+  stop; the record written last for a step wins. Training records give `top1_error`
+  in percent; those of runs older than that, `train_error` as a fraction.
+  """
+  curves = {}
+  for workdir in workdirs:
+    by_step = {"train": {}, "eval": {}}
+    for record in read_metrics(workdir):
+      if record.get("kind") in by_step:
+        by_step[record["kind"]][record["step"]] = record
+    train_steps, test_steps = sorted(by_step["train"]), sorted(by_step["eval"])
+    curves[str(workdir)] = {
+        "train_step": np.asarray(train_steps, np.int64),
+        "train_error": np.asarray([_train_error(by_step["train"][s]) for s in train_steps]),
+        "test_step": np.asarray(test_steps, np.int64),
+        "test_error": np.asarray([by_step["eval"][s]["top1_error"] for s in test_steps]),
+    }
+  return curves
+
+
+def _train_error(record: dict) -> float:
+  return record["top1_error"] if "top1_error" in record else 100 * record["train_error"]

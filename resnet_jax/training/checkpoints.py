@@ -13,7 +13,7 @@ finite. A failed write raises `CheckpointError`. Each checkpoint written after a
 evaluation also records that evaluation's top-1 error, which picks the best one.
 
 `Reader` reads a run's checkpoints without writing, renaming or deleting anything,
-so it may read those of a run that is still training (`resnet_jax.evaluate`).
+so it may read those of a run that is still training (`resnet_jax.training.evaluate`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
-from resnet_jax import optim
+from resnet_jax.training import optim
 
 BEST_METRIC = "top1_error"
 _JSON_ITEMS = ("data", "identity", "checksums")

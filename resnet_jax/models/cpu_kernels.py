@@ -4,7 +4,7 @@
 convolutions are `Conv` and whose batch norms are `BatchNorm` for CPU devices, and
 flax's own layers for every other platform (`nnx.Conv`; `nnx.BatchNorm`, or its subclass
 `models.BatchNorm` with batch norm groups, which `BatchNorm` extends in turn). The
-trainer, the evaluator, the benchmark and `resnet_jax.compile` build their models so
+trainer, the evaluator, the benchmark and `resnet_jax.training.compile` build their models so
 (`train.create_model`, which adds the config's batch norm groups) and jit their steps
 with `compiler_options(platform)`, `platform` being that of the devices the step runs
 on (`data.core.platform(mesh)`), never the host's default backend: a step compiled on a

@@ -1,4 +1,4 @@
-"""Input-pipeline throughput: `python -m resnet_jax.data.benchmark [--cifar10_dir DIR]`.
+"""Input-pipeline throughput: `python -m resnet_jax.tools.input_benchmark [--cifar10_dir DIR]`.
 
 Measures (1) the CIFAR on-device fast path: sampling + augmentation inside jit, batch 128, on
 one device; (2) the ImageNet training input as the trainer reads it for `name=imagenet2012`:
@@ -31,7 +31,8 @@ import numpy as np
 from etils import epath
 
 from resnet_jax import data
-from resnet_jax.data import prepare, source_files, sources, streaming
+from resnet_jax.tools import prepare, source_files
+from resnet_jax.data import sources, streaming
 
 IMAGE_HEIGHT = 375  # Widths 375 to 562: ImageNet's typical 500x375 and its neighbours.
 

@@ -175,5 +175,5 @@ def _only(opt_state, name: str):
   found = optax.tree_utils.tree_get_all_with_path(opt_state, name)
   if len(found) != 1:
     raise KeyError(f"the optimizer state holds {len(found)} values named {name!r}, not one; "
-                   f"resnet_jax.optim.create's chain changed: {[path for path, _ in found]}")
+                   f"resnet_jax.training.optim.create's chain changed: {[path for path, _ in found]}")
   return found[0][1]

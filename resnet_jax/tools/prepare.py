@@ -1,8 +1,8 @@
 """Prepares a TFDS dataset for training, online or offline, through TFDS's own builders.
 
-  python -m resnet_jax.data.prepare cifar10 --data_dir=DIR                 # downloads, as TFDS does
-  python -m resnet_jax.data.prepare cifar10 --data_dir=DIR --manual_dir=M  # offline
-  python -m resnet_jax.data.prepare imagenet2012 --data_dir=DIR --manual_dir=M
+  python -m resnet_jax.tools.prepare cifar10 --data_dir=DIR                 # downloads, as TFDS does
+  python -m resnet_jax.tools.prepare cifar10 --data_dir=DIR --manual_dir=M  # offline
+  python -m resnet_jax.tools.prepare imagenet2012 --data_dir=DIR --manual_dir=M
 
 This is `tfds build` without apache_beam. Offline, `--manual_dir` holds what TFDS would download:
 for cifar10 and cifar100 the original cifar-10-binary.tar.gz / cifar-100-binary.tar.gz (checked
@@ -24,7 +24,8 @@ import requests
 from absl import app, flags
 from etils import epath
 
-from resnet_jax.data import source_files, sources
+from resnet_jax.tools import source_files
+from resnet_jax.data import sources
 
 DATASETS = ("cifar10", "cifar100", "imagenet2012")
 IMAGENET_TARS = {"ILSVRC2012_img_train.tar": (r"n\d{8}\.tar", "one <synset>.tar per class"),
@@ -93,7 +94,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   except (requests.RequestException, tfds.download.DownloadError) as error:
     raise UserError(f"downloading {name} failed ({type(error).__name__}); rerun with network, "
                     "or pass --manual_dir with the files (see python -m "
-                    "resnet_jax.data.prepare --help)") from None
+                    "resnet_jax.tools.prepare --help)") from None
   return tfds.builder(name, data_dir=data_dir)
 
 
@@ -204,7 +205,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(str(error))
   if len(argv) != 2:
     _fail(f"name one dataset ({', '.join(DATASETS)}), e.g. "
-          "`python -m resnet_jax.data.prepare cifar10 --data_dir=DIR`")
+          "`python -m resnet_jax.tools.prepare cifar10 --data_dir=DIR`")
   return argv
 
 

@@ -1,6 +1,6 @@
 """A sweep's report: results table against the paper, training curves, layer responses.
 
-  python -m resnet_jax.report --sweep_dir=/runs/table6 --out=/runs/table6/report
+  python -m resnet_jax.tools.report --sweep_dir=/runs/table6 --out=/runs/table6/report
 
 reads every member workdir `<sweep_dir>/<config>/seed<k>` that `experiments.sweeps`
 made, and writes `report.md` with `curves.png` (Figs. 1, 4, 6: training error thin
@@ -23,7 +23,8 @@ import numpy as np
 from absl import app, flags
 from etils import epath
 
-from resnet_jax import analysis
+from resnet_jax.models import analysis
+from resnet_jax.training import metrics
 
 # Top-1 test error (%) of the paper, by the test protocol of its table and config: (reference
 # for the difference, as printed). CIFAR-10: Table 6, the whole 32x32 test image (plain nets
@@ -85,9 +86,9 @@ def find_members(sweep_dir: epath.Path) -> list[dict]:
         "config": workdir.parent.name, "seed": int(workdir.name.removeprefix("seed")),
         "workdir": workdir,
         "summary": json.loads(summary_path.read_text()) if summary_path.exists() else None,
-        "curves": analysis.training_curves([workdir])[str(workdir)],
+        "curves": metrics.training_curves([workdir])[str(workdir)],
         # The ResNet-110 warm-up's end (Sec. 4.2), None without one or while it lasts.
-        "warmup_end": next((record for record in reversed(analysis.read_metrics(workdir))
+        "warmup_end": next((record for record in reversed(metrics.read_metrics(workdir))
                             if record.get("kind") == "warmup_end"), None)})
   return members
 
@@ -101,7 +102,7 @@ def test_error(member: dict, protocol: str) -> float | None:
   """The member's final top-1 test error by `protocol`; None before it is known.
 
   "center" is the run's own final evaluation (summary.json); another protocol's is the one
-  `python -m resnet_jax.evaluate` wrote for the final step.
+  `python -m resnet_jax.training.evaluate` wrote for the final step.
   """
   if member["summary"] is None:
     return None
@@ -211,19 +212,20 @@ def trained_layer_responses(workdir: epath.Path, datasets: dict) -> np.ndarray:
   import ml_collections  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  from resnet_jax import checkpoints, data, optim, train  # pylint: disable=g-import-not-at-top
+  from resnet_jax.training import checkpoints, optim, loop  # pylint: disable=g-import-not-at-top
+  from resnet_jax import data  # pylint: disable=g-import-not-at-top
 
-  config = train.recorded_config(
+  config = loop.recorded_config(
       ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())))
   mesh = data.core.make_mesh()
-  dataset_config = train.dataset_config(config)
+  dataset_config = loop.dataset_config(config)
   key = json.dumps(dataset_config.to_dict(), sort_keys=True)
   if key not in datasets:
     datasets[key] = data.create(dataset_config, mesh)
   dataset = datasets[key]
-  model = train.create_model(config, dataset.info.num_classes, config.seed,
+  model = loop.create_model(config, dataset.info.num_classes, config.seed,
                              data.core.platform(mesh))
-  state = jax.device_put(train.create_train_state(config, model, optim.create(config)),
+  state = jax.device_put(loop.create_train_state(config, model, optim.create(config)),
                          NamedSharding(mesh, PartitionSpec()))
   reader = checkpoints.Reader(workdir)  # Reads only: the run may still be training.
   state, _ = reader.restore(reader.latest_step(), state)

@@ -1,7 +1,7 @@
 """Evaluates a saved run: its best or latest checkpoint, or a given step, by any protocol.
 
-  python -m resnet_jax.evaluate --workdir=/tmp/resnet110
-  python -m resnet_jax.evaluate --workdir=/tmp/resnet50 --checkpoint=latest --eval_protocol=10crop
+  python -m resnet_jax.training.evaluate --workdir=/tmp/resnet110
+  python -m resnet_jax.training.evaluate --workdir=/tmp/resnet50 --checkpoint=latest --eval_protocol=10crop
 
 The run's config is the workdir's config.json (written by the trainer as it starts); the
 checkpoint is read without changing anything under checkpoints/ and without claiming the
@@ -35,7 +35,8 @@ import ml_collections
 from absl import app, flags, logging
 from etils import epath
 
-from resnet_jax import checkpoints, cli, data, optim, train
+from resnet_jax.training import checkpoints, cli, optim, loop
+from resnet_jax import data
 
 def _define_flags() -> None:
   """The command's flags, defined only when it runs (see `cli`)."""
@@ -83,7 +84,7 @@ def evaluate_run(workdir: epath.PathLike, checkpoint: str = "best", protocol: st
   try:
     checkpoints.check_writable(workdir / "evaluations")
     # The evaluation split alone, the protocol checked before any image is decoded.
-    dataset = data.create(train.dataset_config(config), mesh, train=False, eval_protocol=protocol)
+    dataset = data.create(loop.dataset_config(config), mesh, train=False, eval_protocol=protocol)
   except ValueError as error:
     raise EvaluationError(str(error)) from None
   info = dataset.info
@@ -94,14 +95,14 @@ def evaluate_run(workdir: epath.PathLike, checkpoint: str = "best", protocol: st
   except ValueError as error:
     raise EvaluationError(f"{workdir / 'config.json'} is not the config of checkpoint {step}: "
                           f"{error}") from None
-  abstract_state = train.abstract_train_state(config, info.num_classes, mesh,
+  abstract_state = loop.abstract_train_state(config, info.num_classes, mesh,
                                               optim.create(config))
   state, _ = _read_checkpoint(workdir, step, lambda: reader.restore(step, abstract_state))
   logging.info("Evaluating step %d of %s (%s checkpoint) on %s %s by %s.", step, workdir,
                checkpoint, info.name, config.dataset.eval_split, protocol)
 
-  eval_fn = train.jit_eval_step(mesh)
-  result = train.evaluate(eval_fn, state, dataset.eval_batches(batch_size, protocol))
+  eval_fn = loop.jit_eval_step(mesh)
+  result = loop.evaluate(eval_fn, state, dataset.eval_batches(batch_size, protocol))
   record = {"step": step, "checkpoint": checkpoint, "protocol": protocol, **result,
             "model": config.model, "dataset": info.name, "eval_split": config.dataset.eval_split,
             "eval_batch_size": batch_size,
@@ -128,7 +129,7 @@ def _run_config(workdir: epath.Path) -> ml_collections.ConfigDict:
   except ValueError as error:
     raise EvaluationError(f"{path} is not a config the trainer wrote ({error}); restore it, or "
                           "rerun the trainer on this workdir, which writes it again.") from None
-  return train.recorded_config(config)
+  return loop.recorded_config(config)
 
 
 def _reader(workdir: epath.Path) -> checkpoints.Reader:
@@ -232,7 +233,7 @@ def main(argv):
     cli.fail(str(error))
   # OSError: a disk failing; CorruptImageError: an image that does not decode; NonFiniteError:
   # finite weights whose scores overflow (no result is written).
-  except (OSError, data.CorruptImageError, train.NonFiniteError) as error:
+  except (OSError, data.CorruptImageError, loop.NonFiniteError) as error:
     cli.fail(str(error), cli.RUN_FAILED)
   if jax.process_index() == 0:
     print(f"{record['model']} step {record['step']} ({record['checkpoint']}) on "

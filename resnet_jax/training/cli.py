@@ -1,8 +1,8 @@
 """What the package's commands share: the config, workdir and cluster flags, the persistent
 compilation cache, a quiet start, one-line errors and their exit statuses.
 
-`python -m resnet_jax.main` (training), `python -m resnet_jax.evaluate` (a saved run) and
-`python -m resnet_jax.compile` (a config for a TPU topology) define their flags as they start:
+`python -m resnet_jax.main` (training), `python -m resnet_jax.training.evaluate` (a saved run) and
+`python -m resnet_jax.training.compile` (a config for a TPU topology) define their flags as they start:
 defined at import, the flags would clash with those of other programs imported into one
 process (the tests import the evaluator's library beside the sweeps' command line).
 """
@@ -220,7 +220,7 @@ def _quiet_libtpu() -> None:
   jax loads libtpu (the `tpu` extra) on every host where it is installed, and libtpu asks the
   host for its TPU accelerator type and its slice's worker hostnames; a host with no TPU has
   neither, and libtpu prints two warnings and an error on stderr for every process. Such a host
-  only ever compiles for a TPU (`resnet_jax.compile`): it is told a one-host slice of its own,
+  only ever compiles for a TPU (`resnet_jax.training.compile`): it is told a one-host slice of its own,
   and that several processes may load libtpu at once (its lock file guards TPU chips, which a
   compile-only host does not have). A TPU VM (whose chips are in /dev), or an environment that
   sets these variables itself (GKE), is left as it is, so that a real TPU's messages are never

@@ -1,6 +1,6 @@
 """Our NNX networks as Flax Linen modules, for Linen code bases.
 
-    backbone = resnet_jax.linen.to_linen("cifar_resnet20", num_classes=10)
+    backbone = resnet_jax.models.linen.to_linen("cifar_resnet20", num_classes=10)
     variables = backbone.init(key, x, train=False)   # {"params", "batch_stats"}
     logits, updates = backbone.apply(variables, x, train=True, mutable=["batch_stats"])
     logits = backbone.apply(variables, x, train=False)

@@ -36,7 +36,9 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from resnet_jax import checkpoints, claim, data, metrics, models, ops, optim
+from resnet_jax.training import checkpoints, claim, metrics, optim
+from resnet_jax import data, models
+from resnet_jax.models import cpu_kernels
 
 # Exit status of a run stopped by SIGTERM (a preemption notice) after saving:
 # EX_TEMPFAIL, "try again", so schedulers and scripts can tell it from a failure.
@@ -103,9 +105,9 @@ def recorded_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int,
                  platform: str) -> models.ResNet:
   """The config's network for devices of `platform` (`data.core.platform(mesh)`): its
-  dtype (`dtype_for`), training kernels (`ops.training_layers`) and batch norm groups
+  dtype (`dtype_for`), training kernels (`cpu_kernels.training_layers`) and batch norm groups
   (`config.batch_norm_group`, `models.BatchNorm`)."""
-  layers = {"norm": models.BatchNorm, **ops.training_layers(platform)}
+  layers = {"norm": models.BatchNorm, **cpu_kernels.training_layers(platform)}
   layers["norm"] = functools.partial(layers["norm"], group_size=config.batch_norm_group)
   return models.create(config.model, num_classes=num_classes, rngs=nnx.Rngs(seed),
                        dtype=dtype_for(config, platform), **config.model_overrides, **layers)
@@ -124,7 +126,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
 def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh,
                          tx: optax.GradientTransformation) -> TrainState:
   """The train state's shapes, dtypes and shardings (replicated) on `mesh`, nothing computed:
-  what a checkpoint restores into, and what `resnet_jax.compile` compiles the steps for."""
+  what a checkpoint restores into, and what `resnet_jax.training.compile` compiles the steps for."""
   replicated = NamedSharding(mesh, PartitionSpec())
   platform = data.core.platform(mesh)
   shapes = jax.eval_shape(lambda: create_train_state(
@@ -140,12 +142,12 @@ def jit_train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
   (`TrainIterator.batch`: an on-device dataset samples and augments there)."""
   step = lambda state, inputs: train_step(config, tx, state, batch_of(inputs, state.step))
   return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()), donate_argnums=0,
-                 compiler_options=ops.compiler_options(data.core.platform(mesh)))
+                 compiler_options=cpu_kernels.compiler_options(data.core.platform(mesh)))
 
 
 def jit_eval_step(mesh: Mesh):
   """`eval_step`, jitted for the devices of `mesh`."""
-  return jax.jit(eval_step, compiler_options=ops.compiler_options(data.core.platform(mesh)))
+  return jax.jit(eval_step, compiler_options=cpu_kernels.compiler_options(data.core.platform(mesh)))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -337,18 +339,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   check_claim = functools.partial(claim.check_for_job, run_claim, workdir)
   mesh = data.core.make_mesh()
   platform = data.core.platform(mesh)
-  metrics.report("run: %s for %d steps of batch %d on %d %s devices, in %s", config.model,
+  metrics.log_line("run: %s for %d steps of batch %d on %d %s devices, in %s", config.model,
                  config.num_train_steps, config.batch_size, mesh.size, platform, workdir)
   try:  # Everything else that can fail on a bad config fails here, before any compilation.
     started = time.perf_counter()
     dataset = data.create(dataset_config(config), mesh)
     data.core.check_protocol(config.eval_protocol, dataset.info, dataset.eval_protocols)
     info = dataset.info
-    metrics.report("data: %s ready in %.1f s (%d training, %d evaluation images)", info.name,
+    metrics.log_line("data: %s ready in %.1f s (%d training, %d evaluation images)", info.name,
                    time.perf_counter() - started, info.train_size, info.eval_size)
     started = time.perf_counter()
     model = create_model(config, info.num_classes, config.seed, platform)
-    metrics.report("model: %s, %s parameters, built in %.1f s", config.model,
+    metrics.log_line("model: %s, %s parameters, built in %.1f s", config.model,
                    f"{models.count_params(model):,}", time.perf_counter() - started)
     manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints,
                                   num_classes=info.num_classes)
@@ -388,7 +390,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
       first_inputs = next(train_iter)
       train_fn, compile_seconds = _compile(
           jit_train_step(config, tx, mesh, train_iter.batch), state, first_inputs)
-      metrics.report("train: throughput and ETA count training steps only; evaluation and "
+      metrics.log_line("train: throughput and ETA count training steps only; evaluation and "
                      "checkpoint time is totalled in the closing line")
       batches = itertools.chain([first_inputs], train_iter)
       writer.start_timer(start_step)
@@ -479,7 +481,7 @@ def _compile(train_fn, state: TrainState, inputs) -> tuple[jax.stages.Compiled, 
     source = f"compiled, and stored in the persistent compilation cache {cache_dir}"
   else:
     source = "compiled; too quick to be worth the persistent compilation cache"
-  metrics.report("compile: train step in %.1f s (%s)", seconds, source)
+  metrics.log_line("compile: train step in %.1f s (%s)", seconds, source)
   return compiled, seconds
 
 

@@ -1,7 +1,7 @@
 """Compiles a config's steps for a TPU topology on any machine, and says whether they fit.
 
-  python -m resnet_jax.compile --config=imagenet_resnet50 --topology=v5e:16x16
-  python -m resnet_jax.compile --config=cifar_resnet110 --topology=v6e:2x2 \\
+  python -m resnet_jax.training.compile --config=imagenet_resnet50 --topology=v5e:16x16
+  python -m resnet_jax.training.compile --config=cifar_resnet110 --topology=v6e:2x2 \\
       --config.batch_size=4096
 
 It builds what the trainer builds on that slice, from the same functions: the "data" mesh over
@@ -36,7 +36,7 @@ import ml_collections
 from absl import app, flags
 from etils import epath
 
-from resnet_jax import cli
+from resnet_jax.training import cli
 
 # Per-chip figures of each TPU generation, from the Cloud TPU system architecture pages
 # (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): peak dense bfloat16 FLOP/s, HBM capacity and
@@ -209,14 +209,15 @@ class Target:
   def __init__(self, config: ml_collections.ConfigDict, devices: list[Any]):
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    from resnet_jax import data, models, optim, train  # pylint: disable=g-import-not-at-top
+    from resnet_jax import data, models  # pylint: disable=g-import-not-at-top
+    from resnet_jax.training import optim, loop  # pylint: disable=g-import-not-at-top
     self.config = config
     self.mesh = data.core.make_mesh(devices)
     self.platform = data.core.platform(self.mesh)
     self.num_devices = len(devices)
     self.num_processes = len({device.process_index for device in devices})
-    train.validate(config, self.num_devices)
-    dataset = train.dataset_config(config)
+    loop.validate(config, self.num_devices)
+    dataset = loop.dataset_config(config)
     self.info = dataset_info(dataset)
     self.on_device = data.pipeline.held_on_device(self.info.image_shape, self.info.train_size,
                                                   self.mesh)
@@ -224,13 +225,13 @@ class Target:
     protocols = (data.OnDeviceDataset.eval_protocols if self.on_device or self.info.synthetic
                  else data.core.EVAL_PROTOCOLS)
     data.core.check_protocol(config.eval_protocol, self.info, protocols)
-    model = nnx.eval_shape(lambda: train.create_model(config, self.info.num_classes,
+    model = nnx.eval_shape(lambda: loop.create_model(config, self.info.num_classes,
                                                       config.seed, self.platform))
     self.macs_of = lambda height, width: models.count_macs(model, (height, width, 3))
     self.tx = optim.create(config)
-    self.state = train.abstract_train_state(config, self.info.num_classes, self.mesh, self.tx)
-    self.dtype = train.dtype_for(config, self.platform)
-    self._dataset, self._jax, self._train = dataset, jax, train
+    self.state = loop.abstract_train_state(config, self.info.num_classes, self.mesh, self.tx)
+    self.dtype = loop.dtype_for(config, self.platform)
+    self._dataset, self._jax, self._train = dataset, jax, loop
 
   def train_step(self, batch_size: int) -> StepReport:
     """Compiles the train step at global batch `batch_size`."""
