@@ -96,7 +96,7 @@ def main() -> None:
   reductions = functools.partial(cpu_kernels.BatchNorm, matmul_sum_channels=0)
   variants = (  # (name, compiler options, convolution, batch norm)
       ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm),
-      ("+ ops weight gradient", None, cpu_kernels.Conv, nnx.BatchNorm),
+      ("+ cpu_kernels weight gradient", None, cpu_kernels.Conv, nnx.BatchNorm),
       ("+ cpu_kernels.compiler_options()", cpu_options, cpu_kernels.Conv, nnx.BatchNorm),
       ("+ cpu_kernels.BatchNorm, XLA's sums", cpu_options, cpu_kernels.Conv, reductions),
       ("+ matrix-product sums", cpu_options, cpu_kernels.Conv, cpu_kernels.BatchNorm),

@@ -68,9 +68,18 @@ def read_records(path: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _part(step: str) -> str:
+  return "train" if step == "train" else "eval"
+
+
 def run_entries(path: pathlib.Path) -> int:
-  """Compiles the entries missing from `path`; returns how many failed."""
-  done = {record["entry"] for record in read_records(path)}
+  """Compiles the steps missing from `path`; returns how many commands failed.
+
+  Each entry's train step and its evaluation steps compile in processes of their own (a
+  compile's host memory is freed only when its process ends), and each part's records are kept
+  as soon as it succeeds.
+  """
+  done = {(record["entry"], _part(record["step"])) for record in read_records(path)}
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, text=True,
                           capture_output=True, check=False).stdout.strip()
   failures = 0
@@ -79,26 +88,27 @@ def run_entries(path: pathlib.Path) -> int:
                                                  not entry[0].startswith("cifar")))
   for config, topology, overrides, largest in run_order:
     key = entry_key(config, topology, overrides)
-    if key in done:
-      continue
-    with tempfile.TemporaryDirectory() as scratch:
-      steps = pathlib.Path(scratch) / "steps.jsonl"
-      command = [sys.executable, "-m", "resnet_jax.training.compile", f"--config=configs/{config}.py",
-                 f"--topology={topology}", *overrides, f"--record={steps}",
-                 *(["--largest_batch"] if largest else [])]
-      print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[1:])}", flush=True)
-      completed = subprocess.run(command, cwd=REPO_ROOT, text=True, capture_output=True,
-                                 check=False)
-      print(completed.stdout, end="", flush=True)
-      if completed.returncode:
-        failures += 1
-        print(f"failed ({completed.returncode}): {completed.stderr.strip().splitlines()[-1:]}",
-              flush=True)
+    for part in ("train", "eval"):
+      if (key, part) in done:
         continue
-      with path.open("a") as out:
-        for record in read_records(steps):
-          out.write(json.dumps({"entry": key, "config": config, "commit": commit, **record})
-                    + "\n")
+      with tempfile.TemporaryDirectory() as scratch:
+        steps = pathlib.Path(scratch) / "steps.jsonl"
+        command = [sys.executable, "-m", "resnet_jax.training.compile", f"--config={config}",
+                   f"--topology={topology}", f"--steps={part}", *overrides, f"--record={steps}",
+                   *(["--largest_batch"] if largest and part == "train" else [])]
+        print(f"[{time.strftime('%H:%M:%S')}] {' '.join(command[1:])}", flush=True)
+        completed = subprocess.run(command, cwd=REPO_ROOT, text=True, capture_output=True,
+                                   check=False)
+        print(completed.stdout, end="", flush=True)
+        if completed.returncode:
+          failures += 1
+          print(f"failed ({completed.returncode}): "
+                f"{completed.stderr.strip().splitlines()[-1:]}", flush=True)
+          continue
+        with path.open("a") as out:
+          for record in read_records(steps):
+            out.write(json.dumps({"entry": key, "config": config, "commit": commit, **record})
+                      + "\n")
   return failures
 
 

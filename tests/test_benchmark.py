@@ -16,7 +16,7 @@ from flax import nnx
 
 from resnet_jax.tools import benchmark
 from resnet_jax import models
-from resnet_jax.data import benchmark as data_benchmark
+from resnet_jax.tools import input_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,8 +67,8 @@ def test_cpu_ladder_runs_both_modes():
       capture_output=True, text=True, check=True, timeout=300).stdout
   ladder = run("--model=cifar_resnet8", "--batch=8", "--repeats=1", "--steps=1").splitlines()
   assert [line.split(" median")[0].strip() for line in ladder[1:]] == [
-      "XLA's defaults", "+ ops weight gradient", "+ ops.compiler_options()",
-      "+ ops.BatchNorm, XLA's sums", "+ matrix-product sums"]
+      "XLA's defaults", "+ cpu_kernels weight gradient", "+ cpu_kernels.compiler_options()",
+      "+ cpu_kernels.BatchNorm, XLA's sums", "+ matrix-product sums"]
   assert all("over the row above" in line for line in ladder[2:])
   layers = run("--layers", "--batch=2", "--repeats=1").splitlines()
   assert len(layers) == 6 and all(line.count(" ms") == 1 and "weight gradient" in line
@@ -92,31 +92,31 @@ def test_serve_times_the_requested_steps():
 def test_tree_cpu_s_counts_child_processes():
   busy = ("import time\nend = time.process_time() + 1.0\nwhile time.process_time() < end: pass\n"
           "print('done', flush=True)\ntime.sleep(60)")
-  before = data_benchmark.tree_cpu_s()
+  before = input_benchmark.tree_cpu_s()
   child = subprocess.Popen([sys.executable, "-c", busy], stdout=subprocess.PIPE, text=True)
   try:
     assert child.stdout.readline() == "done\n"  # One CPU-second spent, and still alive.
-    assert data_benchmark.tree_cpu_s() - before >= 1.0
+    assert input_benchmark.tree_cpu_s() - before >= 1.0
   finally:
     child.kill()
     child.wait()
 
 
 def test_imagenet_pipelines_deliver_training_batches(tmp_path):
-  timings = data_benchmark.imagenet_pipelines(tmp_path, num_classes=2, per_class=4, batch_size=4,
+  timings = input_benchmark.imagenet_pipelines(tmp_path, num_classes=2, per_class=4, batch_size=4,
                                               repeats=2, steps=1, warmup=1, image_height=64)
   assert list(timings) == ["tf.data, array_record", "Grain, array_record", "tf.data, image folder"]
   for timing in timings.values():
     assert len(timing.wall) == len(timing.per_cpu_s) == 2
     assert all(0 < rate < math.inf for rate in timing.wall + timing.per_cpu_s)
-  printed = data_benchmark.format_timings(timings).splitlines()
+  printed = input_benchmark.format_timings(timings).splitlines()
   assert len(printed) == 4 and printed[1].endswith(" 1.00x")
 
   # Grain's batches are the trainer's: 224x224 float32 pixels less the mean image, plus the
   # lighting offset.
   data_dir = tmp_path / "tfds"
-  for batches in (data_benchmark.grain_batches(data_dir, 4, workers=1),
-                  data_benchmark.tf_data_batches("imagenet2012", data_dir, 4)):
+  for batches in (input_benchmark.grain_batches(data_dir, 4, workers=1),
+                  input_benchmark.tf_data_batches("imagenet2012", data_dir, 4)):
     images = np.asarray(next(batches))
     batches.close()
     assert images.shape == (4, 224, 224, 3) and images.dtype == np.float32

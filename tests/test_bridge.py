@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen, nnx
 
-from resnet_jax import linen as resnet_linen
+from resnet_jax.models import linen as resnet_linen
 from resnet_jax import models
 
 MODEL = "cifar_resnet8"

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from configs import cifar_resnet20
-from resnet_jax import compile as tpu_compile
+from resnet_jax.training import compile as tpu_compile
 from resnet_jax import data, models
 from resnet_jax.models import cpu_kernels
 from resnet_jax.training import loop
@@ -165,6 +165,14 @@ def test_the_command_prints_a_line_per_step_on_a_slice_of_several_hosts(libtpu, 
   records = [json.loads(line) for line in record.read_text().splitlines()]
   assert [(r["step"], r["chips"], r["hosts"], r["fits"]) for r in records] == [
       ("train", 16, 4, True), ("eval", 16, 4, True)]
+
+
+def test_steps_eval_compiles_the_evaluation_steps_alone(libtpu):
+  del libtpu
+  lines = []
+  reports = tpu_compile.run(small_cifar_config(), "v5e:2x2", which="eval", emit=lines.append)
+  assert [report.step for report in reports] == ["eval"]
+  assert [line.split(":")[0] for line in lines[1:]] == ["eval"]
 
 
 def test_a_batch_that_does_not_fit_is_one_error_naming_the_largest_that_does(libtpu):

@@ -21,13 +21,13 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Modules `import resnet_jax.models` users may import; the rest of the package is the trainer's,
-# but for the benchmarks'.
-CORE_MODULES = {"__init__", "models", "ops", "linen", "pretrained", "analysis"}
-BENCHMARK_MODULES = {"benchmark", "data/benchmark"}
+# The library (`resnet_jax.models`) installs alone; the rest of the package is the trainer's, but
+# for the benchmarks'.
+CORE_MODULES = {"__init__", *(f"models/{path.stem}" for path in (REPO / "resnet_jax" / "models").glob("*.py"))}
+BENCHMARK_MODULES = {"tools/benchmark", "tools/input_benchmark"}
 # Readers of formats the user brings, each imported only where it is read, with an error that
 # says what to install.
-OPTIONAL_IMPORTS = {"pretrained": {"keras", "torch"}}
+OPTIONAL_IMPORTS = {"models/pretrained": {"keras", "torch"}}
 # Imported name -> the distributions that provide it.
 DISTRIBUTIONS = {
     "absl": {"absl-py"}, "etils": {"etils"}, "flax": {"flax"}, "grain": {"grain"},

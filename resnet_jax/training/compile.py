@@ -393,10 +393,12 @@ def record(report: StepReport, topology: Topology, config: ml_collections.Config
 
 
 def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch: bool = False,
-        images_per_core: float = STREAMING_IMAGES_PER_CORE, overrides: tuple[str, ...] = (),
+        which: str = "all", images_per_core: float = STREAMING_IMAGES_PER_CORE,
+        overrides: tuple[str, ...] = (),
         emit: Callable[[str], None] = print,
         record_to: epath.Path | None = None) -> list[StepReport]:
-  """Compiles every step of `config` for `topology_name`; returns their reports.
+  """Compiles every step of `config` for `topology_name` (`which`: "all", "train" or "eval");
+  returns their reports.
 
   Raises CompileError for a bad topology, a missing libtpu or a bad config, and for a step that
   does not fit (naming the largest per-chip batch that does), before or instead of the rest.
@@ -417,12 +419,15 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
   group = config.batch_norm_group
   train_granularity = (math.lcm(BATCH_GRANULARITY, group // math.gcd(group, n)) if group
                        else BATCH_GRANULARITY)
-  steps = [("train", "batch_size", lambda: target.train_step(config.batch_size),
-            lambda per_chip: target.train_step(per_chip * n), train_granularity)]
-  for name, compile_eval in target.eval_steps(config.eval_batch_size):
-    steps.append((name, "eval_batch_size", compile_eval,
-                  lambda per_chip, name=name: dict(target.eval_steps(per_chip * n))[name](),
-                  BATCH_GRANULARITY))
+  steps = []
+  if which in ("all", "train"):
+    steps.append(("train", "batch_size", lambda: target.train_step(config.batch_size),
+                  lambda per_chip: target.train_step(per_chip * n), train_granularity))
+  if which in ("all", "eval"):
+    for name, compile_eval in target.eval_steps(config.eval_batch_size):
+      steps.append((name, "eval_batch_size", compile_eval,
+                    lambda per_chip, name=name: dict(target.eval_steps(per_chip * n))[name](),
+                    BATCH_GRANULARITY))
   reports = []
   for name, field, compile_now, compile_at, granularity in steps:
     try:
@@ -462,6 +467,9 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
 def _define_flags() -> None:
   flags.DEFINE_string("topology", None, "The TPU slice to compile for, GENERATION:SHAPE in chips: "
                       f"{', '.join(CHIPS)}; e.g. v5e:16x16 (256 chips), v4:2x2x1, v6e:2x4.")
+  flags.DEFINE_enum("steps", "all", ["all", "train", "eval"], "Which steps to compile: the "
+                    "train step, the evaluation steps, or both. (Each compile holds on to host "
+                    "memory until the process ends: ResNet-1202's two need more than 24 GB together.)")
   flags.DEFINE_bool("largest_batch", False, "Also find, by compiling, the largest per-chip "
                     "batch whose train step fits.")
   flags.DEFINE_float("host_images_per_core", STREAMING_IMAGES_PER_CORE, "Images/s one host core "
@@ -483,6 +491,7 @@ def main(argv) -> None:
   overrides = tuple(arg for arg in sys.argv[1:] if arg.startswith("--config."))
   try:
     run(flags.FLAGS.config, flags.FLAGS.topology, largest_batch=flags.FLAGS.largest_batch,
+        which=flags.FLAGS.steps,
         images_per_core=flags.FLAGS.host_images_per_core, overrides=overrides,
         record_to=epath.Path(flags.FLAGS.record) if flags.FLAGS.record else None)
   except CompileError as error:
