@@ -54,8 +54,9 @@ _RECORDS = flags.DEFINE_string("records", str(RECORDS), "The JSON-lines file of 
                                "(committed, so that the next session resumes it).")
 _RUN = flags.DEFINE_bool("run", False, "Compile the entries missing from --records.")
 _WRITE_DOC = flags.DEFINE_bool("write_doc", False, f"Write the table into {DOC.name}.")
-_EARLIER = flags.DEFINE_string("earlier_records", None, "Records of an earlier commit, shown "
-                               "(with their commit) for the entries --records lacks.")
+_EARLIER = flags.DEFINE_string("earlier_records", None, "Records of an earlier commit: --run "
+                               "skips their entries, and the table shows them (with their "
+                               "commit) for the entries --records lacks.")
 
 
 def entry_key(config: str, topology: str, overrides: Sequence[str]) -> str:
@@ -72,14 +73,16 @@ def _part(step: str) -> str:
   return "train" if step == "train" else "eval"
 
 
-def run_entries(path: pathlib.Path) -> int:
-  """Compiles the steps missing from `path`; returns how many commands failed.
+def run_entries(path: pathlib.Path, earlier: pathlib.Path | None = None) -> int:
+  """Compiles the steps missing from `path` (and from `earlier`, if given); returns how many
+  commands failed.
 
   Each entry's train step and its evaluation steps compile in processes of their own (a
   compile's host memory is freed only when its process ends), and each part's records are kept
   as soon as it succeeds.
   """
-  done = {(record["entry"], _part(record["step"])) for record in read_records(path)}
+  done = {(record["entry"], _part(record["step"]))
+           for record in read_records(path) + (read_records(earlier) if earlier else [])}
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, text=True,
                           capture_output=True, check=False).stdout.strip()
   failures = 0
@@ -159,13 +162,13 @@ def write_doc(records: list[dict], doc: pathlib.Path = DOC) -> None:
 def main(argv):
   del argv
   path = pathlib.Path(_RECORDS.value).expanduser()
-  failures = run_entries(path) if _RUN.value else 0
+  earlier = pathlib.Path(_EARLIER.value).expanduser() if _EARLIER.value else None
+  failures = run_entries(path, earlier) if _RUN.value else 0
   if _WRITE_DOC.value:
     records = read_records(path)
-    if _EARLIER.value:
+    if earlier:
       done = {record["entry"] for record in records}
-      records += [record for record in read_records(pathlib.Path(_EARLIER.value).expanduser())
-                  if record["entry"] not in done]
+      records += [record for record in read_records(earlier) if record["entry"] not in done]
     write_doc(records)
   sys.exit(1 if failures else 0)
 
