@@ -19,7 +19,39 @@ import pathlib
 
 import pytest
 
+# CI (.ci/run) runs the suite in three environments, `--share=3.11|3.12|3.13` each: a test file
+# runs whole in the one environment that lists it, and a test marked `every_environment` (one
+# whose outcome depends on the versions of Python, jax, flax, optax or orbax: the model, its
+# kernels and transforms, the step, checkpoints, config loading) runs in all three. Without
+# --share the whole suite runs. tests/test_install.py checks that every test file has a share.
+SHARES = {
+    # jax 0.10.2, the oldest we support, and PyTorch (its 2.13.0 CPU wheel is for Python 3.11):
+    # the PyTorch twins run here only.
+    "3.11": (),
+    # jax 0.12 with libtpu: the TPU compilation tests run here only.
+    "3.12": (),
+    "3.13": (),
+}
+
 SHARED_CIFAR10 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+
+
+def pytest_addoption(parser):
+  parser.addoption("--share", choices=sorted(SHARES), help="Run the test files of this CI "
+                   "environment and every test marked every_environment (see SHARES).")
+
+
+def pytest_collection_modifyitems(config, items):
+  share = config.getoption("share")
+  if share is None:
+    return
+  kept, deselected = [], []
+  for item in items:
+    whole_file = item.path.name in SHARES[share]
+    (kept if whole_file or item.get_closest_marker("every_environment") else deselected).append(item)
+  if deselected:
+    config.hook.pytest_deselected(items=deselected)
+    items[:] = kept
 
 
 @pytest.fixture(scope="session")
