@@ -1,4 +1,4 @@
-"""`python -m resnet_jax.tools.benchmark` runs end to end on a tiny network; its FLOPs are count_macs'.
+"""`python -m resnet_jax.tools.benchmark` runs end to end on a tiny network; its FLOPs are analysis.count_macs'.
 
 So do `benchmarks/cpu_ladder.py`'s two modes, the benchmark's `--serve` protocol (the PyTorch
 baseline's JAX side) and the input benchmark's ImageNet pipelines, so that none rots.
@@ -16,6 +16,7 @@ from flax import nnx
 
 from resnet_jax.tools import benchmark
 from resnet_jax import models
+from resnet_jax.models import analysis
 from resnet_jax.tools import input_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,7 @@ def test_benchmark_runs_and_counts_flops(capsys):
   assert set(by_name) == {"train", "eval", "train+input"}
 
   model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
-  forward_flops = 2 * models.count_macs(model, (batch, 32, 32, 3))
+  forward_flops = 2 * analysis.count_macs(model, (batch, 32, 32, 3))
   assert by_name["eval"].flops_per_step == forward_flops
   assert by_name["train"].flops_per_step == by_name["train+input"].flops_per_step == 3 * forward_flops
   for row in rows:

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from resnet_jax import models
+from resnet_jax.models import analysis
 
 
 class SqueezeExcitationBlock(models.PostActivationBlock):
@@ -44,8 +45,8 @@ def test_se_resnet50_has_the_published_parameter_count():
   gates = sum(blocks * 2 * (4 * width) * (4 * width // 16)
               for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)))
   assert gates == 2_514_944
-  assert (models.count_macs(model, (224, 224, 3))
-          - models.count_macs(resnet50, (224, 224, 3))) == gates
+  assert (analysis.count_macs(model, (224, 224, 3))
+          - analysis.count_macs(resnet50, (224, 224, 3))) == gates
 
 
 @pytest.mark.parametrize("gate_bias,expected", [(-1e4, "shortcut"), (1e4, "residual block")])
@@ -88,6 +89,51 @@ def test_se_resnet_trains_in_a_jitted_step():
 
   losses = [float(step(model, optimizer)) for _ in range(20)]
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+class ReZeroBlock(models.Block):
+  """Bachlechner et al., 2020, "ReZero is All You Need": x + alpha F(x), F two 3x3 convs with a
+  ReLU between, no batch norm, alpha a learned scalar that starts at 0. Its output is a raw sum."""
+
+  activated_output = False
+
+  def __init__(self, in_features, width, stride, *, activated_input, conv, norm, rngs):
+    del norm
+    super().__init__(in_features, width, stride, layers=models.basic, shortcut="A", conv=conv,
+                     rngs=rngs)
+    self.activated_input = activated_input
+    self.alpha = nnx.Param(jnp.zeros(()))
+
+  def intermediates(self, x):
+    branch = [self.convs[0](x)]
+    branch.append(self.convs[1](nnx.relu(branch[0])))
+    return {"residual_branch": tuple(branch),
+            "output": self.identity(x) + self.alpha[...] * branch[-1]}
+
+
+def test_a_new_block_type_declares_what_the_net_needs():
+  model = models.ResNet(block_cls=ReZeroBlock, stage_sizes=(2, 2), stage_widths=(8, 16),
+                        imagenet_stem=False, num_classes=0, rngs=nnx.Rngs(0))
+  # The stem ends in BN-ReLU and a ReZero block in a raw sum: only the first block reads an
+  # activated input, and the net ends in a BN-ReLU of its own.
+  assert [block.activated_input for block in model.blocks] == [True, False, False, False]
+  assert model.final_norm is not None
+  model.eval()
+  out = model.intermediates(jax.random.normal(jax.random.key(0), (2, 8, 8, 3)))
+  expected = out["stem"]  # alpha = 0: each block is its option-A shortcut alone.
+  for block in model.blocks:
+    expected = block.identity(expected)
+  np.testing.assert_allclose(out["pooled"], jnp.mean(nnx.relu(model.final_norm(expected)), (1, 2)),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_a_block_type_without_intermediates_says_so():
+  class Unfinished(models.Block):
+    activated_output = True
+
+  block = Unfinished(8, 8, 1, layers=models.basic, shortcut="A", conv=nnx.Conv, rngs=nnx.Rngs(0))
+  with pytest.raises(NotImplementedError, match="Unfinished must implement intermediates"):
+    block(jnp.zeros((1, 4, 4, 8)))
 
 
 def weight_standardized_conv(lhs, rhs, *args, **kwargs):

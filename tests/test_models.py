@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from resnet_jax import models
+from resnet_jax.models import analysis
 
 
 def build(name, num_classes=10, **overrides):
@@ -66,14 +67,14 @@ def test_imagenet_parameter_counts(depth, exact):
 @pytest.mark.parametrize("depth,paper_gmacs", [
     (18, 1.8), (34, 3.6), (50, 3.8), (101, 7.6), (152, 11.3)])
 def test_imagenet_macs_match_table_1(depth, paper_gmacs):
-  macs = models.count_macs(build(f"resnet{depth}", num_classes=1000), (224, 224, 3))
+  macs = analysis.count_macs(build(f"resnet{depth}", num_classes=1000), (224, 224, 3))
   assert abs(macs / 1e9 - paper_gmacs) < 0.07
 
 
 def test_resnet50_v1_5_moves_the_stride_and_the_cost():
   # torchvision's ResNet-50 (stride on the 3x3) is the published 4.09 GMACs.
   v1_5 = build("resnet50", num_classes=1000, stride_on_1x1=False)
-  assert abs(models.count_macs(v1_5, (224, 224, 3)) / 1e9 - 4.09) < 0.01
+  assert abs(analysis.count_macs(v1_5, (224, 224, 3)) / 1e9 - 4.09) < 0.01
   first_of_stage_2 = v1_5.blocks[3]
   assert [conv.strides for conv in first_of_stage_2.convs] == [1, 2, 1]
   paper = build("resnet50", num_classes=1000)
@@ -84,11 +85,11 @@ def test_resnet50_v1_5_moves_the_stride_and_the_cost():
 def test_cifar_macs():
   # 16-32-64 filters on 32/16/8 maps: 40.6M, 125.5M, 252.9M multiply-adds.
   for depth, expected in [(20, 40.6e6), (56, 125.5e6), (110, 252.9e6)]:
-    macs = models.count_macs(build(f"cifar_resnet{depth}"), (32, 32, 3))
+    macs = analysis.count_macs(build(f"cifar_resnet{depth}"), (32, 32, 3))
     assert abs(macs - expected) < 0.05e6, (depth, macs)
   # A batch costs its size times one image.
   model = build("cifar_resnet8")
-  assert models.count_macs(model, (4, 32, 32, 3)) == 4 * models.count_macs(model, (32, 32, 3))
+  assert analysis.count_macs(model, (4, 32, 32, 3)) == 4 * analysis.count_macs(model, (32, 32, 3))
 
 
 def test_option_a_adds_no_parameters_and_c_projects_every_block():

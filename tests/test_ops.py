@@ -10,7 +10,7 @@ from flax import nnx
 from jax import lax
 
 from resnet_jax import models
-from resnet_jax.models import cpu_kernels
+from resnet_jax.models import analysis, cpu_kernels
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -128,7 +128,7 @@ def test_training_layers_put_the_cpu_kernels_in_the_model_and_only_there():
   # stem, then per stage two 3x3 convs (the first strided after stage 1), and the head.
   macs = 32 * 32 * 16 * 27 + 2 * 32 * 32 * 16 * 144
   macs += 16 * 16 * 32 * (16 * 9 + 32 * 9) + 8 * 8 * 64 * (32 * 9 + 64 * 9) + 64 * 10
-  assert models.count_macs(model, (32, 32, 3)) == macs
+  assert analysis.count_macs(model, (32, 32, 3)) == macs
 
 
 def bn_pair(features, dtype=jnp.float32, **fast_options):

@@ -171,32 +171,6 @@ def test_no_readable_checkpoint_is_an_error_that_a_rerun_repeats(tmp_path):
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
 
 
-@pytest.mark.parametrize("warmed_up", [False, True])
-def test_checkpoint_of_the_state_before_the_windowed_warm_up_resumes(tmp_path, warmed_up):
-  # TrainState held `warmed_up` and the smoothed error `train_error_ema` before optim.Warmup.
-  config = smoke_config(warmup_learning_rate=0.01, warmup_window=4)
-  state = loop.create_train_state(config, loop.create_model(config, 10, 0, "cpu"),
-                                   optim.create(config))
-  older = {"step": jnp.asarray(7, jnp.int32), "params": state.params,
-           "batch_stats": state.batch_stats, "opt_state": state.opt_state,
-           "warmed_up": jnp.asarray(warmed_up), "train_error_ema": jnp.asarray(0.625, jnp.float32),
-           "nonfinite_step": state.nonfinite_step}
-  manager = checkpoints.Manager(epath.Path(tmp_path), config, keep=3, num_classes=10)
-  manager.save(7, older, None, None)
-  manager.wait()
-  restored, _ = checkpoints.Manager(epath.Path(tmp_path), config, keep=3,
-                                    num_classes=10).restore_latest(state)
-  assert isinstance(restored, loop.TrainState) and int(restored.step) == 7
-  assert_bitwise_equal((restored.params, restored.batch_stats, restored.opt_state),
-                       (state.params, state.batch_stats, state.opt_state))
-  np.testing.assert_array_equal(restored.warmup.recent_errors, [0.625] * 4)
-  assert bool(restored.warmup.over) == warmed_up
-  assert int(restored.warmup.end_step) == (0 if warmed_up else -1)
-  # The next step's learning rate is the warm-up's until it is over.
-  assert float(optim.learning_rate(config, restored.step, restored.warmup)) == pytest.approx(
-      0.1 if warmed_up else 0.01)
-
-
 def test_checkpoint_of_another_config_is_refused(tmp_path):
   _checkpointed_workdir(tmp_path, (2,))  # 10 classes
   config = smoke_config()

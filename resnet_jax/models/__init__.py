@@ -2,13 +2,13 @@
 
 `resnet_jax.models` itself is `models.resnet` (the networks: `create`, `ResNet`, the blocks);
 beside it are `cpu_kernels` (faster CPU layers for training), `pretrained` (torchvision and
-Keras weights), `linen` (a Linen bridge) and `analysis` (counts and training curves). None of
-them imports TensorFlow or the trainer.
+Keras weights), `linen` (a Linen bridge) and `analysis` (layer responses, multiply-accumulates).
+None of them imports TensorFlow or the trainer.
 """
 
 from resnet_jax.models.resnet import (CIFAR_DEPTHS, IMAGENET_DEPTHS, NAMES, SHORTCUTS, BatchNorm,
-                                      Layer, PostActivationBlock, PreActivationBlock, ResNet,
-                                      basic, bottleneck, count_macs, count_params, create,
-                                      he_normal, padding)
+                                      Block, Layer, PostActivationBlock, PreActivationBlock,
+                                      ResNet, basic, bottleneck, count_params, create, he_normal,
+                                      padding)
 
-__all__ = ["CIFAR_DEPTHS", "IMAGENET_DEPTHS", "NAMES", "SHORTCUTS", "BatchNorm", "Layer", "PostActivationBlock", "PreActivationBlock", "ResNet", "basic", "bottleneck", "count_macs", "count_params", "create", "he_normal", "padding"]
+__all__ = ["CIFAR_DEPTHS", "IMAGENET_DEPTHS", "NAMES", "SHORTCUTS", "BatchNorm", "Block", "Layer", "PostActivationBlock", "PreActivationBlock", "ResNet", "basic", "bottleneck", "count_params", "create", "he_normal", "padding"]

@@ -1,19 +1,19 @@
 """CPU kernels for the models' training step: a convolution, a batch norm, XLA options.
 
-`models.create(name, ..., **ops.training_layers(platform))` builds a network whose
+`models.create(name, ..., **cpu_kernels.training_layers(platform))` builds a network whose
 convolutions are `Conv` and whose batch norms are `BatchNorm` for CPU devices, and
 flax's own layers for every other platform (`nnx.Conv`; `nnx.BatchNorm`, or its subclass
 `models.BatchNorm` with batch norm groups, which `BatchNorm` extends in turn). The
 trainer, the evaluator, the benchmark and `resnet_jax.training.compile` build their models so
-(`train.create_model`, which adds the config's batch norm groups) and jit their steps
+(`loop.create_model`, which adds the config's batch norm groups) and jit their steps
 with `compiler_options(platform)`, `platform` being that of the devices the step runs
 on (`data.core.platform(mesh)`), never the host's default backend: a step compiled on a
 CPU host for a TPU slice takes the TPU's layers.
+
 Each kernel is an exact reformulation, proven equal in value and gradient by
-tests/test_ops.py, and kept because it measurably speeds up a CPU training step
-at both ends of the jax versions we support, 0.10.2 and 0.12 (BENCHMARKS.md,
-"What each CPU change buys"). None was ever measured on GPU or TPU, so none is
-used there.
+tests/test_ops.py. Only steps on CPU devices use them and the compiler options below:
+BENCHMARKS.md ("What each CPU change buys") measures what each buys there, and none was
+measured on another platform.
 
 Both kernels are `jax.custom_vjp` functions: they support reverse-mode
 transformations (`jax.grad`, `jax.vjp`, `jax.vmap`, `jax.checkpoint`), not
@@ -21,12 +21,12 @@ forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`). A model from `create`
 without `training_layers()` uses flax's layers and supports every transformation.
 
 Compiler options. On CPU, XLA hands convolutions (and some elementwise work) to
-YNNPACK by default; on the paper's CIFAR shapes (3x3, 16 to 64 channels, batch
-128) XLA's own Eigen convolutions are as fast or faster, and so is a training
-step, so `compiler_options()` turns the YNNPACK fusions off.
+YNNPACK by default; `compiler_options()` turns the YNNPACK fusions off, so that
+convolutions run as XLA's own (Eigen), the faster on the paper's CIFAR shapes (3x3,
+16 to 64 channels).
 
 The convolution. Plain NHWC/HWIO convolutions without dilation or groups take a
-`jax.custom_vjp` with a faster weight gradient; all other cases are lax's own
+`jax.custom_vjp` with its own weight gradient; all other cases are lax's own
 convolution. The forward pass and the input gradient are lax's in every case.
 
 XLA computes the weight gradient dW[kh, kw, ci, co] = sum_{n,h,w}
@@ -47,8 +47,8 @@ spatial axes six times per layer (two batch statistics forward; the gradients of
 the mean, the variance, the scale and the bias backward), each a separate pass
 over the activations on CPU. `BatchNorm` gives the normalisation the textbook
 backward pass (Ioffe and Szegedy, 2015, Sec. 3), which needs only the sums of dy
-and of dy * x_hat: four sums in all, taken as matrix products (`_channel_sums`);
-each of the two changes speeds up a training step. With batch norm groups
+and of dy * x_hat: four sums in all, taken as matrix products on layers of up to
+`BatchNorm.matmul_sum_channels` channels (`_channel_sums`). With batch norm groups
 (`models.BatchNorm.group_size`) the same sums are taken per group, the products
 batched over the groups.
 """
@@ -133,8 +133,8 @@ class Conv(nnx.Conv):
 def training_layers(platform: str) -> dict[str, type[nnx.Module]]:
   """`models.create` keywords for the fastest training step on devices of `platform`.
 
-  {"conv": Conv, "norm": BatchNorm} for "cpu", where they pay; {} (flax's layers)
-  for every other platform, where they were never measured.
+  {"conv": Conv, "norm": BatchNorm} for "cpu"; {} (flax's layers) for every other
+  platform (see the module doc).
   """
   return {"conv": Conv, "norm": BatchNorm} if platform == "cpu" else {}
 

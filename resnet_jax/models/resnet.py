@@ -10,8 +10,10 @@ every layer uses, are arguments (flax's `examples/imagenet` pattern):
            imagenet_stem=True, num_classes=1000, rngs=nnx.Rngs(0))
 
 is ResNet-50, and `create("resnet50", num_classes=1000, rngs=...)` builds the same
-by name. A block class is called as `block_cls(in_features, width, stride, *,
-conv, norm, rngs)`; a new block type is a subclass (see `PostActivationBlock`).
+by name. A block class is a subclass of `Block`, called as `block_cls(in_features,
+width, stride, *, activated_input, conv, norm, rngs)`, which declares whether its
+output is activated (`Block.activated_output`); a new block type is a new class
+(see `PostActivationBlock`).
 
 Blocks. `PostActivationBlock` is the paper's unit (Fig. 2, Eq. 1 and 2):
 BN after every conv, ReLU after the addition (Sec. 3.4). `PreActivationBlock` is
@@ -47,11 +49,10 @@ import functools
 import itertools
 import math
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import jax.extend.core as jax_core
 from flax import nnx
 from jax import lax
 
@@ -169,15 +170,34 @@ class BatchNorm(nnx.BatchNorm):
           self.momentum * stat[...] + (1 - self.momentum) * jnp.mean(value, axis=0))
 
 
-class _Unit(nnx.Module):
-  """What both block types share: the convs of the layer table and the shortcut's shape."""
+def _check_shortcut(shortcut: str | None) -> None:
+  """Raises ValueError unless `shortcut` is one of `SHORTCUTS` or None (a plain block)."""
+  if shortcut not in SHORTCUTS + (None,):
+    raise ValueError(f"Unknown shortcut option {shortcut!r}; valid: {SHORTCUTS} (Sec. 3.3), "
+                     "or None for a plain block.")
+
+
+class Block(nnx.Module):
+  """A residual unit as `ResNet` builds and calls it; a new block type is a subclass.
+
+  `ResNet` builds each block as `block_cls(in_features, width, stride, *,
+  activated_input, conv, norm, rngs)`, its other options bound with
+  `functools.partial`. `activated_input` says whether the block's input is
+  already a BN-ReLU output: true of the stem's output, and of the output of a
+  block whose class sets `activated_output`. After a last block whose output is
+  not activated (a raw sum), `ResNet` adds a final BN-ReLU.
+
+  A subclass sets `activated_output` and implements `intermediates`. This base
+  builds the convs of the layer table (`convs`, `out_features`) and the
+  shortcut's 1x1 projection where the option asks for one (`projection`, Sec. 3.3).
+  """
+
+  activated_output: ClassVar[bool]
 
   def __init__(self, in_features: int, width: int, stride: int, *,
                layers: Callable[[int, int], Sequence[Layer]], shortcut: str | None,
                conv: Callable[..., nnx.Module], rngs: nnx.Rngs):
-    if shortcut not in SHORTCUTS + (None,):
-      raise ValueError(f"Unknown shortcut option {shortcut!r}; valid: {SHORTCUTS} (Sec. 3.3), "
-                       "or None for a plain block.")
+    _check_shortcut(shortcut)
     table = tuple(layers(width, stride))
     self.shortcut = shortcut
     self.stride = math.prod(layer.stride for layer in table)
@@ -198,11 +218,16 @@ class _Unit(nnx.Module):
     extra = self.out_features - self.in_features
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra))) if extra else x
 
+  def intermediates(self, x: jax.Array) -> dict[str, Any]:
+    """The block's named outputs on NHWC `x`: "output", the block's output, and
+    "residual_branch", each layer's output of F (the last is F(x))."""
+    raise NotImplementedError(f"{type(self).__name__} must implement intermediates.")
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.intermediates(x)["output"]  # pytype: disable=attribute-error
+    return self.intermediates(x)["output"]
 
 
-class PostActivationBlock(_Unit):
+class PostActivationBlock(Block):
   """The paper's residual unit: y = ReLU(F(x) + shortcut(x)) (Eq. 1, 2; Fig. 2).
 
   Each conv of F is followed by BN (Sec. 3.4) and all but the last by ReLU. A
@@ -220,12 +245,19 @@ class PostActivationBlock(_Unit):
           return outputs + (outputs[-1] * gate[:, None, None, :],)
 
       ResNet(block_cls=functools.partial(SEBlock, layers=bottleneck, shortcut="B"), ...)
+
+  Its output is activated (the ReLU after the addition). Its residual branch and
+  shortcut read the input as it is, whatever `activated_input` says.
   """
+
+  activated_output: ClassVar[bool] = True
 
   def __init__(self, in_features: int, width: int, stride: int, *,
                conv: Callable[..., nnx.Module], norm: Callable[..., nnx.Module], rngs: nnx.Rngs,
                layers: Callable[[int, int], Sequence[Layer]] = basic,
-               shortcut: str | None = "A", zero_init_last_bn: bool = False):
+               shortcut: str | None = "A", activated_input: bool = False,
+               zero_init_last_bn: bool = False):
+    del activated_input  # Read as it is either way (see the class doc).
     super().__init__(in_features, width, stride, layers=layers, shortcut=shortcut, conv=conv,
                      rngs=rngs)
     last_scale = nnx.initializers.zeros if zero_init_last_bn else nnx.initializers.ones
@@ -254,7 +286,7 @@ class PostActivationBlock(_Unit):
     return outputs
 
 
-class PreActivationBlock(_Unit):
+class PreActivationBlock(Block):
   """He et al., 2016: x_{l+1} = x_l + F(x_l) (their Eq. 3; Fig. 4e, "full pre-activation").
 
   BN-ReLU before every conv; the addition is the unit's output (no ReLU after
@@ -262,9 +294,13 @@ class PreActivationBlock(_Unit):
   BN-ReLU before the split, so its shortcut (subsampling or projection, no BN)
   reads the activated input; every other unit's shortcut is the raw x_l. The
   net's first unit follows the stem's BN-ReLU ("activation right after conv1 and
-  before splitting into two paths", their Sec. 4): `activated_input=True` drops
-  its own input BN-ReLU, and `ResNet` passes it to the first block.
+  before splitting into two paths", their Sec. 4): `ResNet` passes it
+  `activated_input=True`, which drops its own input BN-ReLU. Its output is the
+  raw sum, so a net of these ends in a BN-ReLU ("an extra activation right after
+  [the last unit's] element-wise addition").
   """
+
+  activated_output: ClassVar[bool] = False
 
   def __init__(self, in_features: int, width: int, stride: int, *,
                conv: Callable[..., nnx.Module], norm: Callable[..., nnx.Module], rngs: nnx.Rngs,
@@ -294,16 +330,13 @@ class PreActivationBlock(_Unit):
     return outputs
 
 
-def _block_type(block_cls: Callable[..., nnx.Module]) -> type:
-  return block_cls.func if isinstance(block_cls, functools.partial) else block_cls
-
-
 class ResNet(nnx.Module):
   """A stem, stages of blocks, global average pooling and an optional linear classifier.
 
   Args:
-    block_cls: the block, called as `block_cls(in_features, width, stride, *,
-      conv, norm, rngs)`; its other options bound with `functools.partial`.
+    block_cls: a `Block` class, called as `block_cls(in_features, width, stride,
+      *, activated_input, conv, norm, rngs)`; its other options bound with
+      `functools.partial`.
     stage_sizes: blocks per stage; every stage after the first halves the
       feature map in its first block.
     stage_widths: each stage's width (a bottleneck's output is 4x its width).
@@ -327,7 +360,6 @@ class ResNet(nnx.Module):
                              param_dtype=jnp.float32)
     norm = functools.partial(norm, momentum=0.9, epsilon=1e-5, dtype=dtype,
                              param_dtype=jnp.float32)
-    preactivation = issubclass(_block_type(block_cls), PreActivationBlock)
     self.imagenet_stem, self.stage_sizes = imagenet_stem, tuple(stage_sizes)
     features = stage_widths[0]
     kernel, stride = (7, 2) if imagenet_stem else (3, 1)
@@ -336,17 +368,17 @@ class ResNet(nnx.Module):
     self.stem_norm = norm(features, rngs=rngs)
 
     blocks = []
+    activated = True  # The stem ends in BN-ReLU.
     for stage, (num_blocks, width) in enumerate(zip(stage_sizes, stage_widths)):
       for index in range(num_blocks):
-        first = {"activated_input": True} if preactivation and not blocks else {}
-        block = block_cls(features, width, 2 if stage > 0 and index == 0 else 1, conv=conv,
-                          norm=norm, rngs=rngs, **first)
+        block = block_cls(features, width, 2 if stage > 0 and index == 0 else 1,
+                          activated_input=activated, conv=conv, norm=norm, rngs=rngs)
         blocks.append(block)
-        features = block.out_features
+        features, activated = block.out_features, block.activated_output
     self.blocks = nnx.List(blocks)
     self.num_features = features
-    # He et al., 2016: "an extra activation right after [the last unit's] element-wise addition".
-    self.final_norm = norm(features, rngs=rngs) if preactivation else None
+    # The pooled features are activated: after a last block that ends in a raw sum, a BN-ReLU.
+    self.final_norm = None if activated else norm(features, rngs=rngs)
     self.head = (nnx.Linear(features, num_classes, dtype=dtype, param_dtype=jnp.float32,
                             rngs=rngs) if num_classes else None)
 
@@ -445,8 +477,8 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, shortcut: str | None 
                        f"{shortcut!r}. Use the resnet name for a residual network.")
   else:
     shortcut = shortcut or ("A" if is_cifar else "B")
-    if shortcut not in SHORTCUTS:
-      raise ValueError(f"Unknown shortcut option {shortcut!r}; valid: {SHORTCUTS} (Sec. 3.3).")
+    # The blocks check it too, but only after the stem is built: fail before any computation.
+    _check_shortcut(shortcut)
   if num_classes < 0:
     raise ValueError(f"num_classes must be positive (or 0 for a headless model), "
                      f"got {num_classes}.")
@@ -479,46 +511,3 @@ def create(name: str, *, num_classes: int, rngs: nnx.Rngs, shortcut: str | None 
 def count_params(model: nnx.Module) -> int:
   """Number of trainable parameters (BN scales and biases included, statistics not)."""
   return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def count_macs(model: nnx.Module, input_shape: Sequence[int]) -> int:
-  """Multiply-accumulates of one eval-mode forward pass.
-
-  `input_shape` is (H, W, C) for one image or (N, H, W, C) for a batch. Counts
-  every convolution and matrix product in the traced program (no execution, so a
-  model built with `nnx.eval_shape` counts as well).
-  """
-  shape = tuple(input_shape)
-  if len(shape) == 3:
-    shape = (1,) + shape
-  graphdef, state = nnx.split(model)
-
-  def forward(state, x):
-    net = nnx.merge(graphdef, state)
-    net.eval()
-    return net(x)
-
-  # Traced with abstract values only, so a shapes-only model (`nnx.eval_shape`) counts too.
-  abstract = lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-  closed = jax.make_jaxpr(forward)(jax.tree.map(abstract, state),
-                                   jax.ShapeDtypeStruct(shape, jnp.float32))
-  return _jaxpr_macs(closed.jaxpr)
-
-
-def _jaxpr_macs(jaxpr) -> int:
-  macs = 0
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "conv_general_dilated":
-      kernel = eqn.invars[1].aval.shape
-      rhs_spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
-      per_output = kernel[rhs_spec[1]] * math.prod(kernel[d] for d in rhs_spec[2:])
-      macs += math.prod(eqn.outvars[0].aval.shape) * per_output
-    elif eqn.primitive.name == "dot_general":
-      (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
-      lhs_shape = eqn.invars[0].aval.shape
-      macs += (math.prod(eqn.outvars[0].aval.shape)
-               * math.prod(lhs_shape[d] for d in lhs_contracting))
-    repeats = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-    for sub in jax_core.jaxprs_in_params(eqn.params):
-      macs += repeats * _jaxpr_macs(sub)
-  return macs

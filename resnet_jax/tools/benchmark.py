@@ -4,7 +4,7 @@ Times the trainer's own jitted steps (`loop.train_step`, `loop.eval_step`) in
 steady state: each step is compiled and run once before timing, and every timed
 repeat ends in `block_until_ready`. Reports compile time, the median step time
 with its spread over repeats, images per second and model FLOP utilisation
-(MFU): FLOPs = 2 x `models.count_macs`, a training step counts 3 x the forward
+(MFU): FLOPs = 2 x `analysis.count_macs`, a training step counts 3 x the forward
 pass (forward, input gradient, weight gradient).
 
 By default the batch is already on the device ("model alone"); with
@@ -38,8 +38,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax.training import cli, optim, loop
-from resnet_jax import data, models
-from resnet_jax.models import cpu_kernels
+from resnet_jax import data
+from resnet_jax.models import analysis, cpu_kernels
 
 # Dense (no sparsity) peak TFLOP/s of one chip: NVIDIA H100/H200 SXM datasheets
 # (float32 is the non-tensor-core rate) and the Cloud TPU system architecture
@@ -141,7 +141,7 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
   size, classes = config.dataset.image_size, config.dataset.num_classes
   platform = data.core.platform(mesh)
   model = loop.create_model(config, classes, config.seed, platform)
-  macs = models.count_macs(model, (config.batch_size, size, size, 3))
+  macs = analysis.count_macs(model, (config.batch_size, size, size, 3))
   tx = optim.create(config)
   state = jax.device_put(loop.create_train_state(config, model, tx), replicated)
   # Training steps donate their state: each runner gets its own copy.

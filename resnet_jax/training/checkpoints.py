@@ -18,7 +18,6 @@ so it may read those of a run that is still training (`resnet_jax.training.evalu
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging as std_logging
 import os
@@ -29,7 +28,6 @@ import zlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -37,8 +35,6 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
-
-from resnet_jax.training import optim
 
 BEST_METRIC = "top1_error"
 _JSON_ITEMS = ("data", "identity", "checksums")
@@ -174,37 +170,6 @@ def _orbax_manager(workdir: epath.Path, **options) -> ocp.CheckpointManager:
                      **{name: ocp.JsonCheckpointHandler() for name in _JSON_ITEMS}})
 
 
-# What a TrainState saved before the windowed warm-up (optim.Warmup) held in its place: whether
-# the warm-up was over, and the smoothed training error that ended it.
-_OLDER_WARMUP_FIELDS = ("warmed_up", "train_error_ema")
-
-
-def _older_layout(abstract):
-  """The layout of `abstract` (a TrainState's shapes) as a checkpoint of the older state holds it."""
-  fields = {field.name: getattr(abstract, field.name) for field in dataclasses.fields(abstract)
-            if field.name != "warmup" and field.metadata.get("pytree_node", True)}
-  replicated = abstract.step.sharding
-  return {**fields,
-          "warmed_up": jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated),
-          "train_error_ema": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)}
-
-
-def _from_older(restored: dict, abstract):
-  """A TrainState of `abstract`'s layout from a restored older one: a warm-up already over stays
-  over (the iteration it ended at was not recorded: 0), one still going has its window filled with
-  the smoothed error."""
-  window = abstract.warmup.recent_errors
-  error = restored["train_error_ema"]
-  put = lambda value, like: jax.device_put(value, like.sharding)
-  warmup = optim.Warmup(
-      recent_errors=put(jnp.full(window.shape, error, window.dtype), window),
-      end_step=put(jnp.where(restored["warmed_up"], 0, -1).astype(jnp.int32), abstract.warmup.end_step),
-      end_error=put(jnp.where(restored["warmed_up"], error, 0).astype(jnp.float32),
-                    abstract.warmup.end_error))
-  fields = {name: value for name, value in restored.items() if name not in _OLDER_WARMUP_FIELDS}
-  return abstract.replace(**fields, warmup=warmup)
-
-
 def check_identity(saved: dict[str, Any], identity: dict[str, Any]) -> None:
   """Raises ValueError if a checkpoint's `saved` identity is not the run's `identity`."""
   # Checkpoints written before a field joined the identity still match on the others.
@@ -248,21 +213,13 @@ class Reader:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     has_data = (self.directory / str(step) / "data").exists()
     has_checksums = (self.directory / str(step) / "checksums").exists()
-    # The item's handler, not a Checkpointer: that would look in the item's folder for the step's
-    # metadata, which the manager writes in the step's folder (a WARNING at every restore).
-    handler = ocp.StandardCheckpointHandler()
-    saved_fields = set(handler.metadata(self.directory / str(step) / "state").keys())
-    handler.close()
-    older = hasattr(abstract, "warmup") and set(_OLDER_WARMUP_FIELDS) <= saved_fields
-    layout = _older_layout(abstract) if older else abstract
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            layout, restore_args=ocp.checkpoint_utils.construct_restore_args(layout)),
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
         **({"data": ocp.args.JsonRestore()} if has_data else {}),
         **({"checksums": ocp.args.JsonRestore()} if has_checksums else {})))
     check_restored(restored.state, restored.get("checksums"))
-    return (_from_older(restored.state, abstract) if older else restored.state,
-            restored.get("data"))
+    return restored.state, restored.get("data")
 
 
 class Manager(Reader):

@@ -209,7 +209,8 @@ class Target:
   def __init__(self, config: ml_collections.ConfigDict, devices: list[Any]):
     import jax  # pylint: disable=g-import-not-at-top
     from flax import nnx  # pylint: disable=g-import-not-at-top
-    from resnet_jax import data, models  # pylint: disable=g-import-not-at-top
+    from resnet_jax import data  # pylint: disable=g-import-not-at-top
+    from resnet_jax.models import analysis  # pylint: disable=g-import-not-at-top
     from resnet_jax.training import optim, loop  # pylint: disable=g-import-not-at-top
     self.config = config
     self.mesh = data.core.make_mesh(devices)
@@ -227,7 +228,7 @@ class Target:
     data.core.check_protocol(config.eval_protocol, self.info, protocols)
     model = nnx.eval_shape(lambda: loop.create_model(config, self.info.num_classes,
                                                       config.seed, self.platform))
-    self.macs_of = lambda height, width: models.count_macs(model, (height, width, 3))
+    self.macs_of = lambda height, width: analysis.count_macs(model, (height, width, 3))
     self.tx = optim.create(config)
     self.state = loop.abstract_train_state(config, self.info.num_classes, self.mesh, self.tx)
     self.dtype = loop.dtype_for(config, self.platform)

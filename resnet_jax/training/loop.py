@@ -87,8 +87,7 @@ def dataset_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 # Config fields added since runs were recorded (config.json), and the value that lays out and
 # reproduces such a run: before batch norm groups, the gradual warm-up and the BN decay switch,
 # every batch norm took the whole batch, no warm-up ramped and every parameter was decayed.
-# Checkpoints from before the windowed warm-up hold no window (they restore through
-# checkpoints' older layout), so any window length lays out their state.
+# Runs from before the windowed warm-up recorded no window: their configs read with a window of 1.
 _FIELDS_ADDED = {"batch_norm_group": 0, "lr_warmup_steps": 0, "lr_warmup_from": 0.0,
                  "weight_decay_batch_norm": True, "warmup_window": 1}
 
