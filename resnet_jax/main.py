@@ -23,25 +23,16 @@ provides (or from --coordinator_address, --num_processes, --process_id).
 from typing import Iterator
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 
 from resnet_jax.training import cli
 
-_CONFIG = cli.define_config_flag()
-_LIST_FIELDS = flags.DEFINE_bool(
-    "list_fields", False, "Print every field of --config as the --config.FIELD=VALUE flag that "
-    "overrides it, and exit.")
-cli.define_flags()
-for _name in cli.FLAG_NAMES:
-  flags.declare_key_flag(_name)
 
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  argv = cli.parse_config_flags(argv)
-  if not _LIST_FIELDS.value and not flags.FLAGS.workdir:
-    # An empty --workdir=$UNSET would otherwise write into the current directory.
-    cli.fail("--workdir is missing or empty; pass the directory the run writes to.")
-  return argv
+def _define_flags() -> None:
+  cli.define_config_flag()
+  flags.DEFINE_bool("list_fields", False, "Print every field of --config as the "
+                    "--config.FIELD=VALUE flag that overrides it, and exit.")
+  cli.define_run_flags()
 
 
 def _fields(config: ml_collections.ConfigDict, prefix: str = "--config.") -> Iterator[str]:
@@ -54,17 +45,20 @@ def _fields(config: ml_collections.ConfigDict, prefix: str = "--config.") -> Ite
       yield f"{prefix}{name}={value}"
 
 
-def main(argv):
-  del argv  # Checked by _parse_flags.
-  if _LIST_FIELDS.value:
-    print("\n".join(_fields(_CONFIG.value)))
+def main(argv: list[str]) -> None:
+  del argv  # No positional arguments (cli.run).
+  if flags.FLAGS.list_fields:
+    print("\n".join(_fields(flags.FLAGS.config)))
     return
-  cli.start()
-  from resnet_jax.training import checkpoints, claim, loop
-  from resnet_jax import data
+  if not flags.FLAGS.workdir:
+    # An empty --workdir=$UNSET would otherwise write into the current directory.
+    cli.fail("--workdir is missing or empty; pass the directory the run writes to.")
+  cli.start_run()
+  from resnet_jax.training import checkpoints, claim, loop  # pylint: disable=g-import-not-at-top
+  from resnet_jax import data  # pylint: disable=g-import-not-at-top
   logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
   try:
-    loop.train_and_evaluate(_CONFIG.value, flags.FLAGS.workdir)
+    loop.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
   except loop.StartupError as error:
     cli.fail(str(error), cli.USAGE_ERROR)
   # OSError: a disk failing; CorruptImageError: a bad file met mid-run by the streaming path.
@@ -73,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, _define_flags)

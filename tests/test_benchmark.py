@@ -14,18 +14,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resnet_jax.tools import benchmark
+import processes
 from resnet_jax import models
 from resnet_jax.models import analysis
-from resnet_jax.tools import input_benchmark
+from resnet_jax.tools import benchmark, input_benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_benchmark_runs_and_counts_flops(capsys):
   batch = 16
-  rows = benchmark.main(["--model=cifar_resnet8", f"--batch={batch}", "--batch_norm_group=8",
-                         "--steps=1", "--repeats=2", "--input_pipeline", "--peak_tflops=1"])
+  rows = benchmark.run(benchmark.make_config("cifar_resnet8", batch, "float32", batch_norm_group=8),
+                       steps=1, repeats=2, input_pipeline=True, peak=1)
   by_name = {row.name: row for row in rows}
   assert set(by_name) == {"train", "eval", "train+input"}
 
@@ -56,10 +56,31 @@ def test_peak_lookup(kind, dtype, peak):
   assert benchmark.peak_tflops(kind, dtype) == peak
 
 
-def test_benchmark_writes_a_profiler_trace(tmp_path):
-  benchmark.main(["--model=cifar_resnet8", "--batch=8", "--batch_norm_group=0", "--steps=1",
-                  "--repeats=1", f"--trace_dir={tmp_path}"])
+def benchmark_command(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "resnet_jax.tools.benchmark", *args], cwd=REPO,
+                        env=processes.environment(8), capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_the_command_writes_a_profiler_trace(tmp_path):
+  completed = benchmark_command("--model=cifar_resnet8", "--batch=8", "--batch_norm_group=0",
+                                "--steps=1", "--repeats=1", f"--trace_dir={tmp_path}")
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert completed.stdout.startswith("cifar_resnet8, batch 8, float32, 8 x ")
+  assert "eval/train throughput" in completed.stdout
   assert list(tmp_path.glob("**/*.xplane.pb"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--dtype=float16"], "flag --dtype=float16: value should be one of <float32|bfloat16>"),
+    (["--batch=12", "--model=cifar_resnet8"], "batch_size 12 does not divide across 8 devices"),
+    (["cifar_resnet8"], "unexpected arguments: cifar_resnet8 (flags take the form --name=value)."),
+])
+def test_a_bad_command_line_is_one_error_line_and_exit_status_2(args, message):
+  completed = benchmark_command(*args)
+  assert completed.returncode == 2, completed.stderr[-3000:]
+  assert completed.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+  assert "Traceback" not in completed.stderr
 
 
 def test_cpu_ladder_runs_both_modes():

@@ -21,7 +21,6 @@ STEPS chained calls of that step.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -35,6 +34,7 @@ from typing import Callable, Sequence, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from resnet_jax.training import cli, optim, loop
@@ -190,26 +190,6 @@ def format_table(rows: Sequence[Result], peak: float | None) -> str:
   return "\n".join(lines)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="cifar_resnet20", help="a models.create name")
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--batch_norm_group", type=int, default=None,
-                      help="images per batch norm group (default: the recipe's; 0: the batch)")
-  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--input_pipeline", action="store_true",
-                      help="also time the full input-to-update step on synthetic data")
-  parser.add_argument("--peak_tflops", type=float, default=None,
-                      help="device peak for MFU (default: looked up for known devices)")
-  parser.add_argument("--trace_dir", default=None,
-                      help="write a jax.profiler trace of the timed repeats here (XProf, Perfetto)")
-  parser.add_argument("--serve", action="store_true",
-                      help="time steps on request from stdin (module doc) instead of timing repeats")
-  return parser.parse_args(argv)
-
-
 def serve(runners: dict[str, Runner], requests: TextIO, replies: TextIO) -> None:
   """The `--serve` protocol of the module doc, until `requests` ends."""
   replies.write(json.dumps({"jax": jax.__version__, "python": platform.python_version(),
@@ -222,32 +202,60 @@ def serve(runners: dict[str, Runner], requests: TextIO, replies: TextIO) -> None
     replies.flush()
 
 
-def main(argv: Sequence[str] | None = None) -> list[Result]:
-  args = parse_args(argv)
-  cli.quiet()
-  config = make_config(args.model, args.batch, args.dtype, args.batch_norm_group)
-  try:
-    loop.validate(config, jax.device_count())
-  except ValueError as error:
-    cli.fail(str(error))
+def run(config, steps: int = 5, repeats: int = 5, input_pipeline: bool = False,
+        peak: float | None = None, trace_dir: str | None = None) -> list[Result]:
+  """Times the steps of `config` (`make_config`'s): `repeats` repeats of `steps` steps each;
+  prints the table and returns its rows. `peak`: the device's TFLOP/s for MFU (default:
+  `peak_tflops`); `trace_dir`: where a jax.profiler trace of the timed repeats goes."""
   device = jax.devices()[0]
-  peak = args.peak_tflops or peak_tflops(device.device_kind, args.dtype)
-  runners, macs = build_runners(config, input_pipeline=args.input_pipeline)
-  if args.serve:
-    serve(runners, sys.stdin, sys.stdout)
-    return []
-  with (jax.profiler.trace(args.trace_dir) if args.trace_dir else contextlib.nullcontext()):
-    times = measure(runners, args.repeats, args.steps)
-  rows = results(runners, times, macs, args.batch)
-  print(f"{args.model}, batch {args.batch}, {args.dtype}, {jax.device_count()} x "
+  peak = peak or peak_tflops(device.device_kind, config.dtype)
+  runners, macs = build_runners(config, input_pipeline=input_pipeline)
+  with (jax.profiler.trace(trace_dir) if trace_dir else contextlib.nullcontext()):
+    times = measure(runners, repeats, steps)
+  rows = results(runners, times, macs, config.batch_size)
+  print(f"{config.model}, batch {config.batch_size}, {config.dtype}, {jax.device_count()} x "
         f"{device.device_kind} ({jax.default_backend()}), peak "
-        f"{'unknown' if peak is None else f'{peak} TFLOP/s'}; {args.repeats} repeats of "
-        f"{args.steps} steps")
+        f"{'unknown' if peak is None else f'{peak} TFLOP/s'}; {repeats} repeats of "
+        f"{steps} steps")
   print(format_table(rows, peak))
   by_name = {r.name: r for r in rows}
   print(f"eval/train throughput: {by_name['eval'].images_per_s / by_name['train'].images_per_s:.2f}x")
   return rows
 
 
+def _define_flags() -> None:
+  flags.DEFINE_string("model", "cifar_resnet20", "The network, by its models.create name "
+                      "(cifar_resnet20, resnet50, ...), with its dataset's training recipe.")
+  flags.DEFINE_integer("batch", 128, "Global batch size.")
+  flags.DEFINE_integer("batch_norm_group", None, "Images per batch norm group (default: the "
+                       "recipe's; 0: the batch).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+  flags.DEFINE_integer("steps", 5, "Steps per timed repeat.")
+  flags.DEFINE_integer("repeats", 5, "Timed repeats.")
+  flags.DEFINE_bool("input_pipeline", False, "Also time the full input-to-update step on "
+                    "synthetic data.")
+  flags.DEFINE_float("peak_tflops", None, "Device peak for MFU (default: looked up for known "
+                     "devices).")
+  flags.DEFINE_string("trace_dir", None, "Write a jax.profiler trace of the timed repeats here "
+                      "(XProf, Perfetto).")
+  flags.DEFINE_bool("serve", False, "Time steps on request from stdin (module doc) instead of "
+                    "timing repeats.")
+
+
+def main(argv: list[str]) -> None:
+  del argv  # No positional arguments (cli.run).
+  options = flags.FLAGS
+  config = make_config(options.model, options.batch, options.dtype, options.batch_norm_group)
+  try:
+    loop.validate(config, jax.device_count())
+  except ValueError as error:
+    cli.fail(str(error))
+  if options.serve:
+    serve(build_runners(config, input_pipeline=options.input_pipeline)[0], sys.stdin, sys.stdout)
+  else:
+    run(config, options.steps, options.repeats, options.input_pipeline, options.peak_tflops,
+        options.trace_dir)
+
+
 if __name__ == "__main__":
-  main()
+  cli.run(main, _define_flags)

@@ -17,7 +17,6 @@ The pipelines are timed in alternating repeats, each on a fresh iterator whose f
 its live descendants (Grain's workers), read from /proc (Linux) over the timed batches; other
 jobs on a shared machine move it far less than the wall-clock rate beside it.
 """
-import argparse
 import dataclasses
 import functools
 import os
@@ -28,11 +27,13 @@ from typing import Callable, Iterator
 
 import jax
 import numpy as np
+from absl import flags
 from etils import epath
 
 from resnet_jax import data
-from resnet_jax.tools import prepare, source_files
 from resnet_jax.data import sources, streaming
+from resnet_jax.tools import prepare, source_files
+from resnet_jax.training import cli
 
 IMAGE_HEIGHT = 375  # Widths 375 to 562: ImageNet's typical 500x375 and its neighbours.
 
@@ -202,30 +203,36 @@ def format_timings(timings: dict[str, Timing]) -> str:
   return "\n".join(lines)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cifar10_dir", default=str(
-      epath.Path(__file__).resolve().parents[3] / "shared/data/cifar10-jpeg"))
-  parser.add_argument("--classes", type=int, default=32, help="ImageNet classes written")
-  parser.add_argument("--per_class", type=int, default=8, help="ImageNet training images per class")
-  parser.add_argument("--batch", type=int, default=64, help="ImageNet batch size")
-  parser.add_argument("--repeats", type=int, default=5, help="alternating repeats per pipeline")
-  parser.add_argument("--steps", type=int, default=6, help="timed ImageNet batches per repeat")
-  args = parser.parse_args()
-  cifar10_dir = args.cifar10_dir if epath.Path(args.cifar10_dir, "train").is_dir() else None
+def _define_flags() -> None:
+  flags.DEFINE_string("cifar10_dir", str(epath.Path(__file__).resolve().parents[3]
+                                         / "shared/data/cifar10-jpeg"),
+                      "CIFAR-10 as an image folder (DIR/train/<class>/); synthetic images where "
+                      "it is not.")
+  flags.DEFINE_integer("classes", 32, "ImageNet classes written.")
+  flags.DEFINE_integer("per_class", 8, "ImageNet training images per class.")
+  flags.DEFINE_integer("batch", 64, "ImageNet batch size.")
+  flags.DEFINE_integer("repeats", 5, "Alternating repeats per pipeline.")
+  flags.DEFINE_integer("steps", 6, "Timed ImageNet batches per repeat.")
+
+
+def main(argv: list[str]) -> None:
+  del argv  # No positional arguments (cli.run).
+  options = flags.FLAGS
+  cifar10_dir = options.cifar10_dir if epath.Path(options.cifar10_dir, "train").is_dir() else None
   cores = len(os.sched_getaffinity(0))
   print(f"devices: {jax.devices()}; {cores} cores")
-  print(f"CIFAR on-device (sample+augment in jit, batch 128, {'real CIFAR-10' if cifar10_dir else 'synthetic'}): "
+  print(f"CIFAR on-device (sample+augment in jit, batch 128, "
+        f"{'real CIFAR-10' if cifar10_dir else 'synthetic'}): "
         f"{cifar_on_device(cifar10_dir):,.0f} images/s")
   with tempfile.TemporaryDirectory(prefix="resnet_jax_bench_") as root:
-    timings = imagenet_pipelines(root, args.classes, args.per_class, args.batch, args.repeats,
-                                 args.steps)
-  print(f"ImageNet training input, {args.classes * args.per_class} JPEGs of {IMAGE_HEIGHT} x "
-        f"{IMAGE_HEIGHT}-{IMAGE_HEIGHT * 3 // 2}, batch {args.batch}, {args.repeats} alternating "
-        f"repeats of {args.steps} batches; Grain with {cores} worker processes; per core = images "
-        "per CPU-second, cores = CPU-s per wall-s:")
+    timings = imagenet_pipelines(root, options.classes, options.per_class, options.batch,
+                                 options.repeats, options.steps)
+  print(f"ImageNet training input, {options.classes * options.per_class} JPEGs of {IMAGE_HEIGHT} x "
+        f"{IMAGE_HEIGHT}-{IMAGE_HEIGHT * 3 // 2}, batch {options.batch}, {options.repeats} "
+        f"alternating repeats of {options.steps} batches; Grain with {cores} worker processes; "
+        "per core = images per CPU-second, cores = CPU-s per wall-s:")
   print(format_timings(timings))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, _define_flags)

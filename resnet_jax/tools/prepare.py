@@ -16,27 +16,20 @@ A mistake is one `error:` line naming the fix, exit status 2.
 import hashlib
 import os
 import re
-import sys
 import tarfile
-from typing import Any, NoReturn
+from typing import Any
 
 import requests
-from absl import app, flags
+from absl import flags
 from etils import epath
 
-from resnet_jax.tools import source_files
 from resnet_jax.data import sources
+from resnet_jax.tools import source_files
+from resnet_jax.training import cli
 
 DATASETS = ("cifar10", "cifar100", "imagenet2012")
 IMAGENET_TARS = {"ILSVRC2012_img_train.tar": (r"n\d{8}\.tar", "one <synset>.tar per class"),
                  "ILSVRC2012_img_val.tar": (r"ILSVRC2012_val_\d{8}\.JPEG", "the validation JPEGs")}
-
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "TFDS data_dir to prepare into (default: TFDS's own).")
-_MANUAL_DIR = flags.DEFINE_string(
-    "manual_dir", None, "Folder of the source files, for preparing without network (see above).")
-_FILE_FORMAT = flags.DEFINE_enum("file_format", None, ["array_record", "tfrecord"],
-                                 "File format of the prepared dataset (default: the trainer's).")
 FILE_FORMATS = {"cifar10": "tfrecord", "cifar100": "tfrecord", "imagenet2012": "array_record"}
 
 
@@ -193,31 +186,27 @@ def _check_imagenet(manual_dir: epath.Path, explicit: bool) -> None:
                       "the original ILSVRC2012 file")
 
 
-def _fail(message: str) -> NoReturn:
-  sys.stderr.write(f"\nerror: {message}\n")
-  sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    argv = flags.FLAGS(argv)
-  except flags.Error as error:
-    _fail(str(error))
-  if len(argv) != 2:
-    _fail(f"name one dataset ({', '.join(DATASETS)}), e.g. "
-          "`python -m resnet_jax.tools.prepare cifar10 --data_dir=DIR`")
-  return argv
+def _define_flags() -> None:
+  flags.DEFINE_string("data_dir", None, "TFDS data_dir to prepare into (default: TFDS's own).")
+  flags.DEFINE_string("manual_dir", None, "Folder of the source files, for preparing without "
+                      "network (see above).")
+  flags.DEFINE_enum("file_format", None, ["array_record", "tfrecord"],
+                    "File format of the prepared dataset (default: the trainer's).")
 
 
 def main(argv: list[str]) -> None:
+  if len(argv) != 2:
+    cli.fail(f"name one dataset ({', '.join(DATASETS)}), e.g. "
+             "`python -m resnet_jax.tools.prepare cifar10 --data_dir=DIR`")
   try:
-    builder = prepare(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _FILE_FORMAT.value)
+    builder = prepare(argv[1], flags.FLAGS.data_dir, flags.FLAGS.manual_dir,
+                      flags.FLAGS.file_format)
   except UserError as error:
-    _fail(str(error))
+    cli.fail(str(error))
   splits = ", ".join(f"{split} {info.num_examples}" for split, info in builder.info.splits.items())
   print(f"{builder.name} {builder.version} is prepared in {builder.data_dir} "
         f"({builder.info.file_format.value}): {splits} examples")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, _define_flags, arguments=True)

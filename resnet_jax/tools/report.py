@@ -12,7 +12,6 @@ through etils.epath).
 from __future__ import annotations
 
 import json
-import sys
 from typing import Sequence
 
 import matplotlib
@@ -20,11 +19,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
-from absl import app, flags
+from absl import flags
 from etils import epath
 
 from resnet_jax.models import analysis
-from resnet_jax.training import metrics
+from resnet_jax.training import cli, metrics
 
 # Top-1 test error (%) of the paper, by the test protocol of its table and config: (reference
 # for the difference, as printed). CIFAR-10: Table 6, the whole 32x32 test image (plain nets
@@ -337,18 +336,21 @@ def write_report(sweep_dir: epath.PathLike, out: epath.PathLike,
   return path
 
 
-_SWEEP_DIR = flags.DEFINE_string("sweep_dir", None, "The sweep's --workdir.")
-_OUT = flags.DEFINE_string("out", None, "Where report.md and its figures go.")
-_LAYER_RESPONSES = flags.DEFINE_bool("layer_responses", True,
-                                     "Restore checkpoints and plot Fig. 7 (needs the dataset).")
-flags.mark_flags_as_required(["sweep_dir", "out"])
+def _define_flags() -> None:
+  flags.DEFINE_string("sweep_dir", None, "The sweep's --workdir.")
+  flags.DEFINE_string("out", None, "Where report.md and its figures go.")
+  flags.DEFINE_bool("layer_responses", True,
+                    "Restore checkpoints and plot Fig. 7 (needs the dataset).")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  print(write_report(_SWEEP_DIR.value, _OUT.value, _LAYER_RESPONSES.value), file=sys.stdout)
+def main(argv: list[str]) -> None:
+  del argv  # No positional arguments (cli.run).
+  for name in ("sweep_dir", "out"):
+    if not flags.FLAGS[name].value:
+      cli.fail(f"--{name} is missing; e.g. python -m resnet_jax.tools.report "
+               "--sweep_dir=/runs/table6 --out=/runs/table6/report")
+  print(write_report(flags.FLAGS.sweep_dir, flags.FLAGS.out, flags.FLAGS.layer_responses))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, _define_flags)

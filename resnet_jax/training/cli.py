@@ -1,10 +1,20 @@
-"""What the package's commands share: the config, workdir and cluster flags, the persistent
-compilation cache, a quiet start, one-line errors and their exit statuses.
+"""The package's command line, one layer for every command: flags, config, errors, exit statuses.
 
-`python -m resnet_jax.main` (training), `python -m resnet_jax.training.evaluate` (a saved run) and
-`python -m resnet_jax.training.compile` (a config for a TPU topology) define their flags as they start:
-defined at import, the flags would clash with those of other programs imported into one
-process (the tests import the evaluator's library beside the sweeps' command line).
+Each command (`python -m resnet_jax.main`, `resnet_jax.training.evaluate`,
+`resnet_jax.training.compile`, `resnet_jax.tools.prepare`, `resnet_jax.tools.benchmark`,
+`resnet_jax.tools.input_benchmark`, `resnet_jax.tools.report`) defines its flags in a function,
+checks and runs in `main(argv)`, and ends with
+
+  if __name__ == "__main__":
+    cli.run(main, _define_flags)
+
+`run` defines the flags only then: defined at import, they would clash with those of the other
+commands imported into one process (the tests import several). It quiets the libraries'
+start-up notices (`quiet`) and parses the command line: --help prints the command's doc and
+its flags and exits 0; a bad flag, config, override or stray argument is one `error:` line and
+exit status 2. Within `main`, `fail` ends the command the same way: USAGE_ERROR (2) for what
+stops it before it began, RUN_FAILED (1) for a failure once it had begun; a preempted run
+exits with loop.PREEMPTED_EXIT_CODE (75). No mistake of the user's prints a traceback.
 """
 
 import difflib
@@ -17,23 +27,81 @@ import pkgutil
 import re
 import sys
 import types
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from etils import epath
 from ml_collections import config_flags
 
-# Exit statuses; a preemption exits with train.PREEMPTED_EXIT_CODE (75).
-USAGE_ERROR = 2
-RUN_FAILED = 1
-
-# The flags every command takes; each command declares them its key flags, which --help lists.
-FLAG_NAMES = ("workdir", "compilation_cache", "coordinator_address", "num_processes", "process_id")
+USAGE_ERROR = 2  # Nothing was done: a bad command line, config or input.
+RUN_FAILED = 1  # The work failed once it had begun.
 
 
-def define_flags() -> None:
-  """Defines the flags of FLAG_NAMES (once per process, by the command that runs)."""
+def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], *,
+        arguments: bool = False, config_refused: str | None = None) -> NoReturn:
+  """Runs a command: `define_flags()`, then `main(argv)` under absl's app.run, and exits.
+
+  Every flag `define_flags` defines (the command's own, and those of `define_config_flag` and
+  `define_run_flags` that it calls) is listed by --help. argv is the program alone, or with
+  its positional arguments where `arguments` (`main` checks them); otherwise one is an error.
+  `config_refused`: for a command that takes no --config, why, which the error line gives
+  when one is passed anyway.
+  """
+  quiet()
+  defined = set(flags.FLAGS)
+  define_flags()
+  for name in set(flags.FLAGS) - defined:  # Key flags of the main module, which --help lists.
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
+  app.run(main, flags_parser=lambda argv: _parse(argv, arguments, config_refused))
+
+
+def _parse(argv: list[str], arguments: bool, config_refused: str | None) -> list[str]:
+  """absl's flag parsing, but --help exits 0 and every bad command line is one line and status
+  2; --config (where defined) loads the config it names and takes its overrides."""
+  _help_if_asked(argv)
+  config = None
+  if "config" in flags.FLAGS:
+    argv, config = _take_config(argv)
+  elif config_refused and any(re.match(r"--?config($|[.=])", arg) for arg in argv[1:]):
+    fail(f"--config is not taken: {config_refused}")
+  try:
+    if config is not None:
+      # The flag anew, as ml_collections' flag of the config: it reads the overrides from argv.
+      del flags.FLAGS.config
+      config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, sys_argv=argv)
+    argv = flags.FLAGS(argv)
+  except (AttributeError, KeyError, TypeError):
+    # ml_collections' answers to an override of a field the config lacks.
+    message = None if config is None else _unknown_override(argv, config)
+    if message is None:  # Not an override: a bug, whose traceback helps.
+      raise
+    fail(message)
+  except flags.Error as error:
+    fail(str(error).strip().splitlines()[-1].strip())
+  if len(argv) > 1 and not arguments:
+    fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
+  return argv
+
+
+def fail(message: str, status: int = USAGE_ERROR) -> NoReturn:
+  """Ends the command with one `error:` line on stderr and `status`."""
+  # One write, starting a fresh line: orbax's background threads may still be printing
+  # their own tracebacks to stderr when a failed save ends the run.
+  sys.stderr.write(f"\nerror: {message}\n")
+  sys.stderr.flush()
+  sys.exit(status)
+
+
+def first_line(error: BaseException) -> str:
+  """The first line of an error's message, for an error line that quotes it."""
+  return (str(error).splitlines() or [""])[0]
+
+
+def define_run_flags() -> None:
+  """The flags of a command that runs on a workdir, in a cluster's processes (the trainer, the
+  evaluator); `start_run` reads them."""
   flags.DEFINE_string("workdir", None, "Directory (local or gs://) of the run: everything it "
                       "writes.")
   flags.DEFINE_string(
@@ -57,40 +125,32 @@ CONFIG_HELP = (
 CONFIG_FOLDER_PACKAGE = "resnet_jax_config_folder"
 
 
-def define_config_flag() -> flags.FlagHolder:
+def define_config_flag() -> None:
   """--config, the experiment's config, with its --config.FIELD=VALUE overrides.
 
-  Defined as a string for --help; `parse_config_flags` loads the config it names and defines the
-  flag anew as ml_collections' flag of that config, which takes the overrides.
+  Defined as a string for --help; `run` loads the config it names and defines the flag anew as
+  ml_collections' flag of that config, which takes the overrides: `flags.FLAGS.config` is then
+  the ConfigDict.
   """
-  return flags.DEFINE_string("config", None, CONFIG_HELP)
+  flags.DEFINE_string("config", None, CONFIG_HELP)
 
 
-def parse_config_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing for a command with --config (`define_config_flag`), but every bad flag,
-  override or config is one line and exit status 2."""
-  help_if_asked(argv)
-  value, argv = _take_config(argv)
+def _take_config(argv: list[str]) -> tuple[list[str], ml_collections.ConfigDict]:
+  """argv without --config (`--config=VALUE` or `--config VALUE`), and the config it names."""
+  for index, arg in enumerate(argv):
+    if arg in ("--config", "-config"):
+      value, argv = (argv[index + 1] if index + 1 < len(argv) else None,
+                     argv[:index] + argv[index + 2:])
+      break
+    if arg.startswith(("--config=", "-config=")):
+      value, argv = arg.split("=", 1)[1], argv[:index] + argv[index + 1:]
+      break
+  else:
+    value = None
   if not value:
     fail("--config is missing; pass a config's name, e.g. --config=cifar_resnet20 (README.md "
          "lists them), or a config file.")
-  config = _load_config(value)
-  del flags.FLAGS.config
-  try:
-    # Reads the overrides from `argv` and defines a flag for each.
-    config_flags.DEFINE_config_dict("config", config, CONFIG_HELP, sys_argv=argv)
-    argv = flags.FLAGS(argv)
-  except (AttributeError, KeyError, TypeError):
-    # ml_collections' answers to an override of a field the config lacks.
-    message = _unknown_override(argv, config)
-    if message is None:  # Not an override: a bug, whose traceback helps.
-      raise
-    fail(message)
-  except flags.Error as error:
-    fail(str(error).strip().splitlines()[-1].strip())
-  if len(argv) > 1:
-    fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
-  return argv
+  return argv, _load_config(value)
 
 
 def _load_config(value: str) -> ml_collections.ConfigDict:
@@ -149,17 +209,6 @@ def _config_file(path: str) -> types.ModuleType:
     fail(f"--config={path}: {error}")
 
 
-def _take_config(argv: list[str]) -> tuple[str | None, list[str]]:
-  """The value of --config (`--config=VALUE` or `--config VALUE`), and argv without it."""
-  for index, arg in enumerate(argv):
-    if arg in ("--config", "-config"):
-      return (argv[index + 1] if index + 1 < len(argv) else None,
-              argv[:index] + argv[index + 2:])
-    if arg.startswith(("--config=", "-config=")):
-      return arg.split("=", 1)[1], argv[:index] + argv[index + 1:]
-  return None, argv
-
-
 def _unknown_override(argv: list[str], config: ml_collections.ConfigDict) -> str | None:
   """The error line for the first `--config.a.b` of argv that names no field of the config."""
   overrides = [match.group(1) for match in map(re.compile(r"--?config\.([^=]+)").match, argv)
@@ -184,32 +233,23 @@ _HELP_FLAGS = {"-h", "-?", "--help", "-help", "--helpshort", "-helpshort", "--he
                "-helpfull"}
 
 
-def help_if_asked(argv: list[str]) -> None:
+def _help_if_asked(argv: list[str]) -> None:
   """Prints the usage and exits 0 if argv asks for help (absl's own --help exits with 1)."""
   if _HELP_FLAGS & {*argv[1:]}:
     app.usage(shorthelp=not {"--helpfull", "-helpfull"} & {*argv}, writeto_stdout=True,
               exitcode=0)
 
 
-def fail(message: str, status: int = USAGE_ERROR) -> NoReturn:
-  """Ends the command with one `error:` line on stderr."""
-  # One write, starting a fresh line: orbax's background threads may still be printing
-  # their own tracebacks to stderr when a failed save ends the run.
-  sys.stderr.write(f"\nerror: {message}\n")
-  sys.stderr.flush()
-  sys.exit(status)
-
-
-def start() -> None:
-  """Before any work: quiet libraries, join the cluster's processes, set the compilation cache."""
-  quiet()
+def start_run() -> None:
+  """For a command of `define_run_flags`, before jax's first use: joins the cluster's processes
+  and sets the persistent compilation cache."""
   _initialize_distributed()
   _use_compilation_cache()
 
 
 def quiet() -> None:
   """No notices from libraries at start-up, unless the user's environment asks for them, and
-  none from libtpu on a host without a TPU; call before jax's first use."""
+  none from libtpu on a host without a TPU; call before jax's first use (`run` does)."""
   _quiet_start_up()
   _quiet_libtpu()
 
@@ -220,9 +260,9 @@ def _quiet_libtpu() -> None:
   jax loads libtpu (the `tpu` extra) on every host where it is installed, and libtpu asks the
   host for its TPU accelerator type and its slice's worker hostnames; a host with no TPU has
   neither, and libtpu prints two warnings and an error on stderr for every process. Such a host
-  only ever compiles for a TPU (`resnet_jax.training.compile`): it is told a one-host slice of its own,
-  and that several processes may load libtpu at once (its lock file guards TPU chips, which a
-  compile-only host does not have). A TPU VM (whose chips are in /dev), or an environment that
+  only ever compiles for a TPU (`resnet_jax.training.compile`): it is told a one-host slice
+  of its own, and that several processes may load libtpu at once (its lock file guards TPU
+  chips, which a compile-only host does not have). A TPU VM (whose chips are in /dev), or an environment that
   sets these variables itself (GKE), is left as it is, so that a real TPU's messages are never
   hidden.
   """
@@ -240,9 +280,16 @@ def _quiet_start_up() -> None:
   # notice unless oneDNN is off, which only TF's own convolutions and matmuls (never run here) use.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-  # jax's INFO note on each backend it probes and skips: "Unable to initialize backend 'tpu':
-  # ... Failed to open libtpu.so" on every machine without a TPU.
-  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.WARNING)
+  absl_logging.get_absl_handler().addFilter(_not_a_skipped_backend)
+
+
+def _not_a_skipped_backend(record: std_logging.LogRecord) -> bool:
+  """False for jax's INFO note on each backend it probes and skips ("Unable to initialize backend
+  'tpu': ... Failed to open libtpu.so", on every machine without a TPU); a filter of the handler
+  that prints the commands' logs, absl's: a logger's own filter would not see the records of its
+  child loggers, the jax modules'."""
+  return not (record.levelno < std_logging.WARNING and record.name.split(".")[0] == "jax"
+              and record.getMessage().startswith("Unable to initialize backend"))
 
 
 def _initialize_distributed() -> None:

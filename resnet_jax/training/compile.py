@@ -33,7 +33,7 @@ import time
 from typing import Any, Callable
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from etils import epath
 
 from resnet_jax.training import cli
@@ -466,6 +466,7 @@ def run(config: ml_collections.ConfigDict, topology_name: str, *, largest_batch:
 
 
 def _define_flags() -> None:
+  cli.define_config_flag()
   flags.DEFINE_string("topology", None, "The TPU slice to compile for, GENERATION:SHAPE in chips: "
                       f"{', '.join(CHIPS)}; e.g. v5e:16x16 (256 chips), v4:2x2x1, v6e:2x4.")
   flags.DEFINE_enum("steps", "all", ["all", "train", "eval"], "Which steps to compile: the "
@@ -479,16 +480,10 @@ def _define_flags() -> None:
                       "JSON line each.")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  argv = cli.parse_config_flags(argv)
+def main(argv: list[str]) -> None:
+  del argv  # No positional arguments (cli.run).
   if not flags.FLAGS.topology:
     cli.fail("--topology is missing; pass the TPU slice to compile for, e.g. --topology=v5e:2x2.")
-  return argv
-
-
-def main(argv) -> None:
-  del argv  # Checked by _parse_flags.
-  cli.quiet()
   overrides = tuple(arg for arg in sys.argv[1:] if arg.startswith("--config."))
   try:
     run(flags.FLAGS.config, flags.FLAGS.topology, largest_batch=flags.FLAGS.largest_batch,
@@ -500,6 +495,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  cli.define_config_flag()
-  _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, _define_flags)

@@ -32,14 +32,14 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from etils import epath
 
 from resnet_jax.training import checkpoints, cli, optim, loop
 from resnet_jax import data
 
+
 def _define_flags() -> None:
-  """The command's flags, defined only when it runs (see `cli`)."""
   flags.DEFINE_string("checkpoint", "best", "Which checkpoint: best (lowest top-1 error in the "
                       "run's own evaluations), latest, or a step number.")
   flags.DEFINE_string("eval_protocol", None, "center, 10crop or multiscale (default: the run's "
@@ -48,7 +48,7 @@ def _define_flags() -> None:
                        "run's own); a multiple of the device count.")
   flags.DEFINE_string("data_dir", None, "Where the run's dataset is now, if it moved (default: "
                       "the run's dataset.data_dir).")
-  cli.define_flags()
+  cli.define_run_flags()
 
 
 class EvaluationError(ValueError):
@@ -139,7 +139,8 @@ def _reader(workdir: epath.Path) -> checkpoints.Reader:
   except Exception as error:  # pylint: disable=broad-except  # orbax's, of many types.
     raise EvaluationError(
         f"could not list the checkpoints in {workdir / 'checkpoints'} ({type(error).__name__}: "
-        f"{_first_line(error)}); rerun, since a training run may have been removing one.") from None
+        f"{cli.first_line(error)}); rerun, since a training run may have been removing one."
+    ) from None
   if not steps:
     raise EvaluationError(
         f"{workdir} has no checkpoint yet; the run saves one every checkpoint_every_steps steps "
@@ -181,28 +182,8 @@ def _read_checkpoint(workdir: epath.Path, step: int, read):
           f"{reader.steps()}.") from None
     raise EvaluationError(
         f"checkpoint {step} in {reader.directory} is unreadable ({type(error).__name__}: "
-        f"{_first_line(error)[:200]}); evaluate another with --checkpoint=STEP, one of "
+        f"{cli.first_line(error)[:200]}); evaluate another with --checkpoint=STEP, one of "
         f"{reader.steps()}.") from None
-
-
-def _first_line(error: Exception) -> str:
-  return (str(error).splitlines() or [""])[0]
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, but every bad command line is one line and exit status 2."""
-  cli.help_if_asked(argv)
-  if any(arg.lstrip("-").split("=")[0].split(".")[0] == "config" for arg in argv[1:]):
-    cli.fail("--config is not taken: the run's own config is read from WORKDIR/config.json.")
-  try:
-    argv = flags.FLAGS(argv)
-  except flags.Error as error:
-    cli.fail(str(error))
-  if len(argv) > 1:
-    cli.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags take the form --name=value).")
-  if not flags.FLAGS.workdir:
-    cli.fail("--workdir is missing or empty; pass the workdir of the run to evaluate.")
-  return argv
 
 
 def _unless_orbax_loop_closed(unraisable) -> None:
@@ -220,9 +201,11 @@ def _unless_orbax_loop_closed(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def main(argv):
-  del argv  # Checked by _parse_flags.
-  cli.start()  # The run's own compilation cache may hold the evaluation step.
+def main(argv: list[str]) -> None:
+  del argv  # No positional arguments (cli.run).
+  if not flags.FLAGS.workdir:
+    cli.fail("--workdir is missing or empty; pass the workdir of the run to evaluate.")
+  cli.start_run()  # The run's own compilation cache may hold the evaluation step.
   logging.get_absl_handler().addFilter(checkpoints.quiet_orbax_info)
   sys.unraisablehook = _unless_orbax_loop_closed
   try:
@@ -243,7 +226,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  for _name in cli.FLAG_NAMES:
-    flags.declare_key_flag(_name)
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, _define_flags,
+          config_refused="the run's own config is read from WORKDIR/config.json.")
