@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import data
-from resnet_jax.data import core, imagenet, mean_cache, on_device, sources
+from resnet_jax.data import core, decoding, imagenet, mean_cache, on_device, sources
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 CIFAR10_MEAN = np.array([125.3, 123.0, 113.9])
@@ -36,7 +36,7 @@ def cifar_ds(cifar10_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def cifar_test_images(cifar_records):
   test = cifar_records[1]
-  return sources.decode_all(test, np.arange(len(test)))
+  return decoding.decode_all(test, np.arange(len(test)))
 
 
 def id_coded_dataset(mesh, num_train=800, num_eval=203, **kwargs):
@@ -106,7 +106,7 @@ def test_training_samples_are_real_examples_with_their_labels(cifar_ds, cifar_re
   plain = ds.replace(augment=False)
   batch = jax.jit(lambda d, s: d.train_batch(s, 64))(plain, 7)
   images = np.rint(np.asarray(batch.images) + np.asarray(ds.mean)).astype(np.uint8)
-  decoded = sources.decode_all(train, np.arange(50_000))
+  decoded = decoding.decode_all(train, np.arange(50_000))
   index = {image.tobytes(): label for image, label in zip(decoded, train.labels)}
   assert [index[image.tobytes()] for image in images] == list(np.asarray(batch.labels))
 
@@ -386,7 +386,7 @@ def test_start_up_phases_are_logged_with_their_counts(tmp_path, caplog):
 
 def decoded_mean(root, split="train") -> np.ndarray:
   records = sources.folder_records(root, split)
-  return sources.decode_all(records, np.arange(len(records))).mean(axis=0, dtype=np.float64)
+  return decoding.decode_all(records, np.arange(len(records))).mean(axis=0, dtype=np.float64)
 
 
 # A folder's images replaced under the same names, by images of another size or of the same.

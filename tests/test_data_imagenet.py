@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from resnet_jax import data
-from resnet_jax.data import imagenet, sources, streaming
+from resnet_jax.data import imagenet, record_reader, sources
 from resnet_jax.data.sources import tensorflow, tensorflow_datasets
 
 tf = tensorflow()
@@ -308,7 +308,7 @@ def test_tfds_start_up_reads_no_records_and_labels_travel_with_their_images(tfds
   config.augment = False  # The centre view: a flat colour, so the image shows its label.
   config.cache_dir = str(tmp_path)
   # The per-pixel mean reads the training images once; later starts load it from the cache.
-  streaming.mean_image(config, sources.tfds_random_access("tiny_images", str(tfds_dir), "train"))
+  record_reader.mean_image(config, sources.tfds_random_access("tiny_images", str(tfds_dir), "train"))
   opened = []
   as_data_source = tfds.core.DatasetBuilder.as_data_source
 
@@ -320,7 +320,8 @@ def test_tfds_start_up_reads_no_records_and_labels_travel_with_their_images(tfds
   with caplog.at_level("INFO"):
     train = sources.tfds_random_access("tiny_images", str(tfds_dir), "train")
     evaluation = sources.tfds_random_access("tiny_images", str(tfds_dir), "validation")
-    ds = streaming.from_records(config, mesh_of(8), train, evaluation, name="tiny_images", num_classes=5)
+    ds = data.StreamingDataset.from_records(config, mesh_of(8), train, evaluation, name="tiny_images",
+                                            num_classes=5)
   assert [source.reads for source in opened] == [0, 0]  # Start-up read only the metadata.
   assert (ds.info.train_size, ds.info.eval_size) == (30, 13)
   messages = [record.getMessage() for record in caplog.records]

@@ -18,6 +18,7 @@ import processes
 from configs import cifar_resnet20, cifar_resnet110
 from resnet_jax.training import checkpoints, claim, evaluate, optim, loop
 from resnet_jax import data
+from resnet_jax.data import decoding
 
 
 def smoke_config(**overrides):
@@ -379,8 +380,8 @@ def test_the_evaluation_split_alone_is_read_and_the_protocol_checked_first(tmp_p
   manager = checkpoints.Manager(epath.Path(workdir), config, keep=1, num_classes=10)
   manager.save(4, initial_state(config, 4), None, None)
   manager.wait()
-  decode_all, decoded = data.sources.decode_all, []
-  monkeypatch.setattr(data.sources, "decode_all", lambda records, ids, shape=None: (
+  decode_all, decoded = decoding.decode_all, []
+  monkeypatch.setattr(decoding, "decode_all", lambda records, ids, shape=None: (
       decoded.extend(records.paths[ids]), decode_all(records, ids, shape))[1])
   splits = lambda: sorted({epath.Path(path).parent.parent.name for path in decoded})
 

@@ -11,7 +11,7 @@ from flax import nnx
 from configs import cifar_resnet20
 from resnet_jax import data, models
 from resnet_jax.training import optim, loop
-from resnet_jax.data import imagenet, streaming
+from resnet_jax.data import imagenet, record_reader
 from resnet_jax.data.sources import tensorflow
 
 tf = tensorflow()
@@ -131,7 +131,7 @@ def test_the_image_sizes_are_read_once_then_cached(folder, tmp_path, monkeypatch
   def fail(records):
     raise AssertionError(f"read the sizes of {len(records)} images again")
 
-  monkeypatch.setattr(streaming, "image_shapes", fail)
+  monkeypatch.setattr(record_reader, "image_shapes", fail)
   again = folder_dataset(folder, tmp_path, num_devices=1)
   assert [tuple(view.shape[1:3]) for batch in again.eval_batches(4, "multiscale")
           for view in data.views(batch)] == first

@@ -1,4 +1,5 @@
-"""Dataset config defaults and validation (fields documented in `resnet_jax/data/__init__.py`)."""
+"""Dataset config (`config.dataset`): its fields, each documented at its default in
+`default_config`, and their validation (`resolve`)."""
 import ml_collections
 
 DATASETS = ("cifar10", "cifar100", "imagenet2012", "image_folder", "synthetic")
@@ -13,17 +14,49 @@ def default_config(name: str = "cifar10") -> ml_collections.ConfigDict:
   _check_name(name)
   imagenet_like = name == "imagenet2012"
   config = ml_collections.ConfigDict()
+  # One of DATASETS: "cifar10" | "cifar100" | "imagenet2012" | "image_folder" | "synthetic".
+  # Synthetic datasets say so: `info.synthetic` is True and `info.name` reads like
+  # "synthetic(32x32x3,10 classes)".
   config.name = name
+  # TFDS data_dir (None: TFDS's default), or the image folder root laid out
+  # <root>/<split>/<class>/<image> (classes sorted by name give the labels); a local path or a
+  # URI that etils.epath and tf.io.gfile read (gs://...). Nothing is ever downloaded: a missing
+  # TFDS dataset raises `DatasetNotFoundError` saying how to fix it; an image that does not
+  # decode raises `CorruptImageError` naming it. The first training image's size picks the
+  # pipeline: up to 64 pixels a side (and 4 GiB of images per device) the folder is held on the
+  # devices, and every image of both splits must have that size, else `ImageSizeError` stops
+  # the run at start-up naming the first odd image and its size; larger images stream, and may
+  # differ in size.
   config.data_dir = ml_collections.config_dict.placeholder(str)
+  # "train", or "train45k" (paper section 4.2: the training set minus a fixed, stratified 5k;
+  # image folders too); for image folders any split folder name.
   config.train_split = "train"
+  # "test" / "validation" (ImageNet), or "val5k" (the 5k held out of "train45k").
   config.eval_split = "validation" if imagenet_like else "test"
-  config.seed = ml_collections.config_dict.placeholder(int)  # None: the run's seed, else 0.
+  # Sampling and augmentation seed; a run's batches are a pure function of (seed, step).
+  # None: the trainer's run seed (`config.seed`, which also initialises the model), else 0.
+  config.seed = ml_collections.config_dict.placeholder(int)
+  # Side of synthetic images (> 64 streams them like ImageNet). Real data keeps its own size:
+  # CIFAR-sized images as they are, larger ones cropped to 224 (section 3.4).
   config.image_size = 224 if imagenet_like else 32
+  # The class count of synthetic data and image folders (a folder may hold fewer class
+  # folders, never more). TFDS datasets have their own.
   config.num_classes = NUM_CLASSES.get(name, 10)
+  # Synthetic split sizes.
   config.synthetic_train_size = 50_000
   config.synthetic_eval_size = 10_000
+  # Training augmentation (CIFAR: pad 4 + random crop + flip; ImageNet: scale augmentation +
+  # 224 crop + flip + PCA lighting). Evaluation is never augmented.
   config.augment = True
+  # Where the per-pixel mean and the evaluation images' sizes are cached, local or gs://
+  # (default $RESNET_JAX_CACHE_DIR, else ~/.cache/resnet_jax), each under what it was computed
+  # from: an image folder's file names, sizes and modification times, a TFDS split's name,
+  # version, folder and size, and the image size; a file that is unreadable or of another shape
+  # is computed again, with a WARNING naming it.
   config.cache_dir = ml_collections.config_dict.placeholder(str)
+  # One of MEANS: "per_pixel" (the paper: the training split's mean image, CIFAR's over every
+  # image, ImageNet's the mean 224 centre view of up to 50,000 images, resized to views of other
+  # sizes; computed once and cached) or "per_channel" (that image's channel means).
   config.mean = "per_pixel"
   return config
 

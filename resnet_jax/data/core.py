@@ -21,7 +21,8 @@ class DatasetNotFoundError(ValueError):
 
 
 # Evaluation protocols of the streaming (ImageNet-sized) datasets, Sec. 3.4: the centre crop,
-# the standard 10-crop, and the fully convolutional multi-scale average.
+# the standard 10-crop, and the fully convolutional multi-scale average (`imagenet.eval_views`
+# makes each one's views).
 EVAL_PROTOCOLS = ("center", "10crop", "multiscale")
 
 
@@ -97,14 +98,11 @@ def views(batch: Batch) -> tuple[jax.Array, ...]:
 def make_mesh(devices=None) -> Mesh:
   """The one-axis ("data") mesh over `devices` (default: every device) that runs data parallelism.
 
-  Its axis type is chosen, not left to `jax.make_mesh`'s default (Explicit in jax 0.10 to 0.12):
-  data parallelism needs no sharding in the types. Batches arrive sharded on "data" and the
-  state replicated, and the compiler propagates that through the step and inserts the
-  all-reduces. Under Explicit axes every op must infer its output sharding from its inputs,
-  and jax 0.11 stopped doing so for the scatter in the gradient of optax's integer-label
-  cross-entropy (a `ShardingTypeError` at the first step); any later rule change in any
-  library we call would fail the same way. The models and the data pipelines themselves work
-  under either axis type (tests/test_data.py, tests/test_ops.py).
+  Its axis type is Auto, chosen rather than left to `jax.make_mesh`'s default: data parallelism
+  needs no sharding in the types. Batches arrive sharded on "data" and the state replicated, and
+  the compiler propagates that through the step and inserts the all-reduces (why not Explicit:
+  docs/running_at_scale.md, "The mesh"). The models and the data pipelines themselves work under
+  either axis type (tests/test_data.py, tests/test_ops.py).
   """
   devices = jax.devices() if devices is None else list(devices)
   return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
@@ -150,6 +148,18 @@ def local_devices_range(mesh: Mesh) -> tuple[int, int]:
     raise ValueError(f"this process's devices are not contiguous on the {DATA_AXIS!r} axis: "
                      f"{positions}; build the mesh with jax.make_mesh")
   return positions[0], positions[-1] + 1
+
+
+def local_train_ids(mesh: Mesh, num_examples: int, seed: int) -> np.ndarray:
+  """This process's training examples, in order: the blocks of its devices when a fixed seeded
+  permutation of examples 0..N-1 is dealt to the D devices of "data", N // D each.
+
+  The permutation mixes classes across devices (sources list examples class by class), and the
+  N mod D examples it leaves out, never used, are chosen at random.
+  """
+  block = num_examples // num_data_devices(mesh)
+  first, last = local_devices_range(mesh)
+  return np.random.default_rng([seed, 1]).permutation(num_examples)[first * block:last * block]
 
 
 def local_rows(mesh: Mesh, num_rows: int) -> slice:

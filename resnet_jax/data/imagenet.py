@@ -4,14 +4,13 @@ Every transform returns uint8 pixels plus a float32 [3] RGB offset (AlexNet's li
 zero for evaluation); the device subtracts the mean and adds the offset after the transfer, so
 only bytes cross PCIe. The mean is the paper's per-pixel mean (Sec. 3.4, after AlexNet): the
 mean 224x224 centre view (`center_view`) of up to MEAN_SAMPLE training images, computed once
-and cached (`streaming.mean_image`), resized to views of other sizes.
+and cached (`record_reader.mean_image`), resized to views of other sizes.
 """
 import numpy as np
 
-from resnet_jax.data import core
-from resnet_jax.data.sources import tensorflow
+from resnet_jax.data import core, sources
 
-tf = tensorflow()
+tf = sources.tensorflow()
 
 CROP = 224
 TRAIN_SHORTER_SIDE = (256, 480)  # Scale augmentation: shorter side uniform in [256, 480].
@@ -180,4 +179,16 @@ def multiscale_views(image, sizes):
   return views, tf.constant(_NO_OFFSET)
 
 
-EVAL_PROTOCOLS = dict(zip(core.EVAL_PROTOCOLS, (center_view, ten_crop_views, multiscale_views)))
+def eval_views(image, protocol, sizes=None):
+  """The views of evaluation `protocol` (one of `core.EVAL_PROTOCOLS`) of a decoded uint8
+  [h, w, 3] image, and the offset: "center" one [224, 224, 3] view (`center_view`); "10crop" a
+  tuple of 10 such views (`ten_crop_views`); "multiscale" a tuple of one view per size of
+  `sizes` (`multiscale_views`)."""
+  if protocol == "center":
+    return center_view(image)
+  if protocol == "10crop":
+    views, offset = ten_crop_views(image)
+    return tuple(tf.unstack(views)), offset
+  if protocol == "multiscale":
+    return multiscale_views(image, sizes)
+  raise ValueError(f"unknown evaluation protocol {protocol!r}; one of {', '.join(core.EVAL_PROTOCOLS)}")

@@ -83,7 +83,7 @@ class FusedIterator:
   host work runs between steps. The train state's step is the whole position: no other state."""
 
   def __init__(self, dataset: "OnDeviceDataset", batch_size: int):
-    dataset._per_device(batch_size)  # pylint: disable=protected-access  (a bad size fails here)
+    dataset.per_device_batch_size(batch_size)  # A bad size fails here.
     self._dataset, self._batch_size = dataset, batch_size
 
   def __iter__(self) -> "FusedIterator":
@@ -122,11 +122,11 @@ class OnDeviceDataset:
   eval_protocols = ("center",)  # Images this small are evaluated whole.
 
   def steps_per_epoch(self, batch_size: int) -> int:
-    return self.train_labels.shape[1] // self._per_device(batch_size)
+    return self.train_labels.shape[1] // self.per_device_batch_size(batch_size)
 
   def train_batch(self, step: jax.Array, batch_size: int) -> core.Batch:
     """The (augmented) batch of training step `step`, sharded on "data". Traceable."""
-    self._per_device(batch_size)
+    self.per_device_batch_size(batch_size)
     return _train_batch(self.train_images, self.train_labels, self.mean, step, batch_size=batch_size,
                         seed=self.seed, augment_images=self.augment, mesh=self.mesh)
 
@@ -145,7 +145,9 @@ class OnDeviceDataset:
       yield _eval_batch(self.eval_images, self.eval_labels, self.eval_mask, self.mean, index,
                         per_device=per_device, mesh=self.mesh)
 
-  def _per_device(self, batch_size: int) -> int:
+  def per_device_batch_size(self, batch_size: int) -> int:
+    """Each device's share of a global training batch of `batch_size`; a clear ValueError when
+    it does not split evenly over "data" or exceeds the examples each device holds."""
     per_device = core.check_batch_size(batch_size, self.mesh)
     if per_device > self.train_labels.shape[1]:
       raise ValueError(f"batch size {batch_size} exceeds the {self.train_labels.shape[1] * self.train_labels.shape[0]} "
@@ -154,17 +156,15 @@ class OnDeviceDataset:
 
 
 def place_train(mesh: Mesh, labels: np.ndarray, load: Callable[[np.ndarray], np.ndarray], seed: int):
-  """Puts the training split on the devices as [D, n, ...] blocks; this process loads only its own.
+  """Puts the training split on the devices as [D, n, ...] blocks (`core.local_train_ids` deals
+  the examples); this process loads only its own.
 
   `labels` covers the whole split, `load(ids)` returns the uint8 images of examples `ids`.
   """
   devices = core.num_data_devices(mesh)
   shard_size = len(labels) // devices
-  # Mixes classes across devices (folders list examples class by class) and picks the N mod D
-  # examples left out at random.
-  order = np.random.default_rng([seed, 1]).permutation(len(labels))[:devices * shard_size]
   first, last = core.local_devices_range(mesh)
-  ids = order[first * shard_size:last * shard_size]
+  ids = core.local_train_ids(mesh, len(labels), seed)
   images = load(ids)
   images = images.reshape((last - first, shard_size) + images.shape[1:])
   local_labels = labels[ids].astype(np.int32).reshape(last - first, shard_size)

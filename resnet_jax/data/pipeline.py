@@ -11,6 +11,8 @@ from resnet_jax.data import config as config_lib
 from resnet_jax.data import core
 from resnet_jax.data import mean_cache
 from resnet_jax.data import on_device
+from resnet_jax.data import sources
+from resnet_jax.data.streaming import StreamingDataset
 
 # Datasets of images no larger than this (CIFAR-sized) that also fit in this many bytes per
 # device are held on the devices; anything larger streams from the host.
@@ -34,6 +36,11 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
            eval_protocol: str | None = None) -> core.Dataset:
   """An `OnDeviceDataset` or a `StreamingDataset` for `config` (the trainer's `config.dataset`).
 
+  Start-up: an on-device dataset decodes both splits onto the devices and computes or loads its
+  per-pixel mean; a streaming one only lists its examples: a TFDS split is opened by index (its
+  size read from metadata, no record read), and each label is read with its image when a step
+  needs it. Every phase that can take long logs an INFO line.
+
   `train` False builds the evaluation side alone (an evaluator's): the training split is only
   listed, or its size read from metadata, and its images are read only to compute a per-pixel
   mean that is not cached; such a dataset has no training batches. `eval_protocol`, when given,
@@ -47,7 +54,8 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
   core.num_data_devices(mesh)
   if config.name == "synthetic":
     return _synthetic(config, mesh, eval_protocol)
-  from resnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+  # TensorFlow: imported by the paths that decode images alone.
+  from resnet_jax.data import decoding  # pylint: disable=g-import-not-at-top
   if config.name == "image_folder":
     root = sources.absolute(config.data_dir)
     num_folders, num_classes = len(sources.folder_classes(root)), config.num_classes
@@ -60,7 +68,7 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
     eval_files = sources.folder_records(root, config.eval_split)
     read_train, read_eval = lambda: train_files, lambda: eval_files
     name, num_train = f"image_folder({root})", len(train_files)
-    shape = sources.peek_shape(train_files)
+    shape = decoding.peek_shape(train_files)
     # What the mean is computed from: the files, by name, size and modification time.
     identity = lambda: f"image_folder {config.train_split} {sources.fingerprint(train_files)}"
   else:  # TFDS: the splits are read only once the protocol is checked.
@@ -72,11 +80,11 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
     train_identity, num_train, shape = sources.tfds_split(name, config.data_dir, config.train_split)
     identity = lambda: train_identity
   if name == "imagenet2012" or not held_on_device(shape, num_train, mesh):
-    from resnet_jax.data import imagenet, streaming  # pylint: disable=g-import-not-at-top
+    from resnet_jax.data import imagenet  # pylint: disable=g-import-not-at-top
     _check_protocol(eval_protocol, name, num_classes, (imagenet.CROP, imagenet.CROP, 3),
                     core.EVAL_PROTOCOLS)
-    return streaming.from_records(config, mesh, read_train(), read_eval(), name=name,
-                                  num_classes=num_classes)
+    return StreamingDataset.from_records(config, mesh, read_train(), read_eval(), name=name,
+                                         num_classes=num_classes)
   _check_protocol(eval_protocol, name, num_classes, shape, on_device.OnDeviceDataset.eval_protocols)
   key = f"{identity()} {'x'.join(map(str, shape))}"
 
@@ -86,7 +94,7 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
         shape=shape)
     return image.mean(axis=(0, 1), keepdims=True) if config.mean == "per_channel" else image
   # Evaluation images must have the training images' size too: one model sees both.
-  loader = lambda records: lambda ids: sources.decode_all(records, ids, shape)
+  loader = lambda records: lambda ids: decoding.decode_all(records, ids, shape)
   build = functools.partial(on_device.build, mesh, name=name, num_classes=num_classes,
                             seed=config.seed, augment=config.augment)
   evaluation = read_eval()
@@ -114,8 +122,7 @@ def _synthetic(config: ml_collections.ConfigDict, mesh: Mesh, eval_protocol: str
   shape = (config.image_size, config.image_size, 3)
   _check_protocol(eval_protocol, name, config.num_classes, shape, ("center",))
   if not held_on_device(shape, config.synthetic_train_size, mesh):
-    from resnet_jax.data import streaming  # pylint: disable=g-import-not-at-top
-    return streaming.synthetic(config, mesh, name=name)
+    return StreamingDataset.synthetic(config, mesh, name=name)
   rng = np.random.default_rng(config.seed)
   make = lambda size: (rng.integers(0, 256, (size,) + shape, np.uint8),
                        rng.integers(0, config.num_classes, size, np.int32))

@@ -2,22 +2,25 @@
 
 A source lists a split's examples before any pixel is decoded (`Records`: labels plus either
 file paths or encoded image bytes, or a TFDS random-access source that is only opened), so every
-process can pick its own examples and decode only those. TensorFlow is imported lazily, through
-`tensorflow()`, so that in-memory and synthetic pipelines run on machines without TensorFlow.
+process can pick its own examples and decode only those (`decoding`, `record_reader`).
+
+TensorFlow is imported by `tensorflow()` alone, which hides the GPUs from it. The modules that
+decode images (`decoding`, `imagenet`, `record_reader`) bind `tf = sources.tensorflow()` once,
+at their import, and only the paths that decode import them: `import resnet_jax.data`, the
+synthetic and the in-memory (`from_arrays`) pipelines never import TensorFlow.
 """
 import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import os
-import re
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 from absl import logging
 from etils import epath
 
-from resnet_jax.data.core import CorruptImageError, DatasetNotFoundError, ImageSizeError
+from resnet_jax.data.core import DatasetNotFoundError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 VAL5K_SIZE = 5000
@@ -236,74 +239,3 @@ def tfds_random_access(name: str, data_dir: str | None, split: str) -> Records:
   logging.info("Opened TFDS %s:%s in %s for random access: %d examples", name, split,
                builder.data_dir, len(source))
   return Records(data_source=source, identity=tfds_split(name, data_dir, split)[0])
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-def decode_one(records: Records, index: int) -> Any:
-  """uint8 [H, W, 3] of example `index`; `CorruptImageError` naming it if it does not decode."""
-  tf = tensorflow()
-  if records.data_source is not None:
-    contents = records.data_source[int(index)]["image"]
-  elif records.encoded is not None:
-    contents = records.encoded[index]
-  else:
-    contents = tf.io.read_file(records.paths[index])
-  try:
-    return tf.io.decode_image(contents, channels=3, expand_animations=False)
-  except tf.errors.InvalidArgumentError as error:
-    reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message)  # TF's op context.
-    raise CorruptImageError(f"corrupt image {records.name(index)}: cannot decode it ({reason}); "
-                            "delete or replace it") from None
-
-
-def naming_corrupt(batches: Iterator, batch_ids: Iterable[np.ndarray], records: Records,
-                   shape: tuple[int, int, int] | None = None) -> Iterator:
-  """`batches` (tf.data, decoding `records`), with `batch_ids` the example ids of each batch in
-  order; a decoding failure becomes `CorruptImageError` naming the image, and an image that is
-  not `shape` (when given) `ImageSizeError` naming it (tf.data's own errors name no file)."""
-  tf = tensorflow()
-  for ids in batch_ids:
-    try:
-      batch = next(batches)
-    except StopIteration:
-      return
-    except tf.errors.InvalidArgumentError:
-      for index in np.sort(ids):  # The first odd image in listing order.
-        image_shape = tuple(decode_one(records, index).shape)
-        if shape is not None and image_shape != shape:
-          raise ImageSizeError(
-              f"image {records.name(index)} is {_size(image_shape)} pixels, but the dataset's "
-              f"images are {_size(shape)} (its first image's size), and images held on the "
-              f"devices must all have one size: resize it to {_size(shape)} or remove it") from None
-      raise
-    yield batch
-
-
-def _size(shape: tuple[int, ...]) -> str:
-  return f"{shape[0]}x{shape[1]}"
-
-
-def peek_shape(records: Records) -> tuple[int, int, int]:
-  """Shape of the first image, decoded on its own."""
-  return tuple(decode_one(records, 0).shape)
-
-
-def decode_all(records: Records, ids: np.ndarray, shape: tuple[int, int, int] | None = None) -> np.ndarray:
-  """uint8 [len(ids), *shape]: the images `ids`, decoded in parallel; `ImageSizeError` naming
-  the first one of another shape (default: the shape of the split's first image)."""
-  tf = tensorflow()
-  shape = shape or peek_shape(records)
-  if records.paths is not None:
-    contents = tf.data.Dataset.from_tensor_slices(records.paths[ids]).map(tf.io.read_file)
-  else:
-    contents = tf.data.Dataset.from_tensor_slices(records.encoded[ids])
-  decode = lambda x: tf.ensure_shape(tf.io.decode_image(x, channels=3, expand_animations=False), shape)
-  dataset = contents.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  chunk = 4096
-  batches = dataset.batch(chunk).prefetch(1).as_numpy_iterator()
-  chunks = list(naming_corrupt(batches, np.split(ids, range(chunk, len(ids), chunk)), records, shape))
-  if not chunks:
-    return np.zeros((0,) + shape, np.uint8)
-  return np.concatenate(chunks)

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 from etils import epath
 
-from resnet_jax.data import sources
+from resnet_jax.data import decoding, sources
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
@@ -83,7 +83,7 @@ def write_cifar_binaries(image_root: epath.PathLike, out_dir: epath.PathLike,
     raise ValueError(f"{image_root} has class folders {unknown} that are not {dataset} classes")
   for split, files in (("train", train_files), ("test", test_files)):
     records = sources.folder_records(image_root, split)
-    images = sources.decode_all(records, np.arange(len(records)))
+    images = decoding.decode_all(records, np.arange(len(records)))
     if images.shape[1:] != (32, 32, 3):
       raise ValueError(f"{image_root}/{split} holds {images.shape[1]}x{images.shape[2]} images; "
                        "CIFAR images are 32x32")

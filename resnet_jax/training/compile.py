@@ -190,10 +190,10 @@ def dataset_info(dataset: ml_collections.ConfigDict):
     return core.DatasetInfo(dataset.name, dataset.num_classes, (size, size, 3),
                             dataset.synthetic_train_size, dataset.synthetic_eval_size, True)
   if dataset.name == "image_folder":
-    from resnet_jax.data import sources  # pylint: disable=g-import-not-at-top
+    from resnet_jax.data import decoding, sources  # pylint: disable=g-import-not-at-top
     train = sources.folder_records(dataset.data_dir, dataset.train_split)
     evaluation = sources.folder_records(dataset.data_dir, dataset.eval_split)
-    shape = tuple(sources.peek_shape(train))
+    shape = tuple(decoding.peek_shape(train))
     if max(shape[:2]) > 64:
       shape = (224, 224, 3)
     return core.DatasetInfo(dataset.name, dataset.num_classes, shape, len(train), len(evaluation))
