@@ -125,8 +125,8 @@ def _damage(kind: str, step_dir) -> None:
 def _checkpointed_workdir(workdir, steps):
   """A workdir with a checkpoint of an untrained state at each of `steps` (no training)."""
   config = smoke_config()
-  state = loop.create_train_state(config, loop.create_model(config, 10, 0, "cpu"),
-                                   optim.create(config))
+  state = loop.create_train_state(loop.create_model(config, 10, 0, "cpu"),
+                                  optim.create(config))
   manager = checkpoints.Manager(epath.Path(workdir), config, keep=3, num_classes=10)
   for step in steps:
     manager.save(step, state.replace(step=jnp.asarray(step, jnp.int32)), None, None)
@@ -175,8 +175,8 @@ def test_no_readable_checkpoint_is_an_error_that_a_rerun_repeats(tmp_path):
 def test_checkpoint_of_the_state_before_the_windowed_warm_up_resumes(tmp_path, warmed_up):
   # TrainState held `warmed_up` and the smoothed error `train_error_ema` before optim.Warmup.
   config = smoke_config(warmup_learning_rate=0.01, warmup_window=4)
-  state = loop.create_train_state(config, loop.create_model(config, 10, 0, "cpu"),
-                                   optim.create(config))
+  state = loop.create_train_state(loop.create_model(config, 10, 0, "cpu"),
+                                  optim.create(config))
   older = {"step": jnp.asarray(7, jnp.int32), "params": state.params,
            "batch_stats": state.batch_stats, "opt_state": state.opt_state,
            "warmed_up": jnp.asarray(warmed_up), "train_error_ema": jnp.asarray(0.625, jnp.float32),
@@ -193,7 +193,7 @@ def test_checkpoint_of_the_state_before_the_windowed_warm_up_resumes(tmp_path, w
   assert bool(restored.warmup.over) == warmed_up
   assert int(restored.warmup.end_step) == (0 if warmed_up else -1)
   # The next step's learning rate is the warm-up's until it is over.
-  assert float(optim.learning_rate(config, restored.step, restored.warmup)) == pytest.approx(
+  assert float(optim.create(config).learning_rate(restored.step, restored.warmup)) == pytest.approx(
       0.1 if warmed_up else 0.01)
 
 
