@@ -96,7 +96,7 @@ def evaluate_run(workdir: epath.PathLike, checkpoint: str = "best", protocol: st
     raise EvaluationError(f"{workdir / 'config.json'} is not the config of checkpoint {step}: "
                           f"{error}") from None
   abstract_state = loop.abstract_train_state(config, info.num_classes, mesh,
-                                             optim.create(config))
+                                              optim.create(config))
   state, _ = _read_checkpoint(workdir, step, lambda: reader.restore(step, abstract_state))
   logging.info("Evaluating step %d of %s (%s checkpoint) on %s %s by %s.", step, workdir,
                checkpoint, info.name, config.dataset.eval_split, protocol)
