@@ -105,11 +105,11 @@ def main() -> None:
   for name, options, conv, norm in variants:
     model = models.create(config.model, num_classes=classes, rngs=nnx.Rngs(config.seed),
                           conv=conv, norm=norm, **config.model_overrides)
-    tx = optim.create(config)
-    step = lambda state, batch, tx=tx: loop.train_step(config, tx, state, batch)[0]
+    recipe = optim.create(config)
+    step = lambda state, batch, recipe=recipe: loop.train_step(recipe, state, batch)[0]
     runners[name] = benchmark.Runner(
         jax.jit(step, donate_argnums=0, compiler_options=options),
-        loop.create_train_state(config, model, tx), batch)
+        loop.create_train_state(model, recipe), batch)
   times = benchmark.measure(runners, args.repeats, args.steps)
   print(f"{args.model}, batch {args.batch}, float32, {jax.device_count()} x "
         f"{jax.devices()[0].device_kind}; {args.repeats} alternating repeats of {args.steps} steps")

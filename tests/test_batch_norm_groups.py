@@ -167,9 +167,9 @@ def test_sharded_over_eight_devices_as_on_one(layer, group_size):
 
 def _train_step_program(config, model, batch) -> str:
   """The jaxpr of the trainer's step for `model`: what XLA compiles."""
-  tx = optim.create(config)
-  state = loop.create_train_state(config, model, tx)
-  return str(jax.make_jaxpr(functools.partial(loop.train_step, config, tx))(state, batch))
+  recipe = optim.create(config)
+  state = loop.create_train_state(model, recipe)
+  return str(jax.make_jaxpr(functools.partial(loop.train_step, recipe))(state, batch))
 
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])  # ops' kernels, and flax's layers.
@@ -202,17 +202,17 @@ def test_the_trainer_builds_its_norms_with_the_configs_groups():
 
 def test_a_batch_that_is_not_whole_groups_fails_at_start_up():
   config = cifar_resnet20.get_config()
-  loop.validate(config, 8)
+  loop.validate(config, data.core.make_mesh())
   config.batch_size = 96
   with pytest.raises(ValueError, match=re.escape(
       "batch_size 96 is not a whole number of batch norm groups of 64 images; use a multiple of "
       "64 (e.g. --config.batch_size=128) or a --config.batch_norm_group that divides it.")):
-    loop.validate(config, 8)
+    loop.validate(config, data.core.make_mesh())
   config.batch_norm_group = 32
-  loop.validate(config, 8)
+  loop.validate(config, data.core.make_mesh())
   config.batch_norm_group = -1
   with pytest.raises(ValueError, match="batch_norm_group must be positive, or 0"):
-    loop.validate(config, 8)
+    loop.validate(config, data.core.make_mesh())
 
 
 def test_groups_change_neither_the_checkpoint_layout_nor_the_run_identity():

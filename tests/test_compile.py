@@ -127,7 +127,7 @@ def test_a_cifar_net_compiled_for_a_tpu_has_no_cpu_kernel_and_bfloat16_convoluti
   assert target.on_device  # CIFAR is held on the chips, as the trainer holds it.
   inputs = data.on_device.abstract(target.mesh, target.info, seed=0, augment=True)
   step = lambda state, inputs: loop.train_step(
-      target.config, target.tx, state, inputs.train_batch(state.step, 128))
+      target.recipe, state, inputs.train_batch(state.step, 128))
   jaxpr = str(jax.make_jaxpr(step)(target.state, inputs))
   assert "custom_vjp_call" not in jaxpr  # cpu_kernels.Conv and cpu_kernels.BatchNorm are custom VJPs.
   # 7 forward convolutions, 7 weight gradients, 6 input gradients (none for the images).

@@ -5,6 +5,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import AbstractMesh
 
 import configs
 from resnet_jax import data, models
@@ -41,8 +42,8 @@ def test_all_paper_experiments_and_cifar100_have_a_config():
 
 def test_goyal_config_states_their_recipe_at_batch_8k():
   config = load("imagenet_resnet50_goyal8k")
-  loop.validate(config, 256)
-  loop.validate(load("imagenet_resnet50_goyal8k", "smoke"), 8)
+  loop.validate(config, AbstractMesh((256,), (data.core.DATA_AXIS,)))
+  loop.validate(load("imagenet_resnet50_goyal8k", "smoke"), data.core.make_mesh())
   assert config.model == "resnet50" and config.dataset.name == "imagenet2012"
   # Sec. 2.1, 2.2, 5.1: 0.1 per 256 images, warm-up from 0.1 over 5 epochs, divided by 10 at
   # epochs 30, 60 and 80 of 90; epochs of 1,281,167 images in iterations of 8,192.
@@ -92,8 +93,8 @@ def test_config_trains_a_step_on_synthetic_data(name):
   config = load(name, "smoke")
   assert config.dataset.name == "synthetic"
   model = loop.create_model(config, config.dataset.num_classes, 0, "cpu")
-  tx = optim.create(config)
-  state = loop.create_train_state(config, model, tx)
+  recipe = optim.create(config)
+  state = loop.create_train_state(model, recipe)
   assert config.batch_norm_group == 16  # One group of the smoke config's.
   batch = data.Batch(images=jax.random.normal(jax.random.key(0), (16, 32, 32, 3)),
                      labels=jnp.arange(16) % config.dataset.num_classes,
@@ -101,7 +102,7 @@ def test_config_trains_a_step_on_synthetic_data(name):
   # Op by op: XLA's CPU compile of a whole ResNet-152 or ResNet-1202 step takes
   # many minutes; the jitted step itself is exercised by tests/test_train.py.
   with jax.disable_jit():
-    state, metrics = loop.train_step(config, tx, state, batch)
+    state, metrics = loop.train_step(recipe, state, batch)
   assert int(state.step) == 1 and int(state.nonfinite_step) == -1
   assert jnp.isfinite(metrics["loss"])
   assert models.count_params(model) > 0

@@ -74,8 +74,8 @@ def fabricated_run(workdir, errors: dict[int, float | None], keep: int):
 
 
 def initial_state(config, seed: int) -> loop.TrainState:
-  state = loop.create_train_state(config, loop.create_model(config, 10, seed, "cpu"),
-                                   optim.create(config))
+  state = loop.create_train_state(loop.create_model(config, 10, seed, "cpu"),
+                                  optim.create(config))
   return state.replace(step=jnp.asarray(seed, jnp.int32))
 
 
@@ -274,8 +274,8 @@ def mismatched(workdir):
     (["--workdir={run}", "--eval_protocol=5crop"], None,
      "unknown --eval_protocol '5crop'; choose one of center, 10crop, multiscale."),
     (["--workdir={run}", "--eval_batch_size=12"], None,
-     "--eval_batch_size: global batch size 12 is not divisible by the 8 devices on the mesh's "
-     "'data' axis; use a multiple of 8 (e.g. 16)."),
+     "--eval_batch_size: global batch size 12 does not divide across 8 devices; use a multiple "
+     "of 8 (e.g. 16)."),
     (["--workdir={run}", "--eval_batch_size=0"], None,
      "--eval_batch_size must be positive, got 0; leave it out for the run's own (64)."),
     (["--workdir={run}", "--eval_batch_size=-8"], None,
@@ -417,4 +417,4 @@ def test_config_of_a_run_before_the_windowed_warm_up_lays_out_its_state(tmp_path
   (tmp_path / "config.json").write_text(json.dumps(config))
   run_config = evaluate._run_config(epath.Path(tmp_path))
   assert run_config.warmup_learning_rate == 0.01
-  assert optim.warmup_init(run_config).recent_errors.shape == (1,)
+  assert optim.create(run_config).init_warmup().recent_errors.shape == (1,)

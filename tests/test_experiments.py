@@ -274,8 +274,8 @@ def _checkpointed_run(workdir: pathlib.Path, model: str):
   config.model = model
   workdir.mkdir(parents=True)
   (workdir / "config.json").write_text(config.to_json_best_effort())
-  state = loop.create_train_state(config, loop.create_model(config, 10, 0, "cpu"),
-                                   optim.create(config))
+  state = loop.create_train_state(loop.create_model(config, 10, 0, "cpu"),
+                                  optim.create(config))
   manager = checkpoints.Manager(epath.Path(workdir), config, keep=3)
   manager.save(2, state.replace(step=jnp.asarray(2, jnp.int32)), None, None)
   manager.wait()

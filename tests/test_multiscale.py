@@ -108,7 +108,7 @@ def test_pipeline_multiscale_evaluation_equals_the_direct_computation(folder, tm
   scores = direct_multiscale(model, folder, ds.mean)
   labels = np.array(sorted(EVAL_LABELS))  # Listing order: by class folder.
   config = cifar_resnet20.get_config("smoke")
-  state = loop.create_train_state(config, model, optim.create(config))
+  state = loop.create_train_state(model, optim.create(config))
   result = loop.evaluate(jax.jit(loop.eval_step), state, ds.eval_batches(8, "multiscale"))
   assert result["examples"] == len(EVAL_SIZES)
   ranks = (scores > scores[np.arange(len(labels)), labels][:, None]).sum(axis=1)

@@ -13,9 +13,9 @@ from resnet_jax.training import optim
 
 
 def test_cifar_schedule_divides_by_10_at_32k_and_48k():
-  config = cifar_resnet20.get_config()
-  warmup = optim.warmup_init(config)  # ResNet-20 has none: over before it starts.
-  rates = {step: float(optim.learning_rate(config, step, warmup))
+  recipe = optim.create(cifar_resnet20.get_config())
+  warmup = recipe.init_warmup()  # ResNet-20 has none: over before it starts.
+  rates = {step: float(recipe.learning_rate(step, warmup))
            for step in (0, 31_999, 32_000, 47_999, 48_000, 63_999)}
   assert rates == pytest.approx({0: 0.1, 31_999: 0.1, 32_000: 0.01, 47_999: 0.01,
                                  48_000: 0.001, 63_999: 0.001})
@@ -24,10 +24,11 @@ def test_cifar_schedule_divides_by_10_at_32k_and_48k():
 def test_gradual_warm_up_rises_linearly_from_its_start_then_follows_the_schedule():
   config = imagenet_resnet50_goyal8k.get_config()
   optim.validate(config)
-  warmup = optim.warmup_init(config)  # No ResNet-110 warm-up: over before it starts.
+  recipe = optim.create(config)
+  warmup = recipe.init_warmup()  # No ResNet-110 warm-up: over before it starts.
   steps = (0, 1, 391, 781, 782, 783, 4_691, 4_692, 9_383, 9_384, 12_510, 12_511, 14_074)
-  rates = {step: float(optim.learning_rate(config, step, warmup)) for step in steps}
-  traced = jax.jit(lambda step: optim.learning_rate(config, step, warmup))
+  rates = {step: float(recipe.learning_rate(step, warmup)) for step in steps}
+  traced = jax.jit(lambda step: recipe.learning_rate(step, warmup))
   assert [float(traced(step)) for step in steps] == pytest.approx(list(rates.values()), rel=1e-6)
   # Goyal et al., Sec. 2.2: from 0.1 at iteration 0, the same increment each iteration, 3.2 at
   # the end of 5 epochs (782 iterations); then divided by 10 at epochs 30, 60 and 80.
@@ -99,8 +100,9 @@ def test_weight_decay_leaves_batch_norm_alone_only_if_asked(overrides, decay_bat
 
 def run_warmup(config, errors):
   """The warm-up state after each iteration with these batch errors (fractions)."""
-  update = jax.jit(lambda warmup, step, error: optim.warmup_update(config, warmup, step, error))
-  warmup, states = optim.warmup_init(config), []
+  recipe = optim.create(config)
+  update = jax.jit(recipe.update_warmup)
+  warmup, states = recipe.init_warmup(), []
   for step, error in enumerate(errors):
     warmup = update(warmup, step, error)
     states.append(warmup)
@@ -124,7 +126,8 @@ def test_resnet110_warm_up_ends_when_the_mean_of_the_last_100_batches_is_below_8
   assert float(states[-1].end_error) == pytest.approx(means[expected - 100], abs=1e-6)
   assert [bool(s.over) for s in states].index(True) == expected - 1
   # The rate is 0.01 for every iteration before the switch, the schedule's 0.1 after it.
-  rates = [float(optim.learning_rate(config, step + 1, state)) for step, state in enumerate(states)]
+  recipe = optim.create(config)
+  rates = [float(recipe.learning_rate(step + 1, state)) for step, state in enumerate(states)]
   assert rates[:expected - 1] == pytest.approx([0.01] * (expected - 1))
   assert rates[expected - 1:] == pytest.approx([0.1] * (400 - expected + 1))
 
@@ -154,14 +157,14 @@ def test_without_a_warm_up_rate_there_is_no_warm_up():
   assert not config.warmup_learning_rate
   states = run_warmup(config, [1.0] * 5)
   assert all(bool(s.over) and int(s.end_step) == 0 for s in states)
-  assert float(optim.learning_rate(config, 0, states[0])) == pytest.approx(0.1)
+  assert float(optim.create(config).learning_rate(0, states[0])) == pytest.approx(0.1)
 
 
 def _one_update(config, grads, params, loss=1.0, step=0):
-  tx = optim.create(config)
-  opt_state = optim.set_learning_rate(tx.init(params),
-                                      optim.learning_rate(config, step, optim.warmup_init(config)))
-  updates, _ = tx.update(grads, opt_state, params, value=jnp.asarray(loss))
+  recipe = optim.create(config)
+  opt_state = optim.set_learning_rate(recipe.tx.init(params),
+                                      recipe.learning_rate(step, recipe.init_warmup()))
+  updates, _ = recipe.tx.update(grads, opt_state, params, value=jnp.asarray(loss))
   return optax.apply_updates(params, updates)
 
 
@@ -179,7 +182,7 @@ def test_weight_decay_applies_to_every_parameter():
 def test_sgd_momentum_matches_pytorch_convention():
   config = cifar_resnet20.get_config()
   config.weight_decay = 0.0
-  tx = optim.create(config)
+  tx = optim.create(config).tx
   params = {"w": jnp.ones(())}
   state = optim.set_learning_rate(tx.init(params), 0.1)
   grads = {"w": jnp.ones(())}
@@ -193,13 +196,14 @@ def test_sgd_momentum_matches_pytorch_convention():
 def test_plateau_schedule_divides_by_10_when_the_loss_stops_falling():
   config = imagenet_resnet50.get_config()
   config.plateau_accumulation_steps, config.plateau_patience = 2, 1
-  tx = optim.create(config)
+  recipe = optim.create(config)
+  tx = recipe.tx
   params = {"w": jnp.ones(())}
   state = tx.init(params)
   scales = []
   for _ in range(12):
     _, state = tx.update({"w": jnp.zeros(())}, state, params, value=jnp.asarray(1.0))
-    scales.append(float(optim.plateau_scale(config, state)))
+    scales.append(float(recipe.plateau_scale(state)))
   # A flat loss: the first window sets the best value, each later flat window
   # (patience 1) divides by 10, down to the 1e-4 floor.
   np.testing.assert_allclose(scales, [1, 1, 1, 0.1, 0.1, 1e-2, 1e-2, 1e-3, 1e-3, 1e-4, 1e-4, 1e-4],
@@ -220,13 +224,13 @@ def test_schedule_that_ends_before_it_starts_is_refused():
 def test_the_rate_and_the_plateau_scale_are_found_by_name(schedule):
   config = imagenet_resnet50.get_config()
   config.lr_schedule = schedule
-  state = optim.create(config).init({"w": jnp.ones(3)})
-  state = optim.set_learning_rate(state, 0.25)
+  recipe = optim.create(config)
+  state = optim.set_learning_rate(recipe.tx.init({"w": jnp.ones(3)}), 0.25)
   assert optax.tree_utils.tree_get(state, "learning_rate") == 0.25
   assert optax.tree_utils.tree_get(state, "momentum") == pytest.approx(0.9)
   if schedule == "plateau":
     state = optax.tree_utils.tree_set(state, scale=jnp.asarray(0.5))
-  assert optim.plateau_scale(config, state) == (0.5 if schedule == "plateau" else 1.0)
+  assert recipe.plateau_scale(state) == (0.5 if schedule == "plateau" else 1.0)
 
 
 @pytest.mark.parametrize("chain,count", [
@@ -238,6 +242,6 @@ def test_a_chain_without_exactly_one_learning_rate_is_refused(chain, count):
   state = chain.init({"w": jnp.ones(3)})
   with pytest.raises(KeyError, match=f"holds {count} values named 'learning_rate', not one"):
     optim.set_learning_rate(state, 0.1)
-  config = imagenet_resnet50.get_config()
+  recipe = optim.create(imagenet_resnet50.get_config())
   with pytest.raises(KeyError, match="holds 0 values named 'ReduceLROnPlateauState'"):
-    optim.plateau_scale(config, state)
+    recipe.plateau_scale(state)

@@ -125,8 +125,8 @@ def _damage(kind: str, step_dir) -> None:
 def _checkpointed_workdir(workdir, steps):
   """A workdir with a checkpoint of an untrained state at each of `steps` (no training)."""
   config = smoke_config()
-  state = loop.create_train_state(config, loop.create_model(config, 10, 0, "cpu"),
-                                   optim.create(config))
+  state = loop.create_train_state(loop.create_model(config, 10, 0, "cpu"),
+                                  optim.create(config))
   manager = checkpoints.Manager(epath.Path(workdir), config, keep=3, num_classes=10)
   for step in steps:
     manager.save(step, state.replace(step=jnp.asarray(step, jnp.int32)), None, None)

@@ -329,7 +329,7 @@ def test_multi_view_protocols_average_softmax_scores_over_every_example(tmp_path
   dataset = data.create(dataset_config, mesh)
   config = smoke_config()
   model = loop.create_model(config, 2, 0, "cpu")
-  state = jax.device_put(loop.create_train_state(config, model, optim.create(config)),
+  state = jax.device_put(loop.create_train_state(model, optim.create(config)),
                          NamedSharding(mesh, PartitionSpec()))
   eval_fn = jax.jit(loop.eval_step)
   for protocol, num_views in [("center", 1), ("10crop", 10), ("multiscale", 5)]:
@@ -379,8 +379,8 @@ def test_non_finite_scores_are_never_scored():
   mesh = data.core.make_mesh()
   dataset = data.create(loop.dataset_config(config), mesh)
   state = jax.device_put(
-      loop.create_train_state(config, loop.create_model(config, 10, 0, "cpu"),
-                               optim.create(config)), NamedSharding(mesh, PartitionSpec()))
+      loop.create_train_state(loop.create_model(config, 10, 0, "cpu"),
+                              optim.create(config)), NamedSharding(mesh, PartitionSpec()))
   nan_state = state.replace(params=jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), state.params))
   with pytest.raises(loop.NonFiniteError,
                      match="scores are not finite for 200 of the 200 evaluation images at step 0"):

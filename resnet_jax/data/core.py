@@ -128,14 +128,16 @@ def num_data_devices(mesh: Mesh) -> int:
   return mesh.shape[DATA_AXIS]
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> int:
-  """Returns the per-device batch size; a clear error when `batch_size` does not split evenly."""
+def check_batch_size(batch_size: int, mesh: Mesh | jax.sharding.AbstractMesh,
+                     name: str = "global batch size") -> int:
+  """The per-device batch size of `batch_size` split over the mesh's "data" axis; a ValueError
+  naming the fix (and `batch_size` by `name`) when it does not split evenly. An AbstractMesh
+  checks a run for devices not at hand."""
   devices = num_data_devices(mesh)
   if batch_size <= 0 or batch_size % devices:
     fix = max(devices, round(batch_size / devices) * devices)
-    raise ValueError(
-        f"global batch size {batch_size} is not divisible by the {devices} devices on the mesh's "
-        f"{DATA_AXIS!r} axis; use a multiple of {devices} (e.g. {fix}).")
+    raise ValueError(f"{name} {batch_size} does not divide across {devices} devices; use a "
+                     f"multiple of {devices} (e.g. {fix}).")
   return batch_size // devices
 
 

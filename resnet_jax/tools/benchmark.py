@@ -142,8 +142,8 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
   platform = data.core.platform(mesh)
   model = loop.create_model(config, classes, config.seed, platform)
   macs = analysis.count_macs(model, (config.batch_size, size, size, 3))
-  tx = optim.create(config)
-  state = jax.device_put(loop.create_train_state(config, model, tx), replicated)
+  recipe = optim.create(config)
+  state = jax.device_put(loop.create_train_state(model, recipe), replicated)
   # Training steps donate their state: each runner gets its own copy.
   copy_state = lambda: jax.tree.map(jnp.copy, state)
 
@@ -153,7 +153,7 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
       labels=rng.integers(0, classes, config.batch_size, dtype=np.int32),
       mask=np.ones(config.batch_size, bool)), batch_sharding)
 
-  train_step = lambda state, batch: loop.train_step(config, tx, state, batch)[0]
+  train_step = lambda state, batch: loop.train_step(recipe, state, batch)[0]
   # Evaluation carries a running error count, so no call is dead code.
   eval_step = lambda total, state, batch: total + loop.eval_step(state, batch)["top1_errors"]
   jit = functools.partial(jax.jit, compiler_options=cpu_kernels.compiler_options(platform))
@@ -247,7 +247,7 @@ def main(argv: list[str]) -> None:
   options = flags.FLAGS
   config = make_config(options.model, options.batch, options.dtype, options.batch_norm_group)
   try:
-    loop.validate(config, jax.device_count())
+    loop.validate(config, data.core.make_mesh())
   except ValueError as error:
     cli.fail(str(error))
   if options.serve:

@@ -224,7 +224,7 @@ def trained_layer_responses(workdir: epath.Path, datasets: dict) -> np.ndarray:
   dataset = datasets[key]
   model = loop.create_model(config, dataset.info.num_classes, config.seed,
                              data.core.platform(mesh))
-  state = jax.device_put(loop.create_train_state(config, model, optim.create(config)),
+  state = jax.device_put(loop.create_train_state(model, optim.create(config)),
                          NamedSharding(mesh, PartitionSpec()))
   reader = checkpoints.Reader(workdir)  # Reads only: the run may still be training.
   state, _ = reader.restore(reader.latest_step(), state)

@@ -217,7 +217,7 @@ class Target:
     self.platform = data.core.platform(self.mesh)
     self.num_devices = len(devices)
     self.num_processes = len({device.process_index for device in devices})
-    loop.validate(config, self.num_devices)
+    loop.validate(config, self.mesh)
     dataset = loop.dataset_config(config)
     self.info = dataset_info(dataset)
     self.on_device = data.pipeline.held_on_device(self.info.image_shape, self.info.train_size,
@@ -229,8 +229,8 @@ class Target:
     model = nnx.eval_shape(lambda: loop.create_model(config, self.info.num_classes,
                                                       config.seed, self.platform))
     self.macs_of = lambda height, width: analysis.count_macs(model, (height, width, 3))
-    self.tx = optim.create(config)
-    self.state = loop.abstract_train_state(config, self.info.num_classes, self.mesh, self.tx)
+    self.recipe = optim.create(config)
+    self.state = loop.abstract_train_state(config, self.info.num_classes, self.mesh, self.recipe)
     self.dtype = loop.dtype_for(config, self.platform)
     self._dataset, self._jax, self._train = dataset, jax, loop
 
@@ -246,7 +246,7 @@ class Target:
       batch_of = lambda inputs, step: inputs
     per_chip = batch_size // self.num_devices
     model_flops = 6 * self.macs_of(*self.info.image_shape[:2]) * per_chip
-    jitted = self._train.jit_train_step(self.config, self.tx, self.mesh, batch_of)
+    jitted = self._train.jit_train_step(self.recipe, self.mesh, batch_of)
     return compile_step("train", jitted, (self.state, inputs), per_chip, per_chip, model_flops)
 
   def eval_steps(self, batch_size: int) -> list[tuple[str, Callable[[], StepReport]]]:

@@ -2,8 +2,9 @@
 
 `train_and_evaluate(config, workdir)` reads as the algorithm: check the config,
 claim the workdir (one run per workdir: `claim`, checked before each write), build the
-mesh, data, model and optimizer, resume from the newest checkpoint, then step, log,
-evaluate and save until `num_train_steps`.
+mesh, data, model and optimizer and resume from the newest checkpoint (`_set_up`), then
+step, log, evaluate and save until `num_train_steps` (`_train`). The config stops at the
+trainer's edge: the jitted step is given the `optim.Recipe` made from it, nothing else.
 
 Data parallelism is `jax.jit` over a one-axis mesh ("data"): batches are sharded
 on it, parameters, BN statistics and optimizer state replicated. Batch norm
@@ -20,11 +21,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import itertools
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax
 import jax
@@ -43,8 +45,8 @@ from resnet_jax.models import cpu_kernels
 # Exit status of a run stopped by SIGTERM (a preemption notice) after saving:
 # EX_TEMPFAIL, "try again", so schedulers and scripts can tell it from a failure.
 PREEMPTED_EXIT_CODE = 75
-# Training steps the host may dispatch ahead of the device. Unbounded, dozens were queued when a
-# preemption notice came, and all ran before the save; a Cloud TPU spot VM gets about 30 s.
+# Training steps the host may dispatch ahead of the device: after a preemption notice the save
+# waits for at most these and the step running (RELIABILITY.md).
 MAX_STEPS_AHEAD = 2
 
 
@@ -112,34 +114,35 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, seed: int,
                        dtype=dtype_for(config, platform), **config.model_overrides, **layers)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: models.ResNet,
-                       tx: optax.GradientTransformation) -> TrainState:
+def create_train_state(model: models.ResNet, recipe: optim.Recipe) -> TrainState:
+  """The state of step 0: `model`'s weights, and `recipe`'s optimizer and warm-up at their
+  start."""
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-      opt_state=tx.init(params), warmup=optim.warmup_init(config),
+      opt_state=recipe.tx.init(params), warmup=recipe.init_warmup(),
       nonfinite_step=-jnp.ones((), jnp.int32),
       graphdef=graphdef)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh,
-                         tx: optax.GradientTransformation) -> TrainState:
+                         recipe: optim.Recipe) -> TrainState:
   """The train state's shapes, dtypes and shardings (replicated) on `mesh`, nothing computed:
   what a checkpoint restores into, and what `resnet_jax.training.compile` compiles the steps for."""
   replicated = NamedSharding(mesh, PartitionSpec())
   platform = data.core.platform(mesh)
   shapes = jax.eval_shape(lambda: create_train_state(
-      config, create_model(config, num_classes, config.seed, platform), tx))
+      create_model(config, num_classes, config.seed, platform), recipe))
   return jax.tree.map(
       lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), shapes)
 
 
-def jit_train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                   mesh: Mesh, batch_of: Callable[[Any, jax.Array], data.Batch]):
+def jit_train_step(recipe: optim.Recipe, mesh: Mesh,
+                   batch_of: Callable[[Any, jax.Array], data.Batch]):
   """The trainer's jitted step on `mesh`: (state, inputs) -> (state, metrics), the state
   donated and replicated, and the batch `batch_of(inputs, state.step)` made inside the step
   (`TrainIterator.batch`: an on-device dataset samples and augments there)."""
-  step = lambda state, inputs: train_step(config, tx, state, batch_of(inputs, state.step))
+  step = lambda state, inputs: train_step(recipe, state, batch_of(inputs, state.step))
   return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()), donate_argnums=0,
                  compiler_options=cpu_kernels.compiler_options(data.core.platform(mesh)))
 
@@ -168,9 +171,11 @@ def topk_errors(scores: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[s
           "count": jnp.sum(mask)}
 
 
-def train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-               state: TrainState, batch: data.Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD update on a global batch."""
+def train_step(recipe: optim.Recipe, state: TrainState,
+               batch: data.Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD update on a global batch, by `recipe`'s optimizer at its learning rate of
+  `state.step`. A non-finite loss, gradient or new weights leave the state as it was but for
+  `nonfinite_step`, the first such step."""
 
   def loss_fn(params, batch_stats):
     # Merging from (copied) arguments lets BatchNorm update its statistics under grad.
@@ -181,19 +186,18 @@ def train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats)
-  rate = optim.learning_rate(config, state.step, state.warmup)
+  rate = recipe.learning_rate(state.step, state.warmup)
   opt_state = optim.set_learning_rate(state.opt_state, rate)
-  updates, opt_state = tx.update(grads, opt_state, state.params, value=loss)
+  updates, opt_state = recipe.tx.update(grads, opt_state, state.params, value=loss)
   errors = topk_errors(logits, batch.labels, batch.mask)
   train_error = errors["top1_errors"] / errors["count"]
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates),
       batch_stats=batch_stats, opt_state=opt_state,
-      warmup=optim.warmup_update(config, state.warmup, state.step, train_error))
-  # A non-finite loss, gradient, or new weights leave the state as it was and record the
-  # step; the host stops at its next check, so no NaN ever reaches a checkpoint. Global
-  # norms, not a test per leaf (which slows XLA's CPU compile); a norm that overflows float32
-  # counts as divergence.
+      warmup=recipe.update_warmup(state.warmup, state.step, train_error))
+  # The host stops at its next check of nonfinite_step, so no NaN ever reaches a checkpoint.
+  # Global norms, not a test per leaf (BENCHMARKS.md); a norm that overflows float32 counts as
+  # divergence.
   grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(new_state.params)
   finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
             & jnp.isfinite(optax.tree.norm(batch_stats)))
@@ -204,7 +208,7 @@ def train_step(config: ml_collections.ConfigDict, tx: optax.GradientTransformati
   step_metrics = {"loss": loss, "top1_error": 100 * train_error,
                   "top5_error": 100 * errors["top5_errors"] / errors["count"],
                   "grad_norm": grad_norm, "param_norm": param_norm,
-                  "learning_rate": rate * optim.plateau_scale(config, opt_state)}
+                  "learning_rate": rate * recipe.plateau_scale(opt_state)}
   return new_state, step_metrics
 
 
@@ -278,9 +282,9 @@ class _Preemption:
     return self.requested
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-  """Every check of the config that needs no data and no compilation, for a run on
-  `num_devices` devices; raises ValueError naming the fix."""
+def validate(config: ml_collections.ConfigDict, mesh: Mesh | jax.sharding.AbstractMesh) -> None:
+  """Every check of the config that needs no data and no compilation, for a run on `mesh` (an
+  AbstractMesh: on devices not at hand); raises ValueError naming the fix."""
   optim.validate(config)
   if config.eval_protocol not in data.core.EVAL_PROTOCOLS:
     raise ValueError(f"unknown eval_protocol {config.eval_protocol!r}; choose one of "
@@ -290,11 +294,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config[field] <= 0:
       raise ValueError(f"{field} must be positive, got {config[field]}.")
   for field in ("batch_size", "eval_batch_size"):
-    if config[field] <= 0 or config[field] % num_devices:
-      raise ValueError(
-          f"{field} {config[field]} does not divide across {num_devices} devices; use a "
-          f"multiple of {num_devices} (e.g. --config.{field}="
-          f"{max(1, round(config[field] / num_devices)) * num_devices}).")
+    data.core.check_batch_size(config[field], mesh, name=field)
   group = config.batch_norm_group or 0
   if group < 0:
     raise ValueError(f"batch_norm_group must be positive, or 0 for batch norm over the whole "
@@ -307,19 +307,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         f"that divides it.")
 
 
+@contextlib.contextmanager
+def _startup_errors() -> Iterator[None]:
+  """Turns a ValueError (a bad config, a missing dataset, an unusable workdir) into a
+  StartupError."""
+  try:
+    yield
+  except ValueError as error:
+    raise StartupError(str(error)) from error
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config.model` by the config's recipe; returns the final evaluation."""
   workdir = epath.Path(workdir)
-  try:  # Before any data is read: a bad config, an unusable workdir, another run in it.
-    validate(config, jax.device_count())
+  # Before any data is read: a bad config, an unusable workdir, another run in it.
+  with _startup_errors():
+    mesh = data.core.make_mesh()
+    validate(config, mesh)
     created = checkpoints.check_writable(workdir)
     run_claim = claim.acquire_for_job(workdir)
-  except ValueError as error:
-    raise StartupError(str(error)) from error
   try:
     with run_claim or contextlib.nullcontext(), _Preemption() as preemption:
       try:
-        return _train_and_evaluate(config, workdir, run_claim, preemption)
+        with contextlib.ExitStack() as cleanup:
+          run = _set_up(config, workdir, mesh, run_claim, cleanup)
+          state, eval_result = _train(run, preemption)
+          return _finish(run, state, eval_result)
       except Preempted:
         logging.warning("Preempted during start-up: nothing was trained or saved; rerun the same "
                         "command to start again.")
@@ -329,122 +342,170 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
-                        run_claim: claim.Claim | None, preemption: _Preemption
-                        ) -> dict[str, float]:
+def _due(step: int, every: int, total: int) -> bool:
+  """Whether something done `every` steps of a run of `total` steps falls at `step` (1-based):
+  at each multiple of `every`, and at the last step."""
+  return step % every == 0 or step == total
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """A run ready for its first step (`_set_up`): what the loop reads and writes."""
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  started: float  # time.perf_counter() at the start of the set-up.
+  recipe: optim.Recipe
+  num_params: int
+  dataset: data.Dataset
+  eval_fn: Callable[[TrainState, data.Batch], dict[str, jax.Array]]
+  manager: checkpoints.Manager
+  writer: metrics.Writer
+  check_claim: Callable[[], None]  # Before each write: stops a run whose workdir was taken over.
+  state: TrainState  # Restored from the newest checkpoint, else step 0's.
+  start_step: int  # The state's step: the updates applied before this command.
+  train_iter: data.TrainIterator
+  batches: Iterator[Any]  # Each step's inputs, the first one's included.
+  train_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]] | None
+  compile_seconds: float
+
+  @property
+  def steps(self) -> range:
+    """The steps this command runs, numbered from 1 as `num_train_steps` counts them."""
+    return range(self.start_step + 1, self.config.num_train_steps + 1)
+
+  def evaluate(self, state: TrainState) -> dict[str, float]:
+    with self.writer.paused("evaluation"):
+      return evaluate(self.eval_fn, state, self.dataset.eval_batches(
+          self.config.eval_batch_size, self.config.eval_protocol))
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: Mesh,
+            run_claim: claim.Claim | None, cleanup: contextlib.ExitStack) -> _Run:
+  """Builds the data, model and optimizer, restores the newest checkpoint and compiles the train
+  step; `cleanup` closes what it opens."""
   run_started = time.perf_counter()
-  # Before each write of the loop: a run whose claim another run took over (while this one was
-  # stopped, or its machine asleep) stops without writing anything more.
-  check_claim = functools.partial(claim.check_for_job, run_claim, workdir)
-  mesh = data.core.make_mesh()
   platform = data.core.platform(mesh)
   metrics.log_line("run: %s for %d steps of batch %d on %d %s devices, in %s", config.model,
-                 config.num_train_steps, config.batch_size, mesh.size, platform, workdir)
-  try:  # Everything else that can fail on a bad config fails here, before any compilation.
+                   config.num_train_steps, config.batch_size, mesh.size, platform, workdir)
+  with _startup_errors():  # Everything else that can fail on a bad config, before compiling.
     started = time.perf_counter()
     dataset = data.create(dataset_config(config), mesh)
-    data.core.check_protocol(config.eval_protocol, dataset.info, dataset.eval_protocols)
     info = dataset.info
+    data.core.check_protocol(config.eval_protocol, info, dataset.eval_protocols)
     metrics.log_line("data: %s ready in %.1f s (%d training, %d evaluation images)", info.name,
-                   time.perf_counter() - started, info.train_size, info.eval_size)
+                     time.perf_counter() - started, info.train_size, info.eval_size)
     started = time.perf_counter()
     model = create_model(config, info.num_classes, config.seed, platform)
+    num_params = models.count_params(model)
     metrics.log_line("model: %s, %s parameters, built in %.1f s", config.model,
-                   f"{models.count_params(model):,}", time.perf_counter() - started)
+                     f"{num_params:,}", time.perf_counter() - started)
     manager = checkpoints.Manager(workdir, config, keep=config.keep_checkpoints,
                                   num_classes=info.num_classes)
-  except ValueError as error:
-    raise StartupError(str(error)) from error
-  replicated = NamedSharding(mesh, PartitionSpec())
-  tx = optim.create(config)
-  state = jax.device_put(create_train_state(config, model, tx), replicated)
-  try:
+    recipe = optim.create(config)
+    state = jax.device_put(create_train_state(model, recipe), NamedSharding(mesh, PartitionSpec()))
     started = time.perf_counter()
     checkpoints.check_space(workdir, state)
     state, data_state = manager.restore_latest(state)
     start_step = int(state.step)
     train_iter = dataset.train_iterator(config.batch_size, start_step)
-  except ValueError as error:
-    raise StartupError(str(error)) from error
   if data_state is not None:
     train_iter.set_state(data_state)
   _report_restore(config, start_step, manager, time.perf_counter() - started)
-
-  eval_fn = jit_eval_step(mesh)
-  eval_batches = lambda: dataset.eval_batches(config.eval_batch_size, config.eval_protocol)
   writer = metrics.Writer(workdir, total_steps=config.num_train_steps,
                           batch_size=config.batch_size, train_size=info.train_size,
                           dataset_name=info.name, start_step=start_step)
   writer.write_config(config)
-  with contextlib.ExitStack() as cleanup:
-    cleanup.callback(writer.close)
-    # Saves in flight complete even when training stops on an error (a non-finite loss).
-    cleanup.callback(manager.wait)
-    cleanup.callback(train_iter.close)
-    pending, eval_result = [], None
-    steps = range(start_step + 1, config.num_train_steps + 1)
-    batches, compile_seconds = iter(()), 0.0
-    warming_up = not bool(state.warmup.over)
-    if steps:
-      first_inputs = next(train_iter)
-      train_fn, compile_seconds = _compile(
-          jit_train_step(config, tx, mesh, train_iter.batch), state, first_inputs)
-      metrics.log_line("train: throughput and ETA count training steps only; evaluation and "
+  cleanup.callback(writer.close)
+  # Saves in flight complete even when training stops on an error (a non-finite loss).
+  cleanup.callback(manager.wait)
+  cleanup.callback(train_iter.close)
+  train_fn, compile_seconds, batches = None, 0.0, iter(())
+  if start_step < config.num_train_steps:
+    first_inputs = next(train_iter)
+    train_fn, compile_seconds = _compile(
+        jit_train_step(recipe, mesh, train_iter.batch), state, first_inputs)
+    metrics.log_line("train: throughput and ETA count training steps only; evaluation and "
                      "checkpoint time is totalled in the closing line")
-      batches = itertools.chain([first_inputs], train_iter)
-      writer.start_timer(start_step)
-    preemption.training = True
-    in_flight = collections.deque()
-    for step, inputs in zip(steps, batches):
-      with jax.transfer_guard("disallow"):  # Nothing may move between host and device here.
-        state, step_metrics = train_fn(state, inputs)
-      pending.append(step_metrics)
-      in_flight.append(step_metrics["loss"])
-      if len(in_flight) > MAX_STEPS_AHEAD:
-        in_flight.popleft().block_until_ready()
-      is_last = step == config.num_train_steps
-      preempted = preemption.reached(step)
-      if step % config.log_every_steps == 0 or is_last or preempted:
-        _check_finite(state)
-        check_claim()
-        writer.write_train(step, jax.device_get(pending))
-        pending = []
-        if warming_up and state.warmup.over:
-          warming_up = False
-          writer.write_warmup_end(int(state.warmup.end_step), float(state.warmup.end_error),
-                                  config)
-      if step % config.eval_every_steps == 0 or is_last:
-        _check_finite(state)  # Also waits for the steps still queued: they count as training.
-        with writer.paused("evaluation"):
-          eval_result = evaluate(eval_fn, state, eval_batches())
-        check_claim()
-        writer.write_eval(step, eval_result)
-      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
-        _check_finite(state)
-        check_claim()
-        with writer.paused("checkpoints"):
-          manager.save(step, state, train_iter.get_state(),
-                       eval_result if step % config.eval_every_steps == 0 or is_last else None)
-      if preempted:
-        manager.wait()
-        writer.write_run(step, steps_run=step - start_step, compile_seconds=compile_seconds,
-                         wall_seconds=time.perf_counter() - run_started, ended="preempted")
-        logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.",
-                        step, workdir)
-        raise SystemExit(PREEMPTED_EXIT_CODE)
-    with writer.paused("checkpoints"):
-      manager.wait()
-    if eval_result is None:  # Resumed at the final step: evaluate what was restored.
-      with writer.paused("evaluation"):
-        eval_result = evaluate(eval_fn, state, eval_batches())
-      writer.write_eval(start_step, eval_result, logged=False)
-    best_step = manager.best_step()
-    check_claim()
-    writer.write_summary(config, eval_result, num_params=models.count_params(model),
-                         steps_run=len(steps), wall_seconds=time.perf_counter() - run_started,
-                         compile_seconds=compile_seconds,
-                         best_checkpoint=None if best_step is None
-                         else manager.directory / str(best_step))
+    batches = itertools.chain([first_inputs], train_iter)
+    writer.start_timer(start_step)
+  return _Run(config=config, workdir=workdir, started=run_started, recipe=recipe,
+              num_params=num_params, dataset=dataset,
+              eval_fn=jit_eval_step(mesh), manager=manager, writer=writer,
+              check_claim=functools.partial(claim.check_for_job, run_claim, workdir),
+              state=state, start_step=start_step, train_iter=train_iter, batches=batches,
+              train_fn=train_fn, compile_seconds=compile_seconds)
+
+
+def _train(run: _Run, preemption: _Preemption) -> tuple[TrainState, dict[str, float] | None]:
+  """Runs `run.steps`, logging, evaluating and saving at the config's cadence; returns the last
+  state and evaluation. Each of log, evaluation and save first checks the state is finite and,
+  for a write, that the workdir is still this run's."""
+  config, writer, state = run.config, run.writer, run.state
+  total, pending, in_flight, eval_result = config.num_train_steps, [], collections.deque(), None
+  warming_up = not bool(state.warmup.over)
+  preemption.training = True
+  for step, inputs in zip(run.steps, run.batches):
+    with jax.transfer_guard("disallow"):  # Nothing may move between host and device here.
+      state, step_metrics = run.train_fn(state, inputs)
+    pending.append(step_metrics)
+    in_flight.append(step_metrics["loss"])
+    if len(in_flight) > MAX_STEPS_AHEAD:
+      in_flight.popleft().block_until_ready()
+    preempted = preemption.reached(step)
+    if _due(step, config.log_every_steps, total) or preempted:
+      _check_finite(state)
+      run.check_claim()
+      writer.write_train(step, jax.device_get(pending))
+      pending = []
+      if warming_up and state.warmup.over:
+        warming_up = False
+        writer.write_warmup_end(int(state.warmup.end_step), float(state.warmup.end_error),
+                                run.recipe.warmup)
+    evaluated = _due(step, config.eval_every_steps, total)
+    if evaluated:
+      _check_finite(state)  # Also waits for the steps still queued: they count as training.
+      eval_result = run.evaluate(state)
+      run.check_claim()
+      writer.write_eval(step, eval_result)
+    if _due(step, config.checkpoint_every_steps, total) or preempted:
+      _check_finite(state)
+      run.check_claim()
+      with writer.paused("checkpoints"):
+        run.manager.save(step, state, run.train_iter.get_state(),
+                         eval_result if evaluated else None)
+    if preempted:
+      _stop_preempted(run, step)
+  return state, eval_result
+
+
+def _stop_preempted(run: _Run, step: int) -> None:
+  """Once step `step` is saved: waits for the save, records the run and exits with
+  PREEMPTED_EXIT_CODE."""
+  run.manager.wait()
+  run.writer.write_run(step, steps_run=step - run.start_step,
+                       compile_seconds=run.compile_seconds,
+                       wall_seconds=time.perf_counter() - run.started, ended="preempted")
+  logging.warning("Preempted: saved step %d to %s; rerun the same command to resume.", step,
+                  run.workdir)
+  raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def _finish(run: _Run, state: TrainState, eval_result: dict[str, float] | None
+            ) -> dict[str, float]:
+  """Waits for the last save and writes the summary; returns the final evaluation."""
+  with run.writer.paused("checkpoints"):
+    run.manager.wait()
+  if eval_result is None:  # Resumed at the final step: evaluate what was restored.
+    eval_result = run.evaluate(state)
+    run.writer.write_eval(run.start_step, eval_result, logged=False)
+  best_step = run.manager.best_step()
+  run.check_claim()
+  run.writer.write_summary(run.config.model, eval_result, num_params=run.num_params,
+                           steps_run=len(run.steps),
+                           wall_seconds=time.perf_counter() - run.started,
+                           compile_seconds=run.compile_seconds,
+                           best_checkpoint=None if best_step is None
+                           else run.manager.directory / str(best_step))
   return eval_result
 
 
@@ -466,27 +527,37 @@ def _report_restore(config: ml_collections.ConfigDict, start_step: int,
 def _compile(train_fn, state: TrainState, inputs) -> tuple[jax.stages.Compiled, float]:
   """The train step compiled ahead of the first step: its time is reported alone, and the loop
   can only run this one executable (a shape or sharding drifting between steps is an error,
-  not a silent recompilation)."""
+  not a silent recompilation).
+
+  The log line says whether jax's persistent compilation cache served it, read from the cache
+  directory (through etils.epath, so gs:// too): an entry more, the executable was stored; none
+  more in a cache that held entries, it was loaded (jax stores every compile that took
+  `jax_persistent_cache_min_compile_time_secs`; a quicker one in a cache filled by other
+  programs reads the same).
+  """
   cache_dir = jax.config.jax_compilation_cache_dir
-  hits_before = _jax_events["/jax/compilation_cache/cache_hits"]
+  entries_before = _cache_entries(cache_dir)
   started = time.perf_counter()
   compiled = train_fn.lower(state, inputs).compile()
   seconds = time.perf_counter() - started
   if not cache_dir:
     source = "no persistent compilation cache"
-  elif _jax_events["/jax/compilation_cache/cache_hits"] > hits_before:
-    source = f"loaded from the persistent compilation cache {cache_dir}"
-  elif seconds >= jax.config.jax_persistent_cache_min_compile_time_secs:
+  elif _cache_entries(cache_dir) - entries_before:
     source = f"compiled, and stored in the persistent compilation cache {cache_dir}"
+  elif entries_before:
+    source = f"loaded from the persistent compilation cache {cache_dir}"
   else:
     source = "compiled; too quick to be worth the persistent compilation cache"
   metrics.log_line("compile: train step in %.1f s (%s)", seconds, source)
   return compiled, seconds
 
 
-# jax's monitoring events since this module's import (the persistent cache's hits among them).
-_jax_events: collections.Counter[str] = collections.Counter()
-jax.monitoring.register_event_listener(lambda event, **kwargs: _jax_events.update([event]))
+def _cache_entries(cache_dir: str | None) -> set[str]:
+  """The names in the persistent compilation cache directory `cache_dir` (none without one)."""
+  directory = epath.Path(cache_dir) if cache_dir else None
+  if directory is None or not directory.exists():
+    return set()
+  return {entry.name for entry in directory.iterdir()}
 
 
 def _check_finite(state: TrainState) -> None:

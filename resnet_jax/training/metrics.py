@@ -32,6 +32,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from resnet_jax.training import optim
+
 
 def log_line(message: str, *args: Any) -> None:
   """A line on the console, from the first process only (every process would repeat it)."""
@@ -144,15 +146,15 @@ class Writer:
     for key in (*means, "images_per_second"):
       self._tensorboard.add_scalar(f"train/{key}", record[key], step)
 
-  def write_warmup_end(self, step: int, train_error: float,
-                       config: ml_collections.ConfigDict) -> None:
-    """Reports the iteration the warm-up ended at (Sec. 4.2) and the error that ended it."""
+  def write_warmup_end(self, step: int, train_error: float, rule: optim.WarmupRule) -> None:
+    """Reports the iteration the warm-up by `rule` ended at (Sec. 4.2) and the error that
+    ended it."""
     if not self.active:
       return
     logging.info("warm-up: over after iteration %d, the mean training error of the last %d "
                  "iterations being %.2f%% (below %.0f%%); the schedule's learning rate from "
-                 "iteration %d", step, config.warmup_window, 100 * train_error,
-                 100 * config.warmup_until_train_error, step + 1)
+                 "iteration %d", step, rule.window, 100 * train_error,
+                 100 * rule.until_train_error, step + 1)
     self._append({"step": step, "kind": "warmup_end", "top1_error": 100 * train_error})
 
   def write_eval(self, step: int, result: dict[str, float], split: str = "eval",
@@ -170,14 +172,15 @@ class Writer:
       self._tensorboard.add_scalar(f"{split}/{key}", result[key], step)
     self._tensorboard.flush()
 
-  def write_summary(self, config: ml_collections.ConfigDict, result: dict[str, float], *,
-                    num_params: int, steps_run: int, wall_seconds: float,
-                    compile_seconds: float, best_checkpoint: epath.Path | None) -> None:
-    """Writes summary.json and the run's closing line."""
+  def write_summary(self, model: str, result: dict[str, float], *, num_params: int,
+                    steps_run: int, wall_seconds: float, compile_seconds: float,
+                    best_checkpoint: epath.Path | None) -> None:
+    """Writes summary.json for the run of `model` (a name of `models.create`) and its closing
+    line."""
     if not self.active:
       return
     summary_path = self.workdir / "summary.json"
-    summary = {"model": config.model, "dataset": self.dataset_name, "steps": self.total_steps,
+    summary = {"model": model, "dataset": self.dataset_name, "steps": self.total_steps,
                "num_params": num_params, **result,
                "best_checkpoint_step": int(best_checkpoint.name) if best_checkpoint else None}
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -24,8 +24,13 @@ PyTorch's SGD does. `weight_decay_batch_norm` False leaves the BN scales and shi
 undecayed, as Goyal et al. do (Sec. 5.1: "following [He et al.] we do not apply
 weight decay on the learnable BN coefficients"); a BN parameter is one under a
 module attribute named `*norm` or `norms`, as every batch norm of resnet_jax.models is.
+
+A config is read in two places only: `validate` checks it, and `create` turns it into a
+`Recipe` (the optax transformation, the schedule and the ResNet-110 warm-up rule), which is all
+that the train step is given.
 """
 
+import dataclasses
 import math
 
 import flax
@@ -80,30 +85,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        f"the warm-up must end before the schedule moves on; use at most {limit}.")
 
 
-def create(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
-  """The optimizer; its learning rate is set each step through `set_learning_rate`."""
-  transforms = [
-      optax.add_decayed_weights(config.weight_decay,
-                                mask=None if config.weight_decay_batch_norm else _not_batch_norm),
-      optax.inject_hyperparams(optax.sgd)(learning_rate=config.learning_rate,
-                                          momentum=config.momentum),
-  ]
-  if config.lr_schedule == "plateau":
-    transforms.append(optax.contrib.reduce_on_plateau(
-        factor=config.lr_decay, patience=config.plateau_patience,
-        accumulation_size=config.plateau_accumulation_steps, min_scale=1e-4))
-  return optax.chain(*transforms)
-
-
 @flax.struct.dataclass
 class Warmup:
   """Where the ResNet-110 warm-up stands (Sec. 4.2: 0.01 "until the training error is below 80%").
 
-  The training error is the mean over the last `warmup_window` batches, not one batch's or a
-  short average's: a single batch of 128 images varies by about 3.5 points around an error of
+  The training error is the mean over the last `WarmupRule.window` batches, not one batch's or
+  a short average's: a single batch of 128 images varies by about 3.5 points around an error of
   80%, so a lucky one (or a few) would end the warm-up early.
   """
-  recent_errors: jax.Array  # float32 [warmup_window]: the last batches' errors, newest first.
+  recent_errors: jax.Array  # float32 [window]: the last batches' errors, newest first.
   end_step: jax.Array  # int32: the iterations done when the warm-up ended; -1 while it lasts.
   end_error: jax.Array  # float32: the windowed training error that ended it.
 
@@ -112,40 +102,95 @@ class Warmup:
     return self.end_step >= 0
 
 
-def warmup_init(config: ml_collections.ConfigDict) -> Warmup:
-  """No warm-up (`warmup_learning_rate` 0) is one that ended before the first iteration."""
-  window = config.warmup_window if config.warmup_learning_rate else 1
-  return Warmup(recent_errors=jnp.ones((window,), jnp.float32),
-                end_step=jnp.asarray(-1 if config.warmup_learning_rate else 0, jnp.int32),
-                end_error=jnp.zeros((), jnp.float32))
+@dataclasses.dataclass(frozen=True)
+class WarmupRule:
+  """ResNet-110's warm-up (Sec. 4.2): the rate is `learning_rate` until the mean training error
+  (a fraction) of the last `window` batches is below `until_train_error`."""
+  learning_rate: float
+  until_train_error: float
+  window: int
 
 
-def warmup_update(config: ml_collections.ConfigDict, warmup: Warmup, step, batch_error) -> Warmup:
-  """`warmup` after the update at `step` (0-based) whose batch had training error `batch_error`
-  (a fraction): it ends once `warmup_window` batches were seen and their mean is below
-  `warmup_until_train_error`."""
-  recent = jnp.concatenate([jnp.asarray(batch_error, jnp.float32)[None],
-                            warmup.recent_errors[:-1]])
-  mean = jnp.mean(recent)
-  ends = (~warmup.over & (step + 1 >= recent.shape[0])
-          & (mean < config.warmup_until_train_error))
-  return Warmup(recent_errors=recent, end_step=jnp.where(ends, step + 1, warmup.end_step),
-                end_error=jnp.where(ends, mean, warmup.end_error))
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A config's optimizer and learning rate, made once by `create`: all that the train step
+  knows of the config."""
+  tx: optax.GradientTransformationExtraArgs  # Weight decay, SGD with momentum[, plateau].
+  schedule: optax.Schedule  # Iteration -> rate: the gradual warm-up's line, then the schedule.
+  warmup: WarmupRule | None  # The ResNet-110 warm-up; None: no such warm-up.
+  plateau: bool  # Whether `tx` ends in reduce_on_plateau (the "plateau" schedule).
+
+  def init_warmup(self) -> Warmup:
+    """The warm-up before the first iteration; without a `WarmupRule`, one already over."""
+    window = self.warmup.window if self.warmup else 1
+    return Warmup(recent_errors=jnp.ones((window,), jnp.float32),
+                  end_step=jnp.asarray(-1 if self.warmup else 0, jnp.int32),
+                  end_error=jnp.zeros((), jnp.float32))
+
+  def update_warmup(self, warmup: Warmup, step, batch_error) -> Warmup:
+    """`warmup` after the update at `step` (0-based) whose batch had training error
+    `batch_error` (a fraction): it ends once `WarmupRule.window` batches were seen and their
+    mean is below `WarmupRule.until_train_error`."""
+    recent = jnp.concatenate([jnp.asarray(batch_error, jnp.float32)[None],
+                              warmup.recent_errors[:-1]])
+    if self.warmup is None:  # Over before the first iteration.
+      return warmup.replace(recent_errors=recent)
+    mean = jnp.mean(recent)
+    ends = (~warmup.over & (step + 1 >= recent.shape[0])
+            & (mean < self.warmup.until_train_error))
+    return Warmup(recent_errors=recent, end_step=jnp.where(ends, step + 1, warmup.end_step),
+                  end_error=jnp.where(ends, mean, warmup.end_error))
+
+  def learning_rate(self, step, warmup: Warmup) -> jax.Array:
+    """The rate of the update at `step` (traceable): `schedule`'s, or the `WarmupRule`'s while
+    `warmup` lasts."""
+    rate = self.schedule(step)
+    if self.warmup:
+      rate = jnp.where(warmup.over, rate, self.warmup.learning_rate)
+    return rate
+
+  def plateau_scale(self, opt_state) -> jax.Array:
+    """The factor reduce_on_plateau applies on top of the scheduled rate (1 otherwise)."""
+    if not self.plateau:
+      return jnp.ones(())
+    return _only(opt_state, "ReduceLROnPlateauState").scale
 
 
-def learning_rate(config: ml_collections.ConfigDict, step, warmup: Warmup):
-  """The scheduled rate for `step` (traceable): on the gradual warm-up's line for the first
-  `lr_warmup_steps`, `warmup_learning_rate` while `warmup` lasts."""
-  rate = optax.piecewise_constant_schedule(
-      config.learning_rate, {b: config.lr_decay for b in config.lr_boundaries})(step)
-  if config.lr_warmup_steps:
+def create(config: ml_collections.ConfigDict) -> Recipe:
+  """The config's `Recipe`. The optimizer's learning rate is set each step, through
+  `set_learning_rate`."""
+  transforms = [
+      optax.add_decayed_weights(config.weight_decay,
+                                mask=None if config.weight_decay_batch_norm else _not_batch_norm),
+      optax.inject_hyperparams(optax.sgd)(learning_rate=config.learning_rate,
+                                          momentum=config.momentum),
+  ]
+  plateau = config.lr_schedule == "plateau"
+  if plateau:
+    transforms.append(optax.contrib.reduce_on_plateau(
+        factor=config.lr_decay, patience=config.plateau_patience,
+        accumulation_size=config.plateau_accumulation_steps, min_scale=1e-4))
+  warmup = (WarmupRule(learning_rate=config.warmup_learning_rate,
+                       until_train_error=config.warmup_until_train_error,
+                       window=config.warmup_window) if config.warmup_learning_rate else None)
+  return Recipe(tx=optax.chain(*transforms), schedule=_schedule(config), warmup=warmup,
+                plateau=plateau)
+
+
+def _schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """`learning_rate`, divided by `lr_decay` at each of `lr_boundaries`; on the gradual warm-up's
+  line for the first `lr_warmup_steps`."""
+  piecewise = optax.piecewise_constant_schedule(
+      config.learning_rate, {b: config.lr_decay for b in config.lr_boundaries})
+  if not config.lr_warmup_steps:
+    return piecewise
+  start, end, steps = config.lr_warmup_from, config.learning_rate, config.lr_warmup_steps
+
+  def schedule(step):
     # Not optax.linear_schedule, whose float32 arithmetic starts a little off lr_warmup_from.
-    ramp = (config.lr_warmup_from + (config.learning_rate - config.lr_warmup_from)
-            * step / config.lr_warmup_steps)
-    rate = jnp.where(step < config.lr_warmup_steps, ramp, rate)
-  if config.warmup_learning_rate:
-    rate = jnp.where(warmup.over, rate, config.warmup_learning_rate)
-  return rate
+    return jnp.where(step < steps, start + (end - start) * step / steps, piecewise(step))
+
+  return schedule
 
 
 def _not_batch_norm(params):
@@ -155,13 +200,6 @@ def _not_batch_norm(params):
     return isinstance(name, str) and (name.endswith("norm") or name == "norms")
   return jax.tree_util.tree_map_with_path(
       lambda path, _: not any(is_batch_norm(key) for key in path), params)
-
-
-def plateau_scale(config: ml_collections.ConfigDict, opt_state):
-  """The factor reduce_on_plateau applies on top of the scheduled rate (1 otherwise)."""
-  if config.lr_schedule != "plateau":
-    return jnp.ones(())
-  return _only(opt_state, "ReduceLROnPlateauState").scale
 
 
 def set_learning_rate(opt_state, rate):
