@@ -26,13 +26,13 @@ ImageNet); the trainer itself never rescales either.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import shlex
 import subprocess
 import sys
 
 from experiments import sweeps
+from resnet_jax.training import cli
 
 REPO_DIR = "resnet_jax"  # The checkout on remote machines, relative to the home directory.
 PYTHON = ".venv/bin/python"
@@ -50,20 +50,11 @@ TARGETS = {  # target: (pip extras, stages)
 }
 
 
-def load_config(path: str):
-  """The config of `path[:arg]`, as `--config=` reads it."""
-  path, _, arg = path.partition(":")
-  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, sweeps.REPO_ROOT / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def scaled_batch(config_paths: list[str], batch_size: int) -> list[str]:
   """Overrides for a global batch of `batch_size`, the learning rate scaled linearly with it."""
   rates = set()
   for path in config_paths:
-    config = load_config(path)
+    config = cli.load_config(str(sweeps.REPO_ROOT / path))
     rates.add(f"{config.learning_rate * batch_size / config.batch_size:.6g}")
   if len(rates) > 1:
     raise ValueError(f"the configs scale to different learning rates {sorted(rates)}; launch "

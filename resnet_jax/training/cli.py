@@ -150,10 +150,10 @@ def _take_config(argv: list[str]) -> tuple[list[str], ml_collections.ConfigDict]
   if not value:
     fail("--config is missing; pass a config's name, e.g. --config=cifar_resnet20 (README.md "
          "lists them), or a config file.")
-  return argv, _load_config(value)
+  return argv, load_config(value)
 
 
-def _load_config(value: str) -> ml_collections.ConfigDict:
+def load_config(value: str) -> ml_collections.ConfigDict:
   """The config of `--config=value`: `NAME[:ARG]`, a config of the package (resnet_jax.configs),
   or `FILE.py[:ARG]`; ARG is passed to its get_config."""
   source, *arg = value.split(":", 1)
