@@ -20,25 +20,51 @@ import pathlib
 import pytest
 
 # CI (.ci/run) runs the suite in three environments, `--share=3.11|3.12|3.13` each: a test file
-# runs whole in the one environment that lists it, and a test marked `every_environment` (one
-# whose outcome depends on the versions of Python, jax, flax, optax or orbax: the model, its
-# kernels and transforms, the step, checkpoints, config loading) runs in all three. Without
-# --share the whole suite runs. tests/test_install.py checks that every test file has a share.
+# runs whole in the one environment whose share lists it, and the tests of EVERY_ENVIRONMENT
+# (those whose outcome depends most on the versions of Python, jax, flax, optax and orbax: the
+# model and its kernels under every transform, the optimizer, a resumed run, checkpoints, config
+# loading, the examples) run in all three. Without --share the whole suite runs.
+# tests/test_ci_shares.py checks that every test file is in one share or wholly in
+# EVERY_ENVIRONMENT, and that each entry names a test.
 SHARES = {
     # jax 0.10.2, the oldest we support, and PyTorch (its 2.13.0 CPU wheel is for Python 3.11):
-    # the PyTorch twins run here only.
-    "3.11": (),
-    # jax 0.12 with libtpu: the TPU compilation tests run here only.
-    "3.12": (),
-    "3.13": (),
+    # the PyTorch twins run here.
+    "3.11": ("test_torchvision.py", "test_preactivation.py", "test_tfds.py", "test_configs.py",
+             "test_benchmark.py", "test_claim.py", "test_data_imagenet.py", "test_analysis.py",
+             "test_experiments.py", "test_launch.py", "test_install.py", "test_private_api.py",
+             "test_ci_shares.py"),
+    # jax 0.12 with libtpu: the TPU compilation tests run here.
+    "3.12": ("test_compile.py", "test_ops.py", "test_train.py", "test_evaluate.py",
+             "test_reliability.py", "test_data.py", "test_batch_norm_groups.py", "test_train_multihost.py",
+             "test_data_multihost.py"),
+    "3.13": ("test_transforms.py", "test_cli.py", "test_paths.py", "test_composition.py",
+             "test_pretrained.py", "test_multiscale.py"),
 }
+# Whole files, or a test (every parameter of it, or those whose id starts so).
+EVERY_ENVIRONMENT = (
+    "test_models.py", "test_optim.py", "test_bridge.py", "test_examples.py",
+    "test_ops.py::test_gradients_equal_lax", "test_ops.py::test_batch_norm_training_equals_nnx",
+    "test_transforms.py::test_every_transformation[cifar_resnet8 (A)",
+    "test_transforms.py::test_cpu_training_kernels_support_reverse_mode_and_say_forward_mode_is_unsupported",
+    "test_train.py::test_stop_and_resume_gives_bitwise_the_same_parameters",
+    "test_reliability.py::test_damaged_newest_checkpoint_is_reported_in_one_line_and_skipped",
+    "test_cli.py::test_a_config_by_name_is_the_config_file_of_that_name",
+    "test_data.py::test_train_batch_is_a_pure_function_of_seed_and_step",
+)
 
-SHARED_CIFAR10 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+
+def names(entry: str, test: str) -> bool:
+  """Whether EVERY_ENVIRONMENT's `entry` names `test` (a node id below tests/)."""
+  if "[" in entry:  # Parameters whose id starts so.
+    return test.startswith(entry)
+  if "::" in entry:  # A test, with every parameter.
+    return test == entry or test.startswith(f"{entry}[")
+  return test.startswith(f"{entry}::")  # A file.
 
 
 def pytest_addoption(parser):
-  parser.addoption("--share", choices=sorted(SHARES), help="Run the test files of this CI "
-                   "environment and every test marked every_environment (see SHARES).")
+  parser.addoption("--share", choices=sorted(SHARES), help="Run this CI environment's test "
+                   "files and the tests of EVERY_ENVIRONMENT (tests/conftest.py).")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -47,8 +73,10 @@ def pytest_collection_modifyitems(config, items):
     return
   kept, deselected = [], []
   for item in items:
-    whole_file = item.path.name in SHARES[share]
-    (kept if whole_file or item.get_closest_marker("every_environment") else deselected).append(item)
+    test = item.nodeid.removeprefix("tests/")
+    runs_here = item.path.name in SHARES[share] or any(names(entry, test)
+                                                         for entry in EVERY_ENVIRONMENT)
+    (kept if runs_here else deselected).append(item)
   if deselected:
     config.hook.pytest_deselected(items=deselected)
     items[:] = kept
