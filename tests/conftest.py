@@ -53,6 +53,9 @@ EVERY_ENVIRONMENT = (
 )
 
 
+SHARED_CIFAR10 = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+
+
 def names(entry: str, test: str) -> bool:
   """Whether EVERY_ENVIRONMENT's `entry` names `test` (a node id below tests/)."""
   if "[" in entry:  # Parameters whose id starts so.
