@@ -171,7 +171,10 @@ def time_pipelines(pipelines: dict[str, Callable[[], Iterator[jax.Array]]], batc
       wall, cpu = time.perf_counter() - start, tree_cpu_s() - cpu_start
       batches.close()
       timings[name].wall.append(steps * batch_size / wall)
-      timings[name].per_cpu_s.append(steps * batch_size / cpu)
+      # The kernel counts CPU time in whole clock ticks: a repeat that used less than one counts
+      # as one, which makes its rate a lower bound rather than a division by zero.
+      tick = 1 / os.sysconf("SC_CLK_TCK")
+      timings[name].per_cpu_s.append(steps * batch_size / max(cpu, tick))
   return timings
 
 
