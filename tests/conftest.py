@@ -23,7 +23,7 @@ import pytest
 # runs whole in the one environment whose share lists it, and the tests of EVERY_ENVIRONMENT
 # (those whose outcome depends most on the versions of Python, jax, flax, optax and orbax: the
 # model and its kernels under every transform, the optimizer, a resumed run, checkpoints, config
-# loading, the examples) run in all three. Without --share the whole suite runs.
+# loading) run in all three. Without --share the whole suite runs.
 # tests/test_ci_shares.py checks that every test file is in one share or wholly in
 # EVERY_ENVIRONMENT, and that each entry names a test.
 SHARES = {
@@ -38,11 +38,11 @@ SHARES = {
              "test_reliability.py", "test_data.py", "test_batch_norm_groups.py", "test_train_multihost.py",
              "test_data_multihost.py"),
     "3.13": ("test_transforms.py", "test_cli.py", "test_paths.py", "test_composition.py",
-             "test_pretrained.py", "test_multiscale.py"),
+             "test_pretrained.py", "test_multiscale.py", "test_examples.py"),
 }
 # Whole files, or a test (every parameter of it, or those whose id starts so).
 EVERY_ENVIRONMENT = (
-    "test_models.py", "test_optim.py", "test_bridge.py", "test_examples.py",
+    "test_models.py", "test_optim.py", "test_bridge.py",
     "test_ops.py::test_gradients_equal_lax", "test_ops.py::test_batch_norm_training_equals_nnx",
     "test_transforms.py::test_every_transformation[cifar_resnet8 (A)",
     "test_transforms.py::test_cpu_training_kernels_support_reverse_mode_and_say_forward_mode_is_unsupported",
@@ -65,6 +65,13 @@ def names(entry: str, test: str) -> bool:
   return test.startswith(f"{entry}::")  # A file.
 
 
+def runs_in(share: str, node_id: str) -> bool:
+  """Whether CI's environment `share` runs the test `node_id` (tests/FILE::NAME[PARAMS])."""
+  test = node_id.removeprefix("tests/")
+  return (test.split("::")[0] in SHARES[share]
+          or any(names(entry, test) for entry in EVERY_ENVIRONMENT))
+
+
 def pytest_addoption(parser):
   parser.addoption("--share", choices=sorted(SHARES), help="Run this CI environment's test "
                    "files and the tests of EVERY_ENVIRONMENT (tests/conftest.py).")
@@ -76,10 +83,7 @@ def pytest_collection_modifyitems(config, items):
     return
   kept, deselected = [], []
   for item in items:
-    test = item.nodeid.removeprefix("tests/")
-    runs_here = item.path.name in SHARES[share] or any(names(entry, test)
-                                                         for entry in EVERY_ENVIRONMENT)
-    (kept if runs_here else deselected).append(item)
+    (kept if runs_in(share, item.nodeid) else deselected).append(item)
   if deselected:
     config.hook.pytest_deselected(items=deselected)
     items[:] = kept
