@@ -14,6 +14,7 @@ a `.pth` file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Mapping
@@ -25,6 +26,44 @@ from etils import epath
 from flax import nnx
 
 from resnet_jax import models
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Preprocessing:
+  """What a model's weights expect of their input, made from RGB pixels in [0, 255].
+
+  `preprocessing(pixels)` is `(pixels - mean) / std` on float NHWC `pixels`, their channels
+  first reversed to BGR where `bgr` is set (Caffe's order, which Keras's ImageNet weights
+  read). `mean` and `std` are in pixel units, in the channel order the model reads, and
+  broadcast against an image: channel values [3], or a per-pixel mean image [H, W, 3] (the
+  paper's, Secs. 3.4 and 4.2), which is resized bilinearly to images of another size as
+  our pipelines resize it.
+  """
+
+  mean: np.ndarray
+  std: np.ndarray | float = 1.0
+  bgr: bool = False
+
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    pixels = jnp.asarray(pixels, jnp.float32)
+    if self.bgr:
+      pixels = pixels[..., ::-1]
+    mean = jnp.asarray(self.mean, jnp.float32)
+    if mean.ndim == 3 and mean.shape[:2] not in ((1, 1), pixels.shape[-3:-1]):
+      mean = jax.image.resize(mean, pixels.shape[-3:-1] + mean.shape[-1:], "bilinear")
+    normalised = pixels - mean
+    # A unit std is skipped, so that a mean-only preprocessing is the trainer's subtraction.
+    if np.any(np.asarray(self.std) != 1):
+      normalised = normalised / jnp.asarray(self.std, jnp.float32)
+    return normalised
+
+
+# torchvision's ImageNet normalisation, of RGB images scaled to [0, 1]: here in pixel units.
+TORCHVISION_PREPROCESSING = Preprocessing(
+    mean=255 * np.array([0.485, 0.456, 0.406], np.float32),
+    std=255 * np.array([0.229, 0.224, 0.225], np.float32))
+# keras.applications.resnet.preprocess_input ("caffe" mode): BGR less the ImageNet BGR means.
+KERAS_PREPROCESSING = Preprocessing(mean=np.array([103.939, 116.779, 123.68], np.float32),
+                                    bgr=True)
 
 _BLOCK_CONV = re.compile(r"conv(\d)_block(\d+)_1_conv")
 
