@@ -1,12 +1,16 @@
-"""Fine-tuning a torchvision-pretrained ResNet on new classes, in your own nnx.jit step.
+"""Fine-tuning a ResNet on new classes, in your own nnx.jit step.
 
     python examples/fine_tune.py --torchvision_weights=resnet50.pth --model=resnet50 \
       --num_classes=10 --data=images.npz --steps=100
+    python examples/fine_tune.py --model=resnet18 --image_size=64   # random init, random batch
 
-The weights come from a local torchvision state dict (`pretrained.from_torchvision`;
-nothing is downloaded). The 1000-class classifier is replaced by a new one for
---num_classes, and the whole network is trained with SGD and momentum (optax) in
-training mode (batch statistics), then evaluated in eval mode (running statistics).
+With --torchvision_weights the network is a local torchvision state dict's
+(`pretrained.from_torchvision`; nothing is downloaded); without it, the same
+network at random initialisation (`models.create(--model, stride_on_1x1=False)`).
+Its classifier is replaced by a new one for --num_classes (`reset_classifier`),
+and the whole network is trained with SGD and momentum (optax) in training mode
+(batch statistics), then evaluated in eval mode (running statistics). Images are
+normalised as torchvision's weights expect (`pretrained.TORCHVISION_PREPROCESSING`).
 --data is a .npz of `images` (N, H, W, 3) RGB uint8 and integer `labels`; without
 it, one batch of random images with fixed labels, which the loss should memorise.
 """
@@ -24,15 +28,6 @@ from flax import nnx
 
 from resnet_jax import models
 from resnet_jax.models import cpu_kernels, pretrained
-
-# torchvision's ImageNet normalisation of RGB images in [0, 1].
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def normalise(pixels: np.ndarray) -> jax.Array:
-  return jnp.asarray((pixels / 255 - IMAGENET_MEAN) / IMAGENET_STD, jnp.float32)
-
 
 def train_step(model: models.ResNet, optimizer: nnx.Optimizer, images: jax.Array,
                labels: jax.Array) -> jax.Array:
@@ -52,8 +47,9 @@ def accuracy(model: models.ResNet, images: jax.Array, labels: jax.Array) -> jax.
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--torchvision_weights", metavar="PATH", required=True,
-                      help="a torchvision state dict (.pth, .pt or .npz) of --model")
+  parser.add_argument("--torchvision_weights", metavar="PATH",
+                      help="a torchvision state dict (.pth, .pt or .npz) of --model; "
+                      "without it, random initialisation")
   parser.add_argument("--model", default="resnet50", help="resnet18, 34, 50, 101 or 152")
   parser.add_argument("--num_classes", type=int, default=10)
   parser.add_argument("--data", metavar="PATH", help=".npz of uint8 `images` and `labels`")
@@ -64,11 +60,16 @@ def main() -> None:
   args = parser.parse_args()
 
   try:
-    model = pretrained.from_torchvision(args.torchvision_weights, args.model)
-  except ValueError as error:  # A missing, unreadable or mismatched file: one line, status 2.
+    if args.torchvision_weights:
+      model = pretrained.from_torchvision(args.torchvision_weights, args.model)
+    else:  # torchvision's architecture: the stride in each bottleneck's 3x3 conv.
+      model = models.create(args.model, num_classes=0, stride_on_1x1=False, rngs=nnx.Rngs(0))
+  except ValueError as error:  # A missing, unreadable or mismatched file, an unknown --model.
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  model.head = nnx.Linear(model.num_features, args.num_classes, rngs=nnx.Rngs(0))
+  model.reset_classifier(args.num_classes, rngs=nnx.Rngs(1))
+  # RGB pixels in [0, 255], normalised as torchvision's weights expect.
+  normalise = pretrained.TORCHVISION_PREPROCESSING
 
   if args.data:
     with np.load(args.data) as data:

@@ -1,5 +1,6 @@
 """Models as a library: a new block type from outside the package, custom layers, backbone features."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -172,8 +173,13 @@ def test_features_are_exactly_what_the_classifier_reads():
   # C2 to C5 at strides 4, 8, 16, 32, as a detection backbone needs them.
   assert [out[f"stage{i}"].shape for i in (1, 2, 3, 4)] == [
       (2, 16, 16, 256), (2, 8, 8, 512), (2, 4, 4, 1024), (2, 2, 2, 2048)]
-  assert out["stem"].shape == (2, 16, 16, 64) and len(out["blocks"]) == 16
-  np.testing.assert_array_equal(out["stage2"], out["blocks"][3 + 4 - 1]["output"])
+  # C1, the stem's BN-ReLU at stride 2; the max pool after it opens the first stage.
+  np.testing.assert_array_equal(out["stem"], nnx.relu(out["stem_norm"]))
+  assert out["stem"].shape == (2, 32, 32, 64)
+  assert [name for name in out if re.fullmatch(r"block\d+", name)] == [
+      f"block{i}" for i in range(1, 17)]
+  np.testing.assert_array_equal(out["stage2"], out["block7"])  # 3 + 4 blocks.
+  np.testing.assert_array_equal(out["stage2"], model.blocks[6](out["block6"]))
   np.testing.assert_array_equal(out["pooled"], jnp.mean(out["stage4"], (1, 2)))
   np.testing.assert_array_equal(model.head(out["pooled"]), out["logits"])
   np.testing.assert_array_equal(model(x), out["logits"])
@@ -194,3 +200,107 @@ def test_pre_activation_features_pool_after_the_final_activation():
   model.final_norm.mean[...] = jnp.zeros(64)  # Running statistics play no part in training.
   pooled = jnp.mean(nnx.relu(model.final_norm(out["stage3"])), (1, 2))
   np.testing.assert_allclose(out["pooled"], pooled, rtol=1e-6, atol=1e-6)
+
+
+def test_intermediates_are_a_flat_dict_of_every_named_map_in_forward_order():
+  model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
+  model.eval()
+  x = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+  out = model.intermediates(x)
+  assert list(out) == ["stem_norm", "stem",
+                       "block1.branch1", "block1.branch2", "block1", "stage1",
+                       "block2.branch1", "block2.branch2", "block2", "stage2",
+                       "block3.branch1", "block3.branch2", "block3", "stage3",
+                       "pooled", "logits"]
+  for name, value in out.items():  # A loop over it meets arrays only.
+    assert isinstance(value, jax.Array), name
+  # Each block's names are its own `Block.intermediates` on the previous block's output.
+  for i, block in enumerate(model.blocks, start=1):
+    block_out = block.intermediates(out["stem"] if i == 1 else out[f"block{i - 1}"])
+    np.testing.assert_array_equal(out[f"block{i}"], block_out["output"])
+    for j, branch in enumerate(block_out["residual_branch"], start=1):
+      np.testing.assert_array_equal(out[f"block{i}.branch{j}"], branch)
+
+
+def abstract_intermediates(model, input_shape):
+  """The shapes of `model.intermediates` on an input of `input_shape`, computing nothing."""
+  graphdef, state = nnx.split(model)
+  return jax.eval_shape(lambda state, x: nnx.merge(graphdef, state).intermediates(x), state,
+                        jax.ShapeDtypeStruct(input_shape, jnp.float32))
+
+
+@pytest.mark.parametrize("name,options,expected", [
+    # Table 1 on a 224 x 224 image: conv1 112 x 112, conv2_x 56 x 56 ... conv5_x 7 x 7.
+    ("resnet18", {}, [("stem", 64, 2), ("stage1", 64, 4), ("stage2", 128, 8),
+                      ("stage3", 256, 16), ("stage4", 512, 32)]),
+    ("resnet50", {}, [("stem", 64, 2), ("stage1", 256, 4), ("stage2", 512, 8),
+                      ("stage3", 1024, 16), ("stage4", 2048, 32)]),
+    ("resnet50", {"preact": True, "stride_on_1x1": False},
+     [("stem", 64, 2), ("stage1", 256, 4), ("stage2", 512, 8), ("stage3", 1024, 16),
+      ("stage4", 2048, 32)]),
+    # Sec. 4.2: maps of 32, 16, 8 with 16, 32, 64 filters.
+    ("cifar_resnet8", {}, [("stem", 16, 1), ("stage1", 16, 1), ("stage2", 32, 2),
+                           ("stage3", 64, 4)]),
+    ("cifar_resnet8", {"preact": True}, [("stem", 16, 1), ("stage1", 16, 1),
+                                         ("stage2", 32, 2), ("stage3", 64, 4)]),
+])
+def test_feature_info_is_the_shapes_of_the_feature_maps(name, options, expected):
+  model = nnx.eval_shape(lambda: models.create(name, num_classes=0, rngs=nnx.Rngs(0), **options))
+  assert [tuple(info) for info in model.feature_info] == expected
+  height, width = (64, 96) if model.imagenet_stem else (32, 48)
+  out = abstract_intermediates(model, (2, height, width, 3))
+  for info in model.feature_info:
+    assert out[info.name].shape == (2, height // info.stride, width // info.stride,
+                                    info.channels), info
+
+
+def test_feature_info_of_a_custom_block_follows_its_strides():
+  model = nnx.eval_shape(lambda: models.ResNet(
+      block_cls=functools.partial(SqueezeExcitationBlock, reduction=4),
+      stage_sizes=(1, 2, 1, 1), stage_widths=(8, 16, 32, 64), imagenet_stem=False,
+      num_classes=0, rngs=nnx.Rngs(0)))
+  assert model.feature_info == (
+      models.FeatureInfo("stem", 8, 1), models.FeatureInfo("stage1", 8, 1),
+      models.FeatureInfo("stage2", 16, 2), models.FeatureInfo("stage3", 32, 4),
+      models.FeatureInfo("stage4", 64, 8))
+  out = abstract_intermediates(model, (1, 40, 40, 3))
+  assert [out[info.name].shape for info in model.feature_info] == [
+      (1, 40, 40, 8), (1, 40, 40, 8), (1, 20, 20, 16), (1, 10, 10, 32), (1, 5, 5, 64)]
+
+
+def test_reset_classifier_builds_the_head_as_the_constructor_does():
+  rngs = nnx.Rngs(0)
+  model = models.create("cifar_resnet8", num_classes=0, dtype=jnp.bfloat16, rngs=rngs)
+  model.reset_classifier(7, rngs=rngs)  # The keys a 7-class model's head is drawn with.
+  built = models.create("cifar_resnet8", num_classes=7, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(nnx.state(built))
+  for ours, theirs in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(built))):
+    np.testing.assert_array_equal(ours, theirs)
+  # The model's dtype: bfloat16 compute on float32 parameters; float32 logits.
+  assert model.head.kernel.dtype == model.head.bias.dtype == jnp.float32
+  pooled = jax.random.normal(jax.random.key(4), (2, model.num_features))
+  assert model.head(pooled).dtype == jnp.bfloat16
+  expected = (pooled.astype(jnp.bfloat16) @ model.head.kernel[...].astype(jnp.bfloat16)
+              + model.head.bias[...].astype(jnp.bfloat16))
+  np.testing.assert_array_equal(model.head(pooled), expected)
+  model.eval()
+  x = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
+  logits = model(x)
+  assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+  np.testing.assert_array_equal(logits, model.head(model.intermediates(x)["pooled"]).astype(
+      jnp.float32))
+
+
+def test_reset_classifier_keeps_the_backbone_and_zero_makes_it_headless():
+  model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
+  model.eval()
+  x = jax.random.normal(jax.random.key(6), (2, 32, 32, 3))
+  pooled = model.intermediates(x)["pooled"]
+  model.reset_classifier(3, rngs=nnx.Rngs(1))
+  assert model.head.kernel.shape == (64, 3)
+  np.testing.assert_array_equal(model.intermediates(x)["pooled"], pooled)  # Mode kept: eval.
+  model.reset_classifier(0, rngs=nnx.Rngs(1))
+  assert model.head is None and "logits" not in model.intermediates(x)
+  np.testing.assert_array_equal(model(x), pooled)
+  with pytest.raises(ValueError, match="num_classes must be positive"):
+    model.reset_classifier(-1, rngs=nnx.Rngs(1))

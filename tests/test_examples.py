@@ -43,10 +43,11 @@ def test_feature_extraction_prints_the_stage_shapes(resnet18_npz):
   result = run_example("feature_extraction.py", "--model=resnet18", "--image_size=64",
                        "--batch=4", f"--torchvision_weights={resnet18_npz}")
   assert result.returncode == 0, result.stderr
-  # Strides 4, 8, 16, 32 of a 64x64 image; ResNet-18's widths; the pooled C5.
+  # C1 to C5 at strides 2 to 32 of a 64x64 image; ResNet-18's widths; the pooled C5.
   assert result.stdout.splitlines() == [
-      "C2: (4, 16, 16, 64) float32", "C3: (4, 8, 8, 128) float32",
-      "C4: (4, 4, 4, 256) float32", "C5: (4, 2, 2, 512) float32", "pooled: (4, 512) float32"]
+      "stem: (4, 32, 32, 64) float32, stride 2", "stage1: (4, 16, 16, 64) float32, stride 4",
+      "stage2: (4, 8, 8, 128) float32, stride 8", "stage3: (4, 4, 4, 256) float32, stride 16",
+      "stage4: (4, 2, 2, 512) float32, stride 32", "pooled: (4, 512) float32"]
 
 
 def test_fine_tuning_memorises_a_batch(resnet18_npz, tmp_path):
@@ -60,6 +61,17 @@ def test_fine_tuning_memorises_a_batch(resnet18_npz, tmp_path):
   losses = [float(x) for x in re.findall(r"^step \d+ loss (\S+)$", result.stdout, re.M)]
   assert len(losses) == 4
   # A new 3-class head starts near ln 3; four steps on the one batch drive the loss far below.
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert re.search(r"^eval accuracy [\d.]+ on 4 training images$", result.stdout, re.M)
+
+
+def test_fine_tuning_without_weights_starts_at_random_on_a_random_batch():
+  result = run_example("fine_tune.py", "--model=resnet18", "--num_classes=3", "--image_size=32",
+                       "--batch=4", "--steps=4", "--learning_rate=0.01")
+  assert result.returncode == 0, result.stderr
+  losses = [float(x) for x in re.findall(r"^step \d+ loss (\S+)$", result.stdout, re.M)]
+  assert len(losses) == 4
+  # The random batch with labels 0, 1, 2, 0, memorised as the pretrained net does.
   assert losses[-1] < 0.5 * losses[0], losses
   assert re.search(r"^eval accuracy [\d.]+ on 4 training images$", result.stdout, re.M)
 

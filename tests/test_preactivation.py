@@ -456,27 +456,33 @@ def test_first_unit_splits_after_the_stem_activation(name):
   assert first.input_norm is None and len(first.norms) == len(first.convs) - 1
   x = jnp.asarray(images(32 if name.startswith("cifar") else 64))
   out = model.intermediates(x)
-  stem = nnx.relu(out["stem_norm"])
-  if model.imagenet_stem:
-    stem = nnx.max_pool(stem, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-  np.testing.assert_array_equal(np.asarray(out["stem"]), np.asarray(stem))
-  assert float(jnp.min(out["stem"])) == 0.0
+  np.testing.assert_array_equal(np.asarray(out["stem"]), np.asarray(nnx.relu(out["stem_norm"])))
+
+  def first_input(stem):  # An ImageNet stem's max pool follows its BN-ReLU.
+    if not model.imagenet_stem:
+      return stem
+    return nnx.max_pool(stem, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+  stem = first_input(out["stem"])
+  assert float(jnp.min(stem)) == 0.0
+  # The first block is what reads it: its output is the net's.
+  np.testing.assert_array_equal(np.asarray(first(stem)), np.asarray(out["block1"]))
   # Both paths read the activated stem; the block adds no BN-ReLU of its own:
   # on a raw input with negatives, its first conv and its shortcut see it as is.
-  block = first.intermediates(out["stem"])
-  branch_input = first.convs[0](out["stem"])
+  block = first.intermediates(stem)
+  branch_input = first.convs[0](stem)
   np.testing.assert_allclose(np.asarray(block["residual_branch"][0]), np.asarray(branch_input),
                              atol=1e-6)
-  np.testing.assert_allclose(shortcut_of(first, out["stem"]), np.asarray(
-      first.projection(out["stem"]) if first.projection is not None
-      else first.identity(out["stem"])), atol=1e-5)
-  raw = jnp.asarray(np.random.default_rng(4).normal(size=out["stem"].shape), jnp.float32)
+  np.testing.assert_allclose(shortcut_of(first, stem), np.asarray(
+      first.projection(stem) if first.projection is not None else first.identity(stem)),
+      atol=1e-5)
+  raw = jnp.asarray(np.random.default_rng(4).normal(size=stem.shape), jnp.float32)
   np.testing.assert_allclose(np.asarray(first.intermediates(raw)["residual_branch"][0]),
                              np.asarray(first.convs[0](raw)), atol=1e-6)
   # The stem BN is the only BN before the split: perturbing it moves the shortcut.
-  before = shortcut_of(first, model.intermediates(x)["stem"])
+  before = shortcut_of(first, first_input(model.intermediates(x)["stem"]))
   perturb(model.stem_norm)
-  after = shortcut_of(first, model.intermediates(x)["stem"])
+  after = shortcut_of(first, first_input(model.intermediates(x)["stem"]))
   assert np.max(np.abs(after - before)) > 0.1
 
 
@@ -487,7 +493,7 @@ def test_extra_activation_after_the_last_addition(name):
   model = create(name)
   model.eval()
   out = model.intermediates(jnp.asarray(images(32 if name.startswith("cifar") else 64)))
-  last = out["blocks"][-1]["output"]
+  last = out[f"block{len(model.blocks)}"]
   assert float(jnp.min(last)) < 0  # units end in the raw sum, no ReLU
   expected = jnp.mean(nnx.relu(model.final_norm(last)), axis=(1, 2))
   np.testing.assert_allclose(np.asarray(out["pooled"]), np.asarray(expected), atol=1e-6)

@@ -7,8 +7,8 @@ None of them imports TensorFlow or the trainer.
 """
 
 from resnet_jax.models.resnet import (CIFAR_DEPTHS, IMAGENET_DEPTHS, NAMES, SHORTCUTS, BatchNorm,
-                                      Block, Layer, PostActivationBlock, PreActivationBlock,
-                                      ResNet, basic, bottleneck, count_params, create, he_normal,
-                                      padding)
+                                      Block, FeatureInfo, Layer, PostActivationBlock,
+                                      PreActivationBlock, ResNet, basic, bottleneck, count_params,
+                                      create, he_normal, padding)
 
-__all__ = ["CIFAR_DEPTHS", "IMAGENET_DEPTHS", "NAMES", "SHORTCUTS", "BatchNorm", "Block", "Layer", "PostActivationBlock", "PreActivationBlock", "ResNet", "basic", "bottleneck", "count_params", "create", "he_normal", "padding"]
+__all__ = ["CIFAR_DEPTHS", "IMAGENET_DEPTHS", "NAMES", "SHORTCUTS", "BatchNorm", "Block", "FeatureInfo", "Layer", "PostActivationBlock", "PreActivationBlock", "ResNet", "basic", "bottleneck", "count_params", "create", "he_normal", "padding"]

@@ -37,8 +37,8 @@ def layer_responses(model: models.ResNet, images: jax.Array | np.ndarray) -> np.
   model.eval()
   out = model.intermediates(jnp.asarray(images))
   responses = [out["stem_norm"]] if tuple(model.stem_conv.kernel_size) == (3, 3) else []
-  for block, block_out in zip(model.blocks, out["blocks"]):
-    responses += [output for conv, output in zip(block.convs, block_out["residual_branch"])
+  for i, block in enumerate(model.blocks, start=1):
+    responses += [out[f"block{i}.branch{j}"] for j, conv in enumerate(block.convs, start=1)
                   if tuple(conv.kernel_size) == (3, 3)]
   return np.asarray(jax.device_get([jnp.std(r) for r in responses]), np.float64)
 

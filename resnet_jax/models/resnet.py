@@ -28,10 +28,15 @@ a table of `Layer(kernel, features, stride)`: `basic` is two 3x3 convs and
   "C"   1x1 projection (+BN) on every block.
   None  a plain network: the same stacks with no shortcut at all.
 
-Intermediates. `model.intermediates(x)` returns every named output of the forward
-pass (the stem, each block's layers, each stage, the pooled features, the
-logits); `model(x)` returns its "logits", or its "pooled" features for a headless
-model (`num_classes=0`), so the features are exactly what the classifier reads.
+Backbones. `model.intermediates(x)` is a flat dict of name to array: every named
+output of the forward pass, in order ("stem_norm", "stem", "block{i}.branch{j}" and
+"block{i}" for each block, "stage1" ... "stageK", "pooled", "logits"; see the
+method). `model.feature_info` names the feature maps among them that a backbone
+user takes, with their channels and strides: "stem" (C1) and each stage (C2 to C5
+on ImageNet nets). `model(x)` returns the "logits", or the "pooled" features of a
+headless model (`num_classes=0`), so the features are exactly what the classifier
+reads. `model.reset_classifier(num_classes, rngs=...)` replaces the classifier
+(0: none) as the constructor builds it, in the model's dtype.
 
 Modes. A new model is in training mode: `model(x)` normalises by the batch (by
 groups of G images with `norm=functools.partial(BatchNorm, group_size=G)`, as the
@@ -61,6 +66,13 @@ from jax import lax
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 SHORTCUTS = ("A", "B", "C")
+
+
+class FeatureInfo(NamedTuple):
+  """A feature map of `ResNet.intermediates` that a backbone user takes (`ResNet.feature_info`)."""
+  name: str  # Its key in `ResNet.intermediates`.
+  channels: int
+  stride: int  # Its reduction: input height (width) / its height (width).
 
 
 class Layer(NamedTuple):
@@ -349,6 +361,12 @@ class ResNet(nnx.Module):
     norm: the batch norm class, with `nnx.BatchNorm`'s signature; bound here to
       momentum 0.9 and epsilon 1e-5.
     dtype: compute dtype; parameters and BN statistics stay float32.
+
+  Attributes (besides the layers): `dtype`; `num_features`, the width of the
+  pooled features; `feature_info`, a `FeatureInfo` (name, channels, stride) per
+  backbone feature map of `intermediates`, in forward order: "stem" (stride 2 on
+  ImageNet nets, 1 on CIFAR nets) and "stage1" ... "stageK" (each stage after the
+  first doubling the stride).
   """
 
   def __init__(self, *, block_cls: Callable[..., nnx.Module], stage_sizes: Sequence[int],
@@ -360,12 +378,15 @@ class ResNet(nnx.Module):
                              param_dtype=jnp.float32)
     norm = functools.partial(norm, momentum=0.9, epsilon=1e-5, dtype=dtype,
                              param_dtype=jnp.float32)
-    self.imagenet_stem, self.stage_sizes = imagenet_stem, tuple(stage_sizes)
+    self.imagenet_stem, self.stage_sizes, self.dtype = imagenet_stem, tuple(stage_sizes), dtype
     features = stage_widths[0]
     kernel, stride = (7, 2) if imagenet_stem else (3, 1)
     self.stem_conv = conv(3, features, (kernel, kernel), strides=stride,
                           padding=padding(kernel), rngs=rngs)
     self.stem_norm = norm(features, rngs=rngs)
+    feature_info = [FeatureInfo("stem", features, stride)]
+    if imagenet_stem:
+      stride *= 2  # The 3x3/2 max pool.
 
     blocks = []
     activated = True  # The stem ends in BN-ReLU.
@@ -375,37 +396,68 @@ class ResNet(nnx.Module):
                           activated_input=activated, conv=conv, norm=norm, rngs=rngs)
         blocks.append(block)
         features, activated = block.out_features, block.activated_output
+        stride *= block.stride
+      feature_info.append(FeatureInfo(f"stage{stage + 1}", features, stride))
     self.blocks = nnx.List(blocks)
+    self.feature_info = tuple(feature_info)
     self.num_features = features
     # The pooled features are activated: after a last block that ends in a raw sum, a BN-ReLU.
     self.final_norm = None if activated else norm(features, rngs=rngs)
-    self.head = (nnx.Linear(features, num_classes, dtype=dtype, param_dtype=jnp.float32,
-                            rngs=rngs) if num_classes else None)
+    self.reset_classifier(num_classes, rngs=rngs)
 
-  def intermediates(self, x: jax.Array) -> dict[str, Any]:
-    """Every named output of the forward pass on NHWC images `x`.
+  def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs) -> None:
+    """Replaces the classifier by a new one with `num_classes` outputs, or by none (0).
 
-    "stem_norm": the stem conv after its BN, before ReLU. "stem": the stem's
-    output, the first stage's input. "blocks": per block, its "residual_branch"
-    (each layer's output, see the block class) and "output". "stage1" ...
-    "stageK": each stage's output (C2 to C5 of the detection literature on an
-    ImageNet net; a pre-activation net's are the raw sums, before the final
-    BN-ReLU). "pooled": the globally averaged features the classifier reads.
+    The one way the classifier is built, the constructor's included: an `nnx.Linear`
+    from the `num_features` pooled features, computing in the model's `dtype` with
+    float32 parameters, flax's initialisation drawn from `rngs`. So a headless
+    model whose head is reset with the rngs it was built with equals the model
+    built with that class count. Everything else (weights, BN statistics, mode) is
+    kept; with 0, the model is headless and its call returns the pooled features.
+    Fine-tuning a pretrained net on new classes: `model.reset_classifier(10, rngs=...)`.
+    """
+    if num_classes < 0:
+      raise ValueError(f"num_classes must be positive (or 0 for a headless model), "
+                       f"got {num_classes}.")
+    # Marked data: a head of None (headless) would otherwise make the attribute static.
+    self.head = nnx.data(nnx.Linear(self.num_features, num_classes, dtype=self.dtype,
+                                    param_dtype=jnp.float32, rngs=rngs) if num_classes else None)
+
+  def intermediates(self, x: jax.Array) -> dict[str, jax.Array]:
+    """Every named output of the forward pass on NHWC images `x`, in forward order.
+
+    "stem_norm": the stem conv after its BN, before ReLU.
+    "stem": the stem's BN-ReLU output, Table 1's conv1 (C1). On an ImageNet net
+      the 3x3/2 max pool follows (Table 1 counts it in conv2_x), and its output
+      is the first block's input.
+    "block{i}.branch{j}": of block i (from 1: `model.blocks[i - 1]`), the j-th
+      output of its residual branch F ("residual_branch" of `Block.intermediates`;
+      the last is F(x)). For the paper's blocks, layer j's output after its BN and
+      before any ReLU or addition (see the block class).
+    "block{i}": block i's output, the next block's input.
+    "stage1" ... "stageK": each stage's output, that of its last block (Table 1's
+      conv2_x to conv5_x: C2 to C5 of an ImageNet net). A pre-activation net's
+      are the raw sums, before the final BN-ReLU.
+    "pooled": the globally averaged features the classifier reads.
     "logits": float32 classifier outputs (absent on a headless model).
+
+    `feature_info` lists the feature maps a backbone takes ("stem" and the
+    stages) with their channels and strides. Under jit, XLA computes only what is
+    used of the result.
     """
     out = {"stem_norm": self.stem_norm(self.stem_conv(x))}
-    x = nnx.relu(out["stem_norm"])
+    x = out["stem"] = nnx.relu(out["stem_norm"])
     if self.imagenet_stem:
       x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    out["stem"] = x
-    blocks = []
-    for block in self.blocks:
-      blocks.append(block.intermediates(x))
-      x = blocks[-1]["output"]
-    out["blocks"] = tuple(blocks)
-    ends = itertools.accumulate(self.stage_sizes)
-    for stage, end in enumerate(ends, start=1):
-      out[f"stage{stage}"] = blocks[end - 1]["output"]
+    stage_of_last_block = {end: stage for stage, end
+                           in enumerate(itertools.accumulate(self.stage_sizes), start=1)}
+    for i, block in enumerate(self.blocks, start=1):
+      block_out = block.intermediates(x)
+      for j, y in enumerate(block_out["residual_branch"], start=1):
+        out[f"block{i}.branch{j}"] = y
+      x = out[f"block{i}"] = block_out["output"]
+      if i in stage_of_last_block:
+        out[f"stage{stage_of_last_block[i]}"] = x
     if self.final_norm is not None:
       x = nnx.relu(self.final_norm(x))
     out["pooled"] = jnp.mean(x, axis=(1, 2))
