@@ -411,9 +411,10 @@ class ResNet(nnx.Module):
     The one way the classifier is built, the constructor's included: an `nnx.Linear`
     from the `num_features` pooled features, computing in the model's `dtype` with
     float32 parameters, flax's initialisation drawn from `rngs`. So a headless
-    model whose head is reset with the rngs it was built with equals the model
-    built with that class count. Everything else (weights, BN statistics, mode) is
-    kept; with 0, the model is headless and its call returns the pooled features.
+    model given a head from the `nnx.Rngs` object it was built with equals the
+    model built with that class count. Everything else (weights, BN statistics,
+    mode) is kept; with 0, the model is headless and its call returns the pooled
+    features.
     Fine-tuning a pretrained net on new classes: `model.reset_classifier(10, rngs=...)`.
     """
     if num_classes < 0:
