@@ -512,7 +512,8 @@ def _not_akamaster(reason: str) -> ValueError:
                     f"{_AKAMASTER_LAYOUT}, optionally under 'module.' and {{'state_dict': ...}}.")
 
 
-def _akamaster_modules(model: models.ResNet) -> list[tuple[str, nnx.Module, Any, Any]]:
+def _akamaster_modules(
+    model: models.ResNet) -> list[tuple[str, nnx.Module, np.ndarray | None, np.ndarray | None]]:
   """(his module name, our module, input channel order, output channel order) for every
   module of a CIFAR ResNet; an order of None is the identity.
 
