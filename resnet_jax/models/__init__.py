@@ -1,8 +1,9 @@
 """The library: the paper's networks as Flax NNX modules, and what works on them.
 
 `resnet_jax.models` itself is `models.resnet` (the networks: `create`, `ResNet`, the blocks);
-beside it are `cpu_kernels` (faster CPU layers for training), `pretrained` (torchvision and
-Keras weights), `linen` (a Linen bridge) and `analysis` (layer responses, multiply-accumulates).
+beside it are `cpu_kernels` (faster CPU layers for training), `pretrained` (torchvision,
+Keras and akamaster's CIFAR weights), `linen` (a Linen bridge) and `analysis` (layer
+responses, multiply-accumulates).
 None of them imports TensorFlow or the trainer.
 """
 

@@ -1,15 +1,18 @@
-"""Published ImageNet weights for our ResNets: Keras Applications and torchvision.
+"""Published weights for our ResNets: Keras Applications, torchvision and akamaster's CIFAR nets.
 
 `from_keras` copies a Keras Applications ResNet-50/101/152 (the paper's
 architecture, stride in each bottleneck's first 1x1 conv). `from_torchvision`
 reads a torchvision ResNet-18/34/50/101/152 state dict (a mapping, a `.pth` or a
 `.npz` file) into the "v1.5" network (stride in the 3x3 conv), and
 `to_torchvision` writes such a network back as a torchvision state dict.
+`from_akamaster` reads the CIFAR-10 ResNet-20 to 1202 of akamaster/pytorch_resnet_cifar10
+(his `.th` checkpoints) into our CIFAR nets. Each source's input normalisation is a
+`Preprocessing` constant here.
 
 This module imports no Keras, TensorFlow or PyTorch at import time: `from_keras`
 reads the Keras model it is given through `layers`, `get_layer` and `get_weights`
-only; `from_torchvision` reads tensors duck-typed and imports torch only to open
-a `.pth` file.
+only; `from_torchvision` and `from_akamaster` read tensors duck-typed and import
+torch only to open a torch file.
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ class Preprocessing:
 
 # torchvision's ImageNet normalisation, of RGB images scaled to [0, 1]: here in pixel units.
 TORCHVISION_PREPROCESSING = Preprocessing(
+    mean=255 * np.array([0.485, 0.456, 0.406], np.float32),
+    std=255 * np.array([0.229, 0.224, 0.225], np.float32))
+# akamaster/pytorch_resnet_cifar10's CIFAR-10 input (trainer.py: ToTensor, then Normalize):
+# RGB scaled to [0, 1], normalised by the ImageNet statistics, not CIFAR-10's own. The same
+# numbers as TORCHVISION_PREPROCESSING, named for the weights that expect them.
+AKAMASTER_PREPROCESSING = Preprocessing(
     mean=255 * np.array([0.485, 0.456, 0.406], np.float32),
     std=255 * np.array([0.229, 0.224, 0.225], np.float32))
 # keras.applications.resnet.preprocess_input ("caffe" mode): BGR less the ImageNet BGR means.
@@ -249,19 +258,10 @@ TORCHVISION_NAMES = tuple(f"resnet{depth}" for depth in models.IMAGENET_DEPTHS)
 _TORCH_AXES = {"conv": (3, 2, 0, 1), "linear": (1, 0), "vector": (0,)}
 
 
-def _torchvision_tensors(model: models.ResNet) -> list[tuple[str, nnx.Variable, str]]:
-  """(torchvision key, our variable, layout) for every variable of a v1.5 ImageNet ResNet."""
-  modules = [("conv1", model.stem_conv), ("bn1", model.stem_norm)]
-  blocks = iter(model.blocks)
-  for stage, size in enumerate(model.stage_sizes, start=1):
-    for index in range(size):
-      block, prefix = next(blocks), f"layer{stage}.{index}"
-      for j, (conv, norm) in enumerate(zip(block.convs, block.norms), start=1):
-        modules += [(f"{prefix}.conv{j}", conv), (f"{prefix}.bn{j}", norm)]
-      if block.projection is not None:
-        modules += [(f"{prefix}.downsample.0", block.projection),
-                    (f"{prefix}.downsample.1", block.projection_norm)]
-  modules.append(("fc", model.head))
+def _torch_tensors(modules: list[tuple[str, nnx.Module]]) -> list[tuple[str, nnx.Variable, str]]:
+  """(torch key, our variable, layout) for each variable of (torch module name, our module)s:
+  a conv's weight, a batch norm's affine parameters and running statistics, a Linear's
+  weight and bias."""
   tensors = []
   for prefix, module in modules:
     if isinstance(module, nnx.Conv):
@@ -277,6 +277,22 @@ def _torchvision_tensors(model: models.ResNet) -> list[tuple[str, nnx.Variable, 
   return tensors
 
 
+def _torchvision_tensors(model: models.ResNet) -> list[tuple[str, nnx.Variable, str]]:
+  """(torchvision key, our variable, layout) for every variable of a v1.5 ImageNet ResNet."""
+  modules = [("conv1", model.stem_conv), ("bn1", model.stem_norm)]
+  blocks = iter(model.blocks)
+  for stage, size in enumerate(model.stage_sizes, start=1):
+    for index in range(size):
+      block, prefix = next(blocks), f"layer{stage}.{index}"
+      for j, (conv, norm) in enumerate(zip(block.convs, block.norms), start=1):
+        modules += [(f"{prefix}.conv{j}", conv), (f"{prefix}.bn{j}", norm)]
+      if block.projection is not None:
+        modules += [(f"{prefix}.downsample.0", block.projection),
+                    (f"{prefix}.downsample.1", block.projection_norm)]
+  modules.append(("fc", model.head))
+  return _torch_tensors(modules)
+
+
 def _to_numpy(value: Any) -> np.ndarray:
   """A copy: `Tensor.numpy()` shares the tensor's memory, and jax may keep using a
   numpy buffer without copying it, so torch's in-place updates (a train-mode BN's
@@ -289,17 +305,21 @@ def _to_numpy(value: Any) -> np.ndarray:
   return np.array(value)
 
 
-def _read_state_dict(source: Any) -> Mapping[str, Any]:
+def _read_state_dict(source: Any, reader: str,
+                     torch_suffixes: tuple[str, ...]) -> Mapping[str, Any]:
+  """`source` if a mapping, else what the file at that path holds: a `.npz`, or a torch file
+  with one of `torch_suffixes`. Errors name `reader`, the public function reading it."""
   if isinstance(source, Mapping):
     return source
+  suffixes = torch_suffixes + (".npz",)
   if not isinstance(source, (str, os.PathLike)):
-    raise ValueError(f"from_torchvision takes a state dict (a mapping of names to arrays) "
-                     f"or a .pth/.pt/.npz path, got {type(source).__name__}.")
+    raise ValueError(f"{reader} takes a state dict (a mapping of names to arrays) "
+                     f"or a {'/'.join(suffixes)} path, got {type(source).__name__}.")
   path, file = os.fspath(source), epath.Path(source)
   suffix = file.suffix.lower()
-  if suffix not in (".pth", ".pt", ".npz"):
-    raise ValueError(f"Cannot read {path!r}: from_torchvision reads .pth, .pt (PyTorch) or "
-                     ".npz (numpy) state dicts.")
+  if suffix not in suffixes:
+    raise ValueError(f"Cannot read {path!r}: {reader} reads {', '.join(torch_suffixes)} "
+                     "(PyTorch) or .npz (numpy) state dicts.")
   if not file.is_file():
     raise ValueError(f"State dict file {path!r} does not exist.")
   if suffix == ".npz":
@@ -369,7 +389,7 @@ def from_torchvision(state_dict_or_path: Mapping[str, Any] | str | os.PathLike, 
   """
   if name not in TORCHVISION_NAMES:
     raise ValueError(f"Unknown torchvision ResNet {name!r}; valid: {', '.join(TORCHVISION_NAMES)}.")
-  state = _read_state_dict(state_dict_or_path)
+  state = _read_state_dict(state_dict_or_path, "from_torchvision", (".pth", ".pt"))
   fc = state.get("fc.weight")
   num_classes = fc.shape[0] if fc is not None and len(fc.shape) == 2 else 1
 
@@ -479,3 +499,162 @@ def to_torchvision(model: models.ResNet) -> dict[str, np.ndarray]:
     if key.endswith(".running_var"):
       state[key.replace(".running_var", ".num_batches_tracked")] = np.zeros((), np.int64)
   return state
+
+
+_AKAMASTER_BLOCK = re.compile(r"layer(\d+)\.(\d+)\.conv1\.weight")
+_AKAMASTER_LAYOUT = ("conv1.weight, bn1.*, layer{1,2,3}.{i}.conv{1,2}.weight, "
+                     "layer{1,2,3}.{i}.bn{1,2}.*, linear.weight, linear.bias")
+
+
+def _not_akamaster(reason: str) -> ValueError:
+  return ValueError(f"Not a CIFAR ResNet of akamaster/pytorch_resnet_cifar10: {reason}. "
+                    f"from_akamaster reads his resnet.py's state dicts, keys "
+                    f"{_AKAMASTER_LAYOUT}, optionally under 'module.' and {{'state_dict': ...}}.")
+
+
+def _akamaster_modules(
+    model: models.ResNet) -> list[tuple[str, nnx.Module, np.ndarray | None, np.ndarray | None]]:
+  """(his module name, our module, input channel order, output channel order) for every
+  module of a CIFAR ResNet; an order of None is the identity.
+
+  An order lists, for each of our channels, the index of his channel that holds it. Only
+  the residual stream is reordered: where his option A shortcut enters a wider stage it
+  puts the previous stage's channels in the middle (`planes // 4` zero channels before,
+  as many after), ours puts them first. So each block's last conv and BN write the stream
+  in the stream's order, its first conv (and any projection) reads it in that order, and
+  the classifier reads the last stage's.
+  """
+  stream = np.arange(model.stem_conv.out_features)  # Our stream channel c is his stream[c].
+  modules = [("conv1", model.stem_conv, None, None), ("bn1", model.stem_norm, None, None)]
+  blocks = iter(model.blocks)
+  for stage, size in enumerate(model.stage_sizes, start=1):
+    for index in range(size):
+      block, prefix = next(blocks), f"layer{stage}.{index}"
+      reads = stream
+      if block.projection is not None:  # Option B writes every channel: his order is ours.
+        stream = np.arange(block.out_features)
+      elif block.reshapes:  # Option A: his F.pad(x, (..., planes // 4, planes // 4)).
+        before = block.out_features // 4
+        stream = np.concatenate([before + stream, np.arange(before),
+                                 np.arange(before + block.in_features, block.out_features)])
+      (conv1, conv2), (bn1, bn2) = block.convs, block.norms
+      modules += [(f"{prefix}.conv1", conv1, reads, None), (f"{prefix}.bn1", bn1, None, None),
+                  (f"{prefix}.conv2", conv2, None, stream), (f"{prefix}.bn2", bn2, None, stream)]
+      if block.projection is not None:
+        modules += [(f"{prefix}.shortcut.0", block.projection, reads, stream),
+                    (f"{prefix}.shortcut.1", block.projection_norm, None, stream)]
+  modules.append(("linear", model.head, stream, None))
+  return modules
+
+
+def _akamaster_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The state dict itself: out of his checkpoint's {'state_dict': ..., 'best_prec1': ...}
+  and without DataParallel's 'module.' prefix."""
+  if isinstance(state.get("state_dict"), Mapping):
+    state = state["state_dict"]
+  if state and all(key.startswith("module.") for key in state):
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+  return state
+
+
+def from_akamaster(state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
+                   name: str | None = None, *, dtype: Any = jnp.float32) -> models.ResNet:
+  """Our CIFAR ResNet with the weights of akamaster/pytorch_resnet_cifar10's.
+
+  That repository publishes ResNet-20/32/44/56/110/1202 trained by the paper's
+  CIFAR-10 recipe (Sec. 4.2), e.g. `resnet20-12fca82f.th`; from a local copy:
+
+    model = pretrained.from_akamaster("resnet20-12fca82f.th")
+    logits = model(pretrained.AKAMASTER_PREPROCESSING(images))  # NHWC RGB in [0, 255].
+
+  His network is the paper's CIFAR net (3x3 stem, three stages of 16/32/64
+  filters, basic blocks, global average pooling, a Linear classifier; BN epsilon
+  1e-5, as ours), and his option A shortcut (Sec. 3.3, the default of his code
+  and of ours) subsamples and zero-pads as ours does, but places the new zero
+  channels differently: half before the old ones and half after, where ours
+  appends them all. The copy is exact all the same: the channels of the residual
+  stream are reordered as the weights are copied (see `_akamaster_modules`),
+  which keeps our one model and costs nothing at run time, where a model with
+  his padding would be a second shortcut variant to maintain. His `option='B'`
+  blocks (a 1x1 conv and BN projection where the shape changes) are our option
+  B and load as such; `num_batches_tracked`, which his published files lack,
+  is ignored where present. His `avg_pool2d` over the map's width is our global
+  average on square maps, as CIFAR's 32x32 images give.
+
+  His weights expect RGB images scaled to [0, 1] and normalised by the ImageNet
+  mean and std (his trainer.py): `AKAMASTER_PREPROCESSING` of [0, 255] pixels.
+
+  Args:
+    state_dict_or_path: his checkpoint, `{'state_dict': ..., 'best_prec1': ...}`
+      as his trainer saves it (`.th`, read with torch, `weights_only`), or the
+      state dict itself; as a mapping of key to torch tensor or numpy array, or
+      a path (`.th`, `.pth`, `.pt` need torch; a `.npz` of the same tensors
+      needs none). Keys may carry DataParallel's `module.` prefix. Nothing is
+      ever downloaded.
+    name: optionally the network it must be, e.g. "cifar_resnet20"; the depth
+      is read from the keys (any 6n+2), and a different one is an error.
+    dtype: compute dtype of the returned model; its parameters are float32.
+
+  Returns:
+    A `models.ResNet` in eval mode, `models.create("cifar_resnet{depth}",
+    shortcut=...)` with his option; the class count is `linear.weight`'s.
+
+  Raises:
+    ValueError: for a file that does not exist or cannot be read, keys not of
+      his layout (missing, unexpected, or stages of unequal depth), a tensor of
+      the wrong shape, or a `name` other than the depth the keys give.
+  """
+  state = _akamaster_state(_read_state_dict(state_dict_or_path, "from_akamaster",
+                                            (".th", ".pth", ".pt")))
+  blocks: dict[int, int] = {}
+  for key in state:
+    if match := _AKAMASTER_BLOCK.fullmatch(key):
+      stage, index = int(match.group(1)), int(match.group(2))
+      blocks[stage] = max(blocks.get(stage, 0), index + 1)
+  if sorted(blocks) != [1, 2, 3]:
+    raise _not_akamaster(f"its keys ({_first(list(state))}) hold blocks of stages "
+                         f"{sorted(blocks)}, not of stages 1, 2 and 3")
+  if len(set(blocks.values())) != 1:
+    raise _not_akamaster(f"its stages have {blocks[1]}, {blocks[2]} and {blocks[3]} blocks, "
+                         "not n each (depth 6n+2)")
+  depth = 6 * blocks[1] + 2
+  if name is not None and name != f"cifar_resnet{depth}":
+    raise ValueError(f"The state dict is a cifar_resnet{depth} ({blocks[1]} blocks per stage), "
+                     f"not the {name!r} asked for; pass name='cifar_resnet{depth}' or none.")
+  shortcut = "B" if "layer2.0.shortcut.0.weight" in state else "A"
+  linear = state.get("linear.weight")
+  num_classes = linear.shape[0] if linear is not None and len(linear.shape) == 2 else 1
+
+  # Shapes only: every array is overwritten below, so skip the random init.
+  model = nnx.eval_shape(lambda: models.create(
+      f"cifar_resnet{depth}", num_classes=num_classes, shortcut=shortcut, dtype=dtype,
+      rngs=nnx.Rngs(0)))
+  copies = [(key, variable, layout, reads, writes)
+            for prefix, module, reads, writes in _akamaster_modules(model)
+            for key, variable, layout in _torch_tensors([(prefix, module)])]
+  missing = [key for key, *_ in copies if key not in state]
+  if missing:
+    raise _not_akamaster(f"{len(missing)} keys of a cifar_resnet{depth} with option "
+                         f"{shortcut} shortcuts are missing ({_first(missing)})")
+  known = {key for key, *_ in copies}
+  known |= {key.replace(".running_mean", ".num_batches_tracked") for key in known
+            if key.endswith(".running_mean")}
+  unexpected = [key for key in state if key not in known]
+  if unexpected:
+    raise _not_akamaster(f"{len(unexpected)} keys are not a cifar_resnet{depth}'s with option "
+                         f"{shortcut} shortcuts ({_first(unexpected)})")
+  for key, variable, layout, reads, writes in copies:
+    value = _to_numpy(state[key])
+    axes = _TORCH_AXES[layout]
+    expected = tuple(variable.shape[axis] for axis in axes)
+    if value.shape != expected:
+      raise _not_akamaster(f"key {key!r} has shape {value.shape}, a cifar_resnet{depth} "
+                           f"expects {expected}")
+    # Torch's axes: a conv's (out, in, ...), a Linear's (out, in), a BN vector's (out,).
+    orders = {"conv": (writes, reads), "linear": (None, reads), "vector": (writes,)}[layout]
+    for axis, order in enumerate(orders):
+      if order is not None:
+        value = np.take(value, order, axis=axis)
+    variable.set_value(jnp.asarray(value.transpose(np.argsort(axes)), jnp.float32))
+
+  return _loaded(model)
