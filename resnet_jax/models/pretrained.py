@@ -5,6 +5,9 @@ architecture, stride in each bottleneck's first 1x1 conv). `from_torchvision`
 reads a torchvision ResNet-18/34/50/101/152 state dict (a mapping, a `.pth` or a
 `.npz` file) into the "v1.5" network (stride in the 3x3 conv), and
 `to_torchvision` writes such a network back as a torchvision state dict.
+`Preprocessing` is what a model's weights expect of their input (torchvision's and
+Keras's here), and `Trained` a model with it, as loaders that know it return them
+(`resnet_jax.training.runs.load_model`, for a run of our trainer).
 
 This module imports no Keras, TensorFlow or PyTorch at import time: `from_keras`
 reads the Keras model it is given through `layers`, `get_layer` and `get_weights`
@@ -17,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +58,14 @@ class Preprocessing:
     if np.any(np.asarray(self.std) != 1):
       normalised = normalised / jnp.asarray(self.std, jnp.float32)
     return normalised
+
+
+class Trained(NamedTuple):
+  """A trained model, in eval mode, and the preprocessing its weights expect:
+  `trained.model(trained.preprocessing(pixels))` scores RGB pixels in [0, 255]."""
+
+  model: models.ResNet
+  preprocessing: Preprocessing
 
 
 # torchvision's ImageNet normalisation, of RGB images scaled to [0, 1]: here in pixel units.
@@ -138,6 +149,8 @@ def _loaded(model: models.ResNet) -> models.ResNet:
 
 _KERAS_CONSTRUCTORS = {"resnet50": "ResNet50", "resnet101": "ResNet101",
                        "resnet152": "ResNet152"}
+# The networks of Keras's weights files (`from_keras(path, name)`).
+KERAS_NAMES = tuple(_KERAS_CONSTRUCTORS)
 
 
 def _load_keras(path: str | os.PathLike, name: str | None) -> Any:
