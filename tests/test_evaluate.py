@@ -4,6 +4,7 @@ import calendar
 import functools
 import hashlib
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -465,10 +466,11 @@ def test_a_loaded_run_scores_raw_pixels_as_the_evaluator_scores_its_batches(trai
   loaded = masked([batch.replace(images=logits(weights, preprocessing(batch.images)))
                    for batch in raw_batches])
   np.testing.assert_array_equal(loaded, evaluators)
-  # As a user calls it, on one device without the evaluator's compiler options: equal to
-  # float32 rounding.
-  np.testing.assert_allclose(np.asarray(model(preprocessing(raw))), evaluators, rtol=1e-5,
-                             atol=1e-5)
+  # As a user calls it, on one device without the evaluator's compiler options (XLA's CPU
+  # convolutions may then take other kernels): equal to float32 rounding, within 1e-5 of the
+  # logits' scale (4e-7 measured).
+  np.testing.assert_allclose(np.asarray(model(preprocessing(raw))), evaluators, rtol=0,
+                             atol=1e-5 * np.abs(evaluators).max())
 
 
 @functools.partial(jax.jit, compiler_options=cpu_kernels.compiler_options("cpu"))
@@ -480,12 +482,14 @@ def logits(state, images):
   return model(images)
 
 
-def test_load_model_picks_best_latest_or_a_step_and_each_error_is_one_line(tmp_path):
+def test_load_model_picks_best_latest_or_a_step_and_each_error_is_one_line(tmp_path, caplog):
   workdir = tmp_path / "run"
   config, _ = fabricated_run(workdir, {2: 60.0, 4: 30.0, 6: 50.0}, keep=3)
   before = tree(workdir)
   for checkpoint, seed in (("best", 4), ("latest", 6), (2, 2), ("2", 2)):
-    model, preprocessing = runs.load_model(workdir, checkpoint)
+    with caplog.at_level(logging.WARNING):
+      model, preprocessing = runs.load_model(workdir, checkpoint)
+    assert not caplog.records, caplog.text  # Not even orbax's on a read-only directory.
     expected = nnx.state(loop.create_model(config, 10, seed, "cpu"), nnx.Param)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), expected)
   # A run from before the trainer recorded its mean: its dataset's (synthetic data, here).
