@@ -456,3 +456,41 @@ def test_main_names_a_corrupt_image_in_one_line_and_exits_2(tmp_path):
   assert completed.returncode == 2
   assert f"error: corrupt image {root}/test/a/4.jpg: cannot decode it" in completed.stderr
   assert "delete or replace it" in completed.stderr and "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("side", [32, 72])  # Held on the devices; streamed.
+def test_mean_none_gives_raw_pixels_and_reads_no_training_image(tmp_path, side):
+  root = image_folder(tmp_path / "images", side=side, per_class=4)
+  config = folder_config(root, tmp_path)
+  config.mean = "none"
+  raw = data.create(config, mesh_of(8), train=False)
+  np.testing.assert_array_equal(np.asarray(raw.mean), np.zeros((1, 1, 3), np.float32))
+  # No mean was computed (none is cached), so no training image was read for one.
+  assert not list((tmp_path / "cache").glob("mean_*.npy"))
+  config.mean = "per_pixel"
+  centred = data.create(config, mesh_of(8), train=False)
+  raw_batch, centred_batch = next(raw.eval_batches(8)), next(centred.eval_batches(8))
+  pixels = np.asarray(raw_batch.images)
+  assert pixels.min() >= 0 and pixels.max() <= 255 and np.all(pixels == np.rint(pixels))
+  # The raw pixels are those the trainer's pipeline centres, bitwise once centred alike.
+  np.testing.assert_array_equal(np.asarray(raw_batch.labels), np.asarray(centred_batch.labels))
+  np.testing.assert_array_equal(pixels - np.asarray(centred.mean), np.asarray(centred_batch.images))
+
+
+@pytest.mark.parametrize("image_size", [32, 72])  # Held on the devices; streamed.
+def test_synthetic_data_subtracts_the_mean_its_config_names(image_size):
+  def dataset(mean):
+    config = data.default_config("synthetic")
+    config.update(image_size=image_size, synthetic_train_size=64, synthetic_eval_size=16, mean=mean)
+    return data.create(config, mesh_of(8))
+  means = {kind: np.asarray(dataset(kind).mean) for kind in data.config.MEANS}
+  per_pixel = means["per_pixel"]
+  if image_size == 32:  # The training images' own, pixel by pixel.
+    assert per_pixel.shape == (32, 32, 3) and 100 < per_pixel.mean() < 155
+  else:  # Uniform noise's: every pixel's.
+    np.testing.assert_array_equal(per_pixel, np.full((1, 1, 3), 127.5, np.float32))
+  np.testing.assert_array_equal(means["per_channel"], per_pixel.mean(axis=(0, 1), keepdims=True))
+  np.testing.assert_array_equal(means["none"], np.zeros((1, 1, 3), np.float32))
+  raw = np.asarray(next(dataset("none").eval_batches(8)).images)
+  centred = np.asarray(next(dataset("per_channel").eval_batches(8)).images)
+  np.testing.assert_array_equal(raw - means["per_channel"], centred)

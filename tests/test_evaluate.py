@@ -1,7 +1,10 @@
 """Evaluating a saved run (`python -m resnet_jax.training.evaluate`): which checkpoint, which protocol,
 the numbers against the trainer's own, a run still training, and one line for each error."""
 import calendar
+import functools
+import hashlib
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -13,12 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 import processes
 from configs import cifar_resnet20, cifar_resnet110
-from resnet_jax.training import checkpoints, claim, evaluate, optim, loop
-from resnet_jax import data
+from resnet_jax.training import checkpoints, claim, evaluate, optim, loop, runs
+from resnet_jax import data, models
 from resnet_jax.data import decoding
+from resnet_jax.models import cpu_kernels, pretrained
 
 
 def smoke_config(**overrides):
@@ -406,15 +412,197 @@ def test_help_exits_0_and_names_the_choices():
   completed = evaluator("--help")
   assert completed.returncode == 0, completed.stderr
   for text in ("--checkpoint", "--eval_protocol", "--workdir", "--data_dir",
-               "best (default)", "10crop", "multiscale", "Exit status: 0 done; 2 nothing"):
+               "best (default)", "10crop", "multiscale", "Exit status: 0 done; 2 nothing",
+               "--weights", "--weights_format", "--model", "--config",
+               "torchvision", "keras", "akamaster"):
     assert text in completed.stdout, text
-  assert "--config" not in completed.stdout
 
 
 def test_config_of_a_run_before_the_windowed_warm_up_lays_out_its_state(tmp_path):
   config = json.loads(cifar_resnet110.get_config("smoke").to_json())
   del config["warmup_window"]
   (tmp_path / "config.json").write_text(json.dumps(config))
-  run_config = evaluate._run_config(epath.Path(tmp_path))
+  run_config = runs.read_config(epath.Path(tmp_path))
   assert run_config.warmup_learning_rate == 0.01
   assert optim.create(run_config).init_warmup().recent_errors.shape == (1,)
+
+
+def raw_config(config):
+  """`config`'s dataset, its pixels left raw (`dataset.mean` "none")."""
+  dataset = loop.dataset_config(config)
+  dataset.mean = "none"
+  return dataset
+
+
+def masked(batches, field="images"):
+  """`field` of every batch, its padding rows dropped, concatenated."""
+  return np.concatenate([np.asarray(getattr(batch, field))[np.asarray(batch.mask)]
+                         for batch in batches])
+
+
+def test_a_loaded_run_scores_raw_pixels_as_the_evaluator_scores_its_batches(trained_run):
+  before = tree(trained_run)
+  model, preprocessing = runs.load_model(trained_run, checkpoint="latest")
+  assert tree(trained_run) == before  # Read-only.
+  config, mesh = runs.read_config(trained_run), data.core.make_mesh()
+  # The mean the trainer recorded is the one its pipeline subtracted.
+  centred = data.create(loop.dataset_config(config), mesh, train=False)
+  recorded = np.load(trained_run / "input_mean.npy")
+  assert recorded.shape == (32, 32, 3)
+  np.testing.assert_array_equal(recorded, np.asarray(centred.mean))
+  np.testing.assert_array_equal(preprocessing.mean, recorded)
+  assert preprocessing.std == 1.0 and not preprocessing.bgr
+  # The evaluator's model (the trainer's layers) on its batches, and the loaded one (flax's own
+  # layers) on the same images, raw, through its preprocessing: compiled alike, bitwise equal.
+  assert type(model.blocks[0].convs[0]) is nnx.Conv and type(model.stem_norm) is nnx.BatchNorm
+  state = runs.restore(trained_run, config, runs.checkpoint_reader(trained_run), 20, 10, mesh)
+  weights = jax.device_put(loop.Weights.of(model), NamedSharding(mesh, PartitionSpec()))
+  batches = list(centred.eval_batches(64, "center"))
+  raw_batches = list(data.create(raw_config(config), mesh, train=False).eval_batches(64, "center"))
+  raw = masked(raw_batches)
+  assert raw.shape == (200, 32, 32, 3) and raw.min() >= 0 and raw.max() <= 255
+  np.testing.assert_array_equal(np.asarray(preprocessing(raw)), masked(batches))
+  evaluators = masked([batch.replace(images=logits(state, batch.images)) for batch in batches])
+  loaded = masked([batch.replace(images=logits(weights, preprocessing(batch.images)))
+                   for batch in raw_batches])
+  np.testing.assert_array_equal(loaded, evaluators)
+  # As a user calls it, on one device without the evaluator's compiler options (XLA's CPU
+  # convolutions may then take other kernels): equal to float32 rounding, within 1e-5 of the
+  # logits' scale (4e-7 measured).
+  np.testing.assert_allclose(np.asarray(model(preprocessing(raw))), evaluators, rtol=0,
+                             atol=1e-5 * np.abs(evaluators).max())
+
+
+@functools.partial(jax.jit, compiler_options=cpu_kernels.compiler_options("cpu"))
+def logits(state, images):
+  """The scores of `state`'s model (a TrainState's or `loop.Weights`), in eval mode, as the
+  evaluator's step computes them."""
+  model = nnx.merge(state.graphdef, state.params, state.batch_stats)
+  model.eval()
+  return model(images)
+
+
+def test_load_model_picks_best_latest_or_a_step_and_each_error_is_one_line(tmp_path, caplog):
+  workdir = tmp_path / "run"
+  config, _ = fabricated_run(workdir, {2: 60.0, 4: 30.0, 6: 50.0}, keep=3)
+  before = tree(workdir)
+  for checkpoint, seed in (("best", 4), ("latest", 6), (2, 2), ("2", 2)):
+    with caplog.at_level(logging.WARNING):
+      model, preprocessing = runs.load_model(workdir, checkpoint)
+    assert not caplog.records, caplog.text  # Not even orbax's on a read-only directory.
+    expected = nnx.state(loop.create_model(config, 10, seed, "cpu"), nnx.Param)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), expected)
+  # A run from before the trainer recorded its mean: its dataset's (synthetic data, here).
+  dataset = data.create(loop.dataset_config(config), data.core.make_mesh())
+  np.testing.assert_array_equal(preprocessing.mean, np.asarray(dataset.mean))
+  assert tree(workdir) == before
+  for workdir_, checkpoint, message in [
+      (tmp_path / "nowhere", "best",
+       f"workdir {tmp_path}/nowhere does not exist; pass the --workdir of a run."),
+      (tmp_path, "best", f"{tmp_path} holds no config.json, so no run has started there"),
+      (workdir, 15, f"no checkpoint of step 15 in {workdir}/checkpoints; its steps are [2, 4, 6]."),
+      (workdir, "last", "--checkpoint=last is none of best, latest or a step number;"),
+      (workdir, -2, "--checkpoint=-2 is none of best, latest or a step number;")]:
+    with pytest.raises(runs.RunError, match=re.escape(message)):
+      runs.load_model(workdir_, checkpoint)
+  shutil.rmtree(workdir / "checkpoints")
+  with pytest.raises(runs.RunError, match=re.escape(f"{workdir} has no checkpoint yet;")):
+    runs.load_model(workdir)
+
+
+def test_torchvision_weights_score_as_the_model_applied_by_hand(tmp_path):
+  model = models.create("resnet18", num_classes=10, stride_on_1x1=False, rngs=nnx.Rngs(3))
+  model.eval()
+  np.savez(tmp_path / "resnet18.npz", **pretrained.to_torchvision(model))
+  config = smoke_config()
+  path, record = evaluate.evaluate_weights(tmp_path / "resnet18.npz", "torchvision", config,
+                                           tmp_path / "out", model="resnet18")
+  # By hand: torchvision's normalisation of [0, 1] images, the model, the top-1 class.
+  batches = list(data.create(raw_config(config), data.core.make_mesh(),
+                             train=False).eval_batches(64, "center"))
+  pixels, labels = masked(batches), masked(batches, "labels")
+  normalised = (pixels / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+  logits = np.asarray(model(jnp.asarray(normalised, jnp.float32)))
+  probabilities = np.asarray(jax.nn.softmax(logits))
+  assert len(labels) == 200
+  assert record["top1_error"] == 100.0 * np.sum(logits.argmax(axis=1) != labels) / 200
+  assert record["loss"] == pytest.approx(
+      -np.mean(np.log(probabilities[np.arange(200), labels] + 1e-12)), rel=1e-5)
+  assert path == epath.Path(tmp_path) / "out" / "evaluations" / "resnet18.npz-center.json"
+  written = json.loads(path.read_text())
+  assert written == record
+  assert {key: written[key] for key in ("weights", "weights_format", "weights_sha256", "step",
+                                        "checkpoint", "protocol", "examples", "model", "dataset",
+                                        "eval_split", "eval_batch_size")} == {
+      "weights": f"{tmp_path}/resnet18.npz", "weights_format": "torchvision",
+      "weights_sha256": hashlib.sha256((tmp_path / "resnet18.npz").read_bytes()).hexdigest(),
+      "step": None, "checkpoint": None, "protocol": "center", "examples": 200,
+      "model": "resnet18", "dataset": "synthetic(32x32x3,10 classes)", "eval_split": "test",
+      "eval_batch_size": 64}
+
+
+def test_a_runs_weights_score_exactly_as_its_workdir_evaluation(trained_run, tmp_path):
+  _, by_run = evaluate.evaluate_run(trained_run, checkpoint="latest")
+  completed = evaluator(f"--weights={trained_run}", "--weights_format=workdir",
+                        "--checkpoint=latest", f"--config={processes.REPO}/configs/"
+                        "cifar_resnet20.py:smoke", f"--workdir={tmp_path}/out")
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  path = tmp_path / "out" / "evaluations" / "run-20-center.json"
+  by_weights = json.loads(path.read_text())
+  for key in ("top1_error", "top5_error", "loss", "examples", "model", "dataset", "step"):
+    assert by_weights[key] == by_run[key], key
+  assert (by_weights["weights"], by_weights["weights_format"], by_weights["weights_sha256"],
+          by_weights["checkpoint"]) == (str(trained_run), "workdir", None, "latest")
+  assert lines(completed.stdout) == [
+      f"cifar_resnet8 step 20 (latest) of {trained_run} on synthetic(32x32x3,10 classes) test, "
+      f"center: top-1 error {by_run['top1_error']:.2f}%  top-5 error {by_run['top5_error']:.2f}%  "
+      f"loss {by_run['loss']:.4f}  (200 examples); written to {path}"]
+  assert "Traceback" not in completed.stderr and "WARNING" not in completed.stderr
+
+
+SMOKE = f"--config={processes.REPO}/configs/cifar_resnet20.py:smoke"
+TORCHVISION = ("--weights={tmp}/resnet18.npz", "--weights_format=torchvision", "--model=resnet18",
+               SMOKE, "--workdir={tmp}/out")
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--weights={tmp}/resnet18.npz", "--weights_format=onnx", SMOKE, "--workdir={tmp}/out"),
+     "unknown --weights_format 'onnx'; choose one of torchvision, keras, akamaster, workdir."),
+    (("--weights={tmp}/missing.pth", "--weights_format=torchvision", SMOKE,
+      "--workdir={tmp}/out"),
+     "--weights={tmp}/missing.pth does not exist; pass a file of torchvision weights."),
+    (("--weights={tmp}/resnet18.npz", "--weights_format=torchvision", SMOKE,
+      "--workdir={tmp}/out"),  # The config's model, cifar_resnet20.
+     "--model=cifar_resnet20: torchvision has no weights of it; pass --model= one of resnet18, "
+     "resnet34, resnet50, resnet101, resnet152."),
+    (("--weights={tmp}/resnet18.npz", "--weights_format=workdir", SMOKE, "--workdir={tmp}/out"),
+     "--weights={tmp}/resnet18.npz is a file; --weights_format=workdir takes the workdir of a "
+     "run, every other format a file."),
+    ((*TORCHVISION, "--config.dataset.num_classes=7"),
+     "--weights={tmp}/resnet18.npz classify 10 classes, but synthetic(32x32x3,7 classes) has 7; "
+     "score them on a dataset of 10 classes, or pass weights of a 7-class resnet18."),
+    ((*TORCHVISION, "--eval_protocol=10crop"),
+     "eval_protocol '10crop' is not available for synthetic(32x32x3,10 classes), whose 32x32 "
+     "images are evaluated by 'center'; use one of those."),
+    (TORCHVISION[:3] + ("--workdir={tmp}/out",),
+     "--weights needs --config, whose dataset they are scored on (e.g. "
+     "--config=imagenet_resnet50 --config.dataset.data_dir=...)."),
+    ((*TORCHVISION, "--data_dir=/data"),
+     "--data_dir is for a run's dataset (--workdir alone); with --weights, pass "
+     "--config.dataset.data_dir."),
+    (TORCHVISION[:-1], "--workdir is missing or empty; with --weights, pass the directory to "
+     "write the result to (WORKDIR/evaluations/)."),
+    (("--workdir={tmp}", "--model=resnet18"), "--weights_format and --model go with --weights, "
+     "the weights they describe; a run's are its --workdir's."),
+], ids=["unknown_format", "missing_file", "model_not_in_format", "file_for_workdir",
+        "class_count", "protocol", "no_config", "data_dir", "no_workdir", "model_without_weights"])
+def test_each_error_of_weights_is_one_line_and_exit_status_2(tmp_path, args, message):
+  model = models.create("resnet18", num_classes=10, stride_on_1x1=False, rngs=nnx.Rngs(0))
+  np.savez(tmp_path / "resnet18.npz", **pretrained.to_torchvision(model))
+  completed = evaluator(*(arg.format(tmp=tmp_path) for arg in args))
+  assert completed.returncode == 2, completed.stderr[-3000:]
+  assert lines(completed.stderr)[-1:] == [f"error: {message.format(tmp=tmp_path)}"], (
+      completed.stderr[-3000:])
+  assert "Traceback" not in completed.stderr
+  assert not (tmp_path / "out" / "evaluations").exists() or not any(
+      (tmp_path / "out" / "evaluations").iterdir())

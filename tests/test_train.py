@@ -386,6 +386,14 @@ def test_non_finite_scores_are_never_scored():
                      match="scores are not finite for 200 of the 200 evaluation images at step 0"):
     loop.evaluate(loop.jit_eval_step(mesh), nan_state,
                    dataset.eval_batches(config.eval_batch_size, config.eval_protocol))
+  # Weights without a run (`evaluate --weights`): no step to name, their preprocessing suspect.
+  weights = loop.Weights(params=nan_state.params, batch_stats=nan_state.batch_stats,
+                         graphdef=nan_state.graphdef)
+  with pytest.raises(loop.NonFiniteError, match=re.escape(
+      "scores are not finite for 200 of the 200 evaluation images; check the weights and their "
+      "preprocessing, or use float32")):
+    loop.evaluate(loop.jit_eval_step(mesh, lambda pixels: pixels - 127.5), weights,
+                  dataset.eval_batches(config.eval_batch_size, config.eval_protocol))
 
 
 def test_a_step_that_makes_weights_non_finite_is_never_evaluated_or_saved(tmp_path):

@@ -4,8 +4,9 @@ import ml_collections
 
 DATASETS = ("cifar10", "cifar100", "imagenet2012", "image_folder", "synthetic")
 # What the pipelines subtract: the paper's per-pixel mean image of the training set (Secs. 3.4,
-# 4.2), or its channel means, which most later ImageNet recipes use with scale augmentation.
-MEANS = ("per_pixel", "per_channel")
+# 4.2), its channel means, which most later ImageNet recipes use with scale augmentation, or
+# nothing: raw pixels in [0, 255], for weights that bring their own preprocessing.
+MEANS = ("per_pixel", "per_channel", "none")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
 
 
@@ -56,7 +57,9 @@ def default_config(name: str = "cifar10") -> ml_collections.ConfigDict:
   config.cache_dir = ml_collections.config_dict.placeholder(str)
   # One of MEANS: "per_pixel" (the paper: the training split's mean image, CIFAR's over every
   # image, ImageNet's the mean 224 centre view of up to 50,000 images, resized to views of other
-  # sizes; computed once and cached) or "per_channel" (that image's channel means).
+  # sizes; computed once and cached), "per_channel" (that image's channel means) or "none"
+  # (nothing subtracted: pixels in [0, 255], no training image read; the evaluator gives such
+  # pixels to weights trained elsewhere, which carry their own `pretrained.Preprocessing`).
   config.mean = "per_pixel"
   return config
 
@@ -88,6 +91,12 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if full[field] <= 0:
       raise ValueError(f"dataset.{field} must be positive, got {full[field]}")
   return full
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """The class count of the dataset `config` names, known without reading it: a TFDS dataset's
+  own, else `config.num_classes` (synthetic data, image folders)."""
+  return NUM_CLASSES.get(config.name, config.num_classes)
 
 
 def _check_name(name) -> None:

@@ -6,7 +6,7 @@ only the blocks of the devices it can address (`local_rows`) and
 `jax.make_array_from_process_local_data` assembles the global array.
 """
 import dataclasses
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import flax
 import jax
@@ -73,13 +73,30 @@ class TrainIterator(Protocol):
 
 
 class Dataset(Protocol):
-  """What `data.create` returns: an `OnDeviceDataset` or a `StreamingDataset`."""
+  """What `data.create` returns: an `OnDeviceDataset` or a `StreamingDataset`.
+
+  `mean` is what the pipeline subtracts from every image's pixels (`subtracted_mean`): float32
+  [H, W, C] (per pixel; a view of another size gets it resized bilinearly) or [1, 1, C],
+  the same on every process (`np.asarray(dataset.mean)` reads it on any).
+  """
   info: DatasetInfo
   eval_protocols: tuple[str, ...]
+  mean: np.ndarray | jax.Array
 
   def steps_per_epoch(self, batch_size: int) -> int: ...
   def train_iterator(self, batch_size: int, start_step: int = 0) -> TrainIterator: ...
   def eval_batches(self, batch_size: int, protocol: str = "center") -> Iterator[Batch]: ...
+
+
+def subtracted_mean(kind: str, per_pixel: Callable[[], np.ndarray]) -> np.ndarray:
+  """The float32 mean a pipeline subtracts by `dataset.mean` `kind` (`config.MEANS`): the
+  training split's per-pixel mean image `per_pixel()` ([H, W, C], or [1, 1, C] for data whose
+  every pixel has the same mean), its channel means [1, 1, C], or "none": zeros [1, 1, 3],
+  `per_pixel` never called (so no training image is read)."""
+  if kind == "none":
+    return np.zeros((1, 1, 3), np.float32)
+  image = np.asarray(per_pixel(), np.float32)
+  return image.mean(axis=(0, 1), keepdims=True) if kind == "per_channel" else image
 
 
 def check_protocol(protocol: str, info: DatasetInfo, protocols: tuple[str, ...]) -> None:

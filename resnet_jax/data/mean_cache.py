@@ -1,6 +1,8 @@
 """Caches an array computed once from a dataset as a small .npy file: the per-pixel training-set
 mean (paper sections 3.4, 4.2), the evaluation images' sizes (multi-scale testing).
 
+`write` saves such a file atomically (the trainer's WORKDIR/input_mean.npy too).
+
 The cache lives in `cache_dir` when given, else $RESNET_JAX_CACHE_DIR, else ~/.cache/resnet_jax
 (local or gs://): never next to the data, which is often read-only or shared.
 """
@@ -46,18 +48,25 @@ def load_or_compute(key: str, compute: Callable[[], np.ndarray], cache_dir: str 
     logging.info("Loading %s from %s", what, path)
     return array
   array = np.asarray(compute(), dtype)
-  buffer = io.BytesIO()
-  np.save(buffer, array)
-  partial = path.parent / f".{path.name}.{uuid.uuid4().hex}"
   try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_bytes(buffer.getvalue())
     # Concurrent runs never read a half-written file; processes sharing the cache replace the
     # file with equal copies.
-    partial.replace(path)
+    write(path, array)
   except Exception:  # pylint: disable=broad-except  (OSError here, tf.errors.* on gs://)
     pass  # An unwritable cache costs one recomputation per run, nothing else.
   return array
+
+
+def write(path: epath.Path, array: np.ndarray) -> None:
+  """Saves `array` as the .npy file `path` (local or gs://, through etils.epath), its folder
+  made if needed, atomically: written beside it under a name of its own, then renamed over it,
+  so that a reader finds the old file or the new one, never half of one."""
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  partial = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial.write_bytes(buffer.getvalue())
+  partial.replace(path)
 
 
 def _read(path: epath.Path, shape: tuple[int, ...], dtype: np.dtype,

@@ -114,7 +114,7 @@ class OnDeviceDataset:
   eval_images: jax.Array  # uint8 [D, m, H, W, C], chunk d padded to m = ceil(N_eval / D)
   eval_labels: jax.Array  # int32 [D, m]
   eval_mask: jax.Array  # bool [D, m], False on padding
-  mean: jax.Array  # float32 [H, W, C] per-pixel mean of the training split, or [1, 1, C]
+  mean: jax.Array  # float32 [H, W, C] or [1, 1, C]: `core.subtracted_mean`
   info: core.DatasetInfo = flax.struct.field(pytree_node=False)
   mesh: Mesh = flax.struct.field(pytree_node=False)
   seed: int = flax.struct.field(pytree_node=False)
@@ -215,10 +215,13 @@ def per_pixel_mean(train_images: jax.Array) -> np.ndarray:
 
 def from_arrays(mesh: Mesh, train_images: np.ndarray, train_labels: np.ndarray, eval_images: np.ndarray,
                 eval_labels: np.ndarray, *, name: str, num_classes: int, seed: int = 0, augment: bool = True,
-                synthetic: bool = False, mean: np.ndarray | None = None) -> OnDeviceDataset:
+                synthetic: bool = False,
+                mean: np.ndarray | Callable[[jax.Array], np.ndarray] | None = None
+                ) -> OnDeviceDataset:
   """An `OnDeviceDataset` from in-memory uint8 arrays (every process passes the full arrays).
 
-  `mean` (float32 [H, W, C]) defaults to the per-pixel mean of `train_images`.
+  `mean` (float32 [H, W, C] or [1, 1, C], or a function of the placed training images, as
+  `build` takes it) defaults to the per-pixel mean of `train_images`.
   """
   train_images, eval_images = np.asarray(train_images), np.asarray(eval_images)
   if train_images.dtype != np.uint8 or eval_images.dtype != np.uint8:

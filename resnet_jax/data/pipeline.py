@@ -52,13 +52,14 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
   """
   config = config_lib.resolve(config)
   core.num_data_devices(mesh)
+  num_classes = config_lib.num_classes(config)
   if config.name == "synthetic":
     return _synthetic(config, mesh, eval_protocol)
   # TensorFlow: imported by the paths that decode images alone.
   from resnet_jax.data import decoding  # pylint: disable=g-import-not-at-top
   if config.name == "image_folder":
     root = sources.absolute(config.data_dir)
-    num_folders, num_classes = len(sources.folder_classes(root)), config.num_classes
+    num_folders = len(sources.folder_classes(root))
     if num_folders > num_classes:
       raise ValueError(
           f"image folder {root} has {num_folders} class folders but dataset.num_classes is "
@@ -73,7 +74,6 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
     identity = lambda: f"image_folder {config.train_split} {sources.fingerprint(train_files)}"
   else:  # TFDS: the splits are read only once the protocol is checked.
     name = config.name
-    num_classes = config_lib.NUM_CLASSES[name]
     reader = sources.tfds_random_access if name == "imagenet2012" else sources.tfds_records
     read_train = lambda: reader(name, config.data_dir, config.train_split)
     read_eval = lambda: reader(name, config.data_dir, config.eval_split)
@@ -89,10 +89,9 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
   key = f"{identity()} {'x'.join(map(str, shape))}"
 
   def mean(placed_train_images: Callable[[], jax.Array]) -> np.ndarray:
-    image = mean_cache.load_or_compute(
+    return core.subtracted_mean(config.mean, lambda: mean_cache.load_or_compute(
         key, lambda: on_device.per_pixel_mean(placed_train_images()), config.cache_dir,
-        shape=shape)
-    return image.mean(axis=(0, 1), keepdims=True) if config.mean == "per_channel" else image
+        shape=shape))
   # Evaluation images must have the training images' size too: one model sees both.
   loader = lambda records: lambda ids: decoding.decode_all(records, ids, shape)
   build = functools.partial(on_device.build, mesh, name=name, num_classes=num_classes,
@@ -128,6 +127,8 @@ def _synthetic(config: ml_collections.ConfigDict, mesh: Mesh, eval_protocol: str
                        rng.integers(0, config.num_classes, size, np.int32))
   train_images, train_labels = make(config.synthetic_train_size)
   eval_images, eval_labels = make(config.synthetic_eval_size)
-  return on_device.from_arrays(mesh, train_images, train_labels, eval_images, eval_labels, name=name,
-                               num_classes=config.num_classes, seed=config.seed, augment=config.augment,
-                               synthetic=True)
+  return on_device.from_arrays(
+      mesh, train_images, train_labels, eval_images, eval_labels, name=name,
+      num_classes=config.num_classes, seed=config.seed, augment=config.augment, synthetic=True,
+      mean=lambda images: core.subtracted_mean(config.mean,
+                                               lambda: on_device.per_pixel_mean(images)))

@@ -12,7 +12,7 @@ Multi-host: examples are dealt, by a fixed seeded permutation (`core.local_train
 block per device of the mesh axis "data"; each process reads and decodes only the blocks of its
 own devices and supplies their rows of every global batch. A background thread keeps two
 batches on the devices ahead of the training loop. Pixels travel as uint8; the device subtracts
-the mean (the paper's per-pixel mean image, or its per-channel average: `dataset.mean`), adds
+the mean (the paper's per-pixel mean image, its per-channel average, or none: `dataset.mean`), adds
 the per-image RGB offset (lighting noise) and produces float32.
 """
 import queue
@@ -148,8 +148,8 @@ class StreamingDataset:
   def from_records(cls, config: ml_collections.ConfigDict, mesh: Mesh, train: Records,
                    evaluation: Records, *, name: str, num_classes: int) -> "StreamingDataset":
     """A tf.data pipeline over encoded images with ImageNet's transforms (section 3.4)
-    (`record_reader.RecordReader`), its mean `record_reader.mean_image` (cached) or that image's
-    channel means (`config.mean`)."""
+    (`record_reader.RecordReader`), its mean `record_reader.mean_image` (cached), that image's
+    channel means, or none (`config.mean`)."""
     # TensorFlow: imported only by the paths that decode images.
     from resnet_jax.data import imagenet, record_reader  # pylint: disable=g-import-not-at-top
     reader = record_reader.RecordReader(config, mesh, train, evaluation)
@@ -159,19 +159,19 @@ class StreamingDataset:
     logging.info("Streaming %s through tf.data: %d training examples (this process reads %d) and "
                  "%d evaluation examples, read and decoded as the steps need them", name,
                  len(train), len(reader.train_ids), len(evaluation))
-    mean = record_reader.mean_image(config, train)
-    if config.mean == "per_channel":
-      mean = mean.mean(axis=(0, 1), keepdims=True)
-    return cls(info, mesh, reader, mean)
+    return cls(info, mesh, reader,
+               core.subtracted_mean(config.mean, lambda: record_reader.mean_image(config, train)))
 
   @classmethod
   def synthetic(cls, config: ml_collections.ConfigDict, mesh: Mesh, *, name: str) -> "StreamingDataset":
-    """Large synthetic images (benchmarks, smoke runs): `SyntheticReader`, no TensorFlow."""
+    """Large synthetic images (benchmarks, smoke runs): `SyntheticReader`, no TensorFlow; their
+    mean is that of uniform noise, SYNTHETIC_MEAN in every pixel (none with `config.mean` "none")."""
     reader = SyntheticReader(config, mesh)
     info = core.DatasetInfo(name=name, num_classes=config.num_classes, image_shape=reader.image_shape,
                             train_size=len(reader.train_labels), eval_size=len(reader.eval_labels),
                             synthetic=True)
-    return cls(info, mesh, reader, np.full((1, 1, 3), SYNTHETIC_MEAN, np.float32))
+    return cls(info, mesh, reader, core.subtracted_mean(
+        config.mean, lambda: np.full((1, 1, 3), SYNTHETIC_MEAN, np.float32)))
 
   def steps_per_epoch(self, batch_size: int) -> int:
     return self._train_block // core.check_batch_size(batch_size, self.mesh)

@@ -6,8 +6,10 @@ reads a torchvision ResNet-18/34/50/101/152 state dict (a mapping, a `.pth` or a
 `.npz` file) into the "v1.5" network (stride in the 3x3 conv), and
 `to_torchvision` writes such a network back as a torchvision state dict.
 `from_akamaster` reads the CIFAR-10 ResNet-20 to 1202 of akamaster/pytorch_resnet_cifar10
-(his `.th` checkpoints) into our CIFAR nets. Each source's input normalisation is a
-`Preprocessing` constant here.
+(his `.th` checkpoints) into our CIFAR nets. `Preprocessing` is what a model's weights
+expect of their input (each source's is a constant here), and `Trained` a model with it, as
+loaders that know it return them (`resnet_jax.training.runs.load_model`, for a run of our
+trainer).
 
 This module imports no Keras, TensorFlow or PyTorch at import time: `from_keras`
 reads the Keras model it is given through `layers`, `get_layer` and `get_weights`
@@ -20,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,14 @@ class Preprocessing:
     if np.any(np.asarray(self.std) != 1):
       normalised = normalised / jnp.asarray(self.std, jnp.float32)
     return normalised
+
+
+class Trained(NamedTuple):
+  """A trained model, in eval mode, and the preprocessing its weights expect:
+  `trained.model(trained.preprocessing(pixels))` scores RGB pixels in [0, 255]."""
+
+  model: models.ResNet
+  preprocessing: Preprocessing
 
 
 # torchvision's ImageNet normalisation, of RGB images scaled to [0, 1]: here in pixel units.
@@ -147,6 +157,8 @@ def _loaded(model: models.ResNet) -> models.ResNet:
 
 _KERAS_CONSTRUCTORS = {"resnet50": "ResNet50", "resnet101": "ResNet101",
                        "resnet152": "ResNet152"}
+# The networks of Keras's weights files (`from_keras(path, name)`).
+KERAS_NAMES = tuple(_KERAS_CONSTRUCTORS)
 
 
 def _load_keras(path: str | os.PathLike, name: str | None) -> Any:

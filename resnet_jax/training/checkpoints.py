@@ -184,8 +184,17 @@ class Reader:
 
   def __init__(self, workdir: epath.Path, **writing_options):
     # `writing_options`: orbax's CheckpointManagerOptions for a `Manager`, which writes.
-    self._manager = _orbax_manager(workdir, **(writing_options or dict(
-        read_only=True, create=False, save_interval_steps=0)))
+    if writing_options:
+      self._manager = _orbax_manager(workdir, **writing_options)
+      return
+    # Orbax warns, through absl's logger, that a read-only manager's directory is read only.
+    absl_logger = std_logging.getLogger("absl")
+    absl_logger.addFilter(quiet_orbax_info)
+    try:
+      self._manager = _orbax_manager(workdir, read_only=True, create=False,
+                                     save_interval_steps=0)
+    finally:
+      absl_logger.removeFilter(quiet_orbax_info)
 
   @property
   def directory(self) -> epath.Path:

@@ -40,32 +40,30 @@ RUN_FAILED = 1  # The work failed once it had begun.
 
 
 def run(main: Callable[[list[str]], None], define_flags: Callable[[], None], *,
-        arguments: bool = False, config_refused: str | None = None) -> NoReturn:
+        arguments: bool = False, optional_config: bool = False) -> NoReturn:
   """Runs a command: `define_flags()`, then `main(argv)` under absl's app.run, and exits.
 
   Every flag `define_flags` defines (the command's own, and those of `define_config_flag` and
   `define_run_flags` that it calls) is listed by --help. argv is the program alone, or with
   its positional arguments where `arguments` (`main` checks them); otherwise one is an error.
-  `config_refused`: for a command that takes no --config, why, which the error line gives
-  when one is passed anyway.
+  `optional_config`: the --config of `define_config_flag` may be left out (the command then
+  finds `flags.FLAGS.config` None); otherwise its absence is an error.
   """
   quiet()
   defined = set(flags.FLAGS)
   define_flags()
   for name in set(flags.FLAGS) - defined:  # Key flags of the main module, which --help lists.
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
-  app.run(main, flags_parser=lambda argv: _parse(argv, arguments, config_refused))
+  app.run(main, flags_parser=lambda argv: _parse(argv, arguments, optional_config))
 
 
-def _parse(argv: list[str], arguments: bool, config_refused: str | None) -> list[str]:
+def _parse(argv: list[str], arguments: bool, optional_config: bool) -> list[str]:
   """absl's flag parsing, but --help exits 0 and every bad command line is one line and status
   2; --config (where defined) loads the config it names and takes its overrides."""
   _help_if_asked(argv)
   config = None
   if "config" in flags.FLAGS:
-    argv, config = _take_config(argv)
-  elif config_refused and any(re.match(r"--?config($|[.=])", arg) for arg in argv[1:]):
-    fail(f"--config is not taken: {config_refused}")
+    argv, config = _take_config(argv, optional_config)
   try:
     if config is not None:
       # The flag anew, as ml_collections' flag of the config: it reads the overrides from argv.
@@ -135,8 +133,10 @@ def define_config_flag() -> None:
   flags.DEFINE_string("config", None, CONFIG_HELP)
 
 
-def _take_config(argv: list[str]) -> tuple[list[str], ml_collections.ConfigDict]:
-  """argv without --config (`--config=VALUE` or `--config VALUE`), and the config it names."""
+def _take_config(argv: list[str], optional: bool
+                 ) -> tuple[list[str], ml_collections.ConfigDict | None]:
+  """argv without --config (`--config=VALUE` or `--config VALUE`), and the config it names
+  (None if there is none and it is `optional`)."""
   for index, arg in enumerate(argv):
     if arg in ("--config", "-config"):
       value, argv = (argv[index + 1] if index + 1 < len(argv) else None,
@@ -147,6 +147,8 @@ def _take_config(argv: list[str]) -> tuple[list[str], ml_collections.ConfigDict]
       break
   else:
     value = None
+  if value is None and optional:
+    return argv, None
   if not value:
     fail("--config is missing; pass a config's name, e.g. --config=cifar_resnet20 (README.md "
          "lists them), or a config file.")

@@ -32,6 +32,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -40,11 +41,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from resnet_jax.training import checkpoints, claim, metrics, optim
 from resnet_jax import data, models
+from resnet_jax.data import mean_cache
 from resnet_jax.models import cpu_kernels
 
 # Exit status of a run stopped by SIGTERM (a preemption notice) after saving:
 # EX_TEMPFAIL, "try again", so schedulers and scripts can tell it from a failure.
 PREEMPTED_EXIT_CODE = 75
+# WORKDIR/INPUT_MEAN_FILE: the mean the run's pipeline subtracts from pixels (`data.Dataset.mean`),
+# written as the run starts, so that its weights can be used where its dataset is not.
+INPUT_MEAN_FILE = "input_mean.npy"
 # Training steps the host may dispatch ahead of the device: after a preemption notice the save
 # waits for at most these and the step running (RELIABILITY.md).
 MAX_STEPS_AHEAD = 2
@@ -67,6 +72,20 @@ class TrainState:
   warmup: optim.Warmup  # The ResNet-110 warm-up (Sec. 4.2).
   nonfinite_step: jax.Array  # int32: first step with a non-finite loss, gradient or weights, else -1.
   graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class Weights:
+  """A model as evaluation reads it (`eval_step`, which takes a `TrainState` too): its
+  parameters, batch norm statistics and graph. `Weights.of(model)`."""
+  params: nnx.State
+  batch_stats: nnx.State
+  graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def of(cls, model: models.ResNet) -> "Weights":
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    return cls(params=params, batch_stats=batch_stats, graphdef=graphdef)
 
 
 def dtype_for(config: ml_collections.ConfigDict, platform: str) -> Any:
@@ -147,9 +166,12 @@ def jit_train_step(recipe: optim.Recipe, mesh: Mesh,
                  compiler_options=cpu_kernels.compiler_options(data.core.platform(mesh)))
 
 
-def jit_eval_step(mesh: Mesh):
-  """`eval_step`, jitted for the devices of `mesh`."""
-  return jax.jit(eval_step, compiler_options=cpu_kernels.compiler_options(data.core.platform(mesh)))
+def jit_eval_step(mesh: Mesh, preprocessing: Callable[[jax.Array], jax.Array] | None = None):
+  """`eval_step`, jitted for the devices of `mesh`, with `preprocessing` (for batches of raw
+  pixels: a `pretrained.Preprocessing`) applied to each view inside it."""
+  step = eval_step if preprocessing is None else functools.partial(
+      eval_step, preprocessing=preprocessing)
+  return jax.jit(step, compiler_options=cpu_kernels.compiler_options(data.core.platform(mesh)))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -212,11 +234,17 @@ def train_step(recipe: optim.Recipe, state: TrainState,
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch: data.Batch) -> dict[str, jax.Array]:
-  """Error counts of one (padded, masked) batch; multi-view batches average softmax scores."""
+def eval_step(state: TrainState | Weights, batch: data.Batch,
+              preprocessing: Callable[[jax.Array], jax.Array] | None = None
+              ) -> dict[str, jax.Array]:
+  """Error counts of one (padded, masked) batch; multi-view batches average softmax scores.
+  `preprocessing`, if given, maps each view (then raw pixels) to the model's input."""
   model = nnx.merge(state.graphdef, state.params, state.batch_stats)
   model.eval()
-  scores = [jax.nn.softmax(model(view)) for view in data.views(batch)]
+  views = data.views(batch)
+  if preprocessing is not None:
+    views = tuple(map(preprocessing, views))
+  scores = [jax.nn.softmax(model(view)) for view in views]
   mean_scores = sum(scores) / len(scores)
   sums = topk_errors(mean_scores, batch.labels, batch.mask)
   sums["nonfinite"] = jnp.sum(batch.mask & ~jnp.isfinite(mean_scores).all(axis=-1))
@@ -226,7 +254,7 @@ def eval_step(state: TrainState, batch: data.Batch) -> dict[str, jax.Array]:
   return sums
 
 
-def evaluate(eval_fn, state: TrainState, batches) -> dict[str, float]:
+def evaluate(eval_fn, state: TrainState | Weights, batches) -> dict[str, float]:
   """Top-1/top-5 error (%) and loss over every example of the evaluation split."""
   totals = None
   for batch in batches:
@@ -235,10 +263,14 @@ def evaluate(eval_fn, state: TrainState, batches) -> dict[str, float]:
   totals = jax.device_get(totals)
   count = int(totals["count"])
   if totals["nonfinite"]:
+    scores = (f"the model's scores are not finite for {int(totals['nonfinite'])} of the {count} "
+              "evaluation images")
+    if isinstance(state, Weights):
+      raise NonFiniteError(f"{scores}; check the weights and their preprocessing, or use "
+                           "float32 (--config.dtype=float32).")
     raise NonFiniteError(
-        f"the model's scores are not finite for {int(totals['nonfinite'])} of the {count} "
-        f"evaluation images at step {int(state.step)}, though its weights are; nothing of this "
-        "step is saved. Lower the learning rate, or use float32 (--config.dtype=float32).")
+        f"{scores} at step {int(state.step)}, though its weights are; nothing of this step is "
+        "saved. Lower the learning rate, or use float32 (--config.dtype=float32).")
   return {"top1_error": 100.0 * float(totals["top1_errors"]) / count,
           "top5_error": 100.0 * float(totals["top5_errors"]) / count,
           "loss": float(totals["loss_sum"]) / count, "examples": count}
@@ -415,6 +447,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: Mesh,
                           batch_size=config.batch_size, train_size=info.train_size,
                           dataset_name=info.name, start_step=start_step)
   writer.write_config(config)
+  if jax.process_index() == 0:
+    mean_cache.write(workdir / INPUT_MEAN_FILE, np.asarray(dataset.mean))
   cleanup.callback(writer.close)
   # Saves in flight complete even when training stops on an error (a non-finite loss).
   cleanup.callback(manager.wait)
