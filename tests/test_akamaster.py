@@ -202,3 +202,27 @@ def test_bad_file_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match=r"^from_akamaster takes a state dict .* or a "
                      r"\.th/\.pth/\.pt/\.npz path, got int\.$"):
     pretrained.from_akamaster(20)
+
+
+def test_his_weights_score_through_the_evaluator_as_his_net_scores_the_same_pixels(tmp_path):
+  """`evaluate --weights_format=akamaster`: his preprocessing applied in the evaluation step,
+  to the raw pixels of the dataset the config names; the top-1 error is his net's own."""
+  from resnet_jax import data  # pylint: disable=g-import-not-at-top
+  from resnet_jax.configs import cifar_resnet20  # pylint: disable=g-import-not-at-top
+  from resnet_jax.training import evaluate, loop  # pylint: disable=g-import-not-at-top
+
+  net = _twin(20, seed=5)
+  _save_checkpoint(net, tmp_path / "resnet20.th")
+  config = cifar_resnet20.get_config("smoke")  # Synthetic 32x32 images, 10 classes.
+  _, record = evaluate.evaluate_weights(tmp_path / "resnet20.th", "akamaster", config,
+                                        tmp_path / "out", model="cifar_resnet20")
+  dataset = loop.dataset_config(config)
+  dataset.mean = "none"
+  batches = list(data.create(dataset, data.core.make_mesh(), train=False).eval_batches(64))
+  pixels = np.concatenate([np.asarray(b.images)[np.asarray(b.mask)] for b in batches])
+  labels = np.concatenate([np.asarray(b.labels)[np.asarray(b.mask)] for b in batches])
+  his_errors = np.sum(_his_logits(net, pixels.astype(np.uint8)).argmax(axis=1) != labels)
+  assert np.array_equal(pixels, pixels.astype(np.uint8))  # Raw pixels, exactly.
+  assert record["examples"] == len(labels) == 200
+  assert record["top1_error"] == 100.0 * his_errors / len(labels)
+  assert (record["weights_format"], record["model"]) == ("akamaster", "cifar_resnet20")
