@@ -29,7 +29,7 @@ import pytest
 SHARES = {
     # jax 0.10.2, the oldest we support, and PyTorch (its 2.13.0 CPU wheel is for Python 3.11):
     # the PyTorch twins run here.
-    "3.11": ("test_torchvision.py", "test_akamaster.py", "test_preactivation.py", "test_tfds.py",
+    "3.11": ("test_torchvision.py", "test_akamaster.py", "test_readme.py", "test_preactivation.py", "test_tfds.py",
              "test_configs.py", "test_benchmark.py", "test_claim.py", "test_data_imagenet.py",
              "test_analysis.py", "test_experiments.py", "test_launch.py", "test_install.py",
              "test_private_api.py", "test_ci_shares.py"),
