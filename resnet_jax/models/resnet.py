@@ -40,6 +40,11 @@ statistics, no update) and `model.train()` to go back. Every module is pure unde
 `jax.jit` and every JAX transformation through `nnx.split` / `nnx.merge`. Input
 is NHWC float.
 
+Initialisation. Conv kernels are `he_normal` (Sec. 3.4, reference [13]), the classifier's
+flax's `lecun_normal`, BN scales one and biases zero. A build makes all its kernels' draws in
+one compiled program (`_Draws`), bit for bit `jax.random.normal(key, shape) * stddev` as
+the initializers op by op, with the keys `rngs` gives them in the same order.
+
 This module imports jax and flax only: no TensorFlow, no dataset code.
 """
 
