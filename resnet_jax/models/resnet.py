@@ -45,6 +45,11 @@ statistics, no update) and `model.train()` to go back. Every module is pure unde
 `jax.jit` and every JAX transformation through `nnx.split` / `nnx.merge`. Input
 is NHWC float.
 
+Initialisation. Conv kernels are `he_normal` (Sec. 3.4, reference [13]), the classifier's
+flax's `lecun_normal`, BN scales one and biases zero. A build makes all its kernels' draws in
+one compiled program (`_Draws`), bit for bit `jax.random.normal(key, shape) * stddev` as
+the initializers op by op, with the keys `rngs` gives them in the same order.
+
 This module imports jax and flax only: no TensorFlow, no dataset code.
 """
 
@@ -58,12 +63,17 @@ from typing import Any, Callable, ClassVar, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
+import jax.extend.random
+from jax.extend.random import threefry_2x32
 
 # Initialisation of reference [13] (He et al., 2015, "Delving Deep into
 # Rectifiers"): zero-mean Gaussian with std sqrt(2 / n), n = k * k * c_in.
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+# flax's default for `nnx.Linear` kernels, the classifier's.
+lecun_normal = nnx.initializers.lecun_normal()
 
 SHORTCUTS = ("A", "B", "C")
 
@@ -180,6 +190,156 @@ class BatchNorm(nnx.BatchNorm):
     for stat, value in ((self.mean, group_means), (self.var, group_vars)):
       stat[...] = lax.stop_gradient(
           self.momentum * stat[...] + (1 - self.momentum) * jnp.mean(value, axis=0))
+
+
+def _drawn_together(key: jax.Array, shape: Sequence[int], dtype: Any) -> bool:
+  """Whether `_Draws` reproduces `key`'s draw of `shape` and `dtype` bit for bit: a float32
+  draw of fewer than 2**32 elements from a threefry key, under `jax_threefry_partitionable`."""
+  return (dtype == jnp.float32 and math.prod(shape) < 2**32
+          and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()
+          and str(jax.random.key_impl(key)) == "threefry2x32"
+          and jax.config.jax_threefry_partitionable)
+
+
+class _Draws:
+  """The Gaussian draws of one `ResNet` build, made in one compiled program.
+
+  Op by op, each initializer call compiles a program of its own (JAX compiles per shape):
+  most of a build's time on a CPU. `ResNet` records its conv kernels' draws (`he_normal`) and
+  its classifier kernel's (`lecun_normal`) with their keys, as `jax.ShapeDtypeStruct`
+  placeholders, and `fill` makes them all in one program (`_draw`, cached per layout) and
+  sets them in the model. Each value is `jax.random.normal(key, shape) * stddev` (or
+  `truncated_normal(key, -2, 2, shape) * stddev`), the stddev `variance_scaling`'s, bit for
+  bit: with `jax_threefry_partitionable` (JAX's default), element i of a threefry key's draw
+  depends on the key and i alone, so one threefry over every (key, i) pair gives every
+  array's random bits, and `jax.random`'s own float maps make them normal. A draw
+  `_drawn_together` cannot reproduce (another PRNG, dtype or option) is made op by op.
+  """
+
+  def __init__(self):
+    self.keys, self.stddevs, self.layout, self.placeholders = [], [], [], []
+
+  def he_normal(self, key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32):
+    return self.record(key, shape, dtype, "normal")
+
+  def lecun_normal(self, key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32):
+    return self.record(key, shape, dtype, "truncated_normal")
+
+  def record(self, key: jax.Array, shape: Sequence[int], dtype: Any, distribution: str):
+    """A placeholder for `key`'s draw (`he_normal`'s or `lecun_normal`'s), or the draw itself
+    where `_drawn_together` says no."""
+    shape = tuple(shape)
+    if not _drawn_together(key, shape, dtype):
+      return (he_normal if distribution == "normal" else lecun_normal)(key, shape, dtype)
+    # The standard deviation as `variance_scaling` computes it (fan in: all but the last axis).
+    stddev = jnp.sqrt(jnp.array((2.0 if distribution == "normal" else 1.0)
+                                / math.prod(shape[:-1]), jnp.float32))
+    if distribution == "truncated_normal":  # The stddev of a standard normal cut at +-2.
+      stddev = stddev / jnp.array(.87962566103423978, jnp.float32)
+    self.keys.append(key)
+    self.stddevs.append(stddev)
+    self.layout.append((shape, distribution))
+    self.placeholders.append(jax.ShapeDtypeStruct(shape, dtype))
+    return self.placeholders[-1]
+
+  def fill(self, module: nnx.Module) -> None:
+    """Sets every recorded draw in the variable of `module` holding its placeholder."""
+    if not self.keys:
+      return
+    layout = tuple(self.layout)
+    flat = _draw(self.keys, self.stddevs, layout=layout)
+    try:  # Concrete: cut on the host, as one compiled program per array would take longer.
+      host = np.asarray(flat)
+      cut = lambda start, size, shape: jax.device_put(host[start:start + size].reshape(shape),
+                                                      flat.sharding)
+    except jax.errors.TracerArrayConversionError:  # Traced (nnx.eval_shape, jit): in the trace.
+      cut = lambda start, size, shape: flat[start:start + size].reshape(shape)
+    values = [cut(start, math.prod(shape), shape)
+              for start, (shape, _) in zip(_starts(layout), layout)]
+    index = {id(placeholder): i for i, placeholder in enumerate(self.placeholders)}
+    filled = 0
+    for _, node in nnx.iter_graph(module):
+      if isinstance(node, nnx.Variable) and id(node.get_value()) in index:
+        node.set_value(values[index[id(node.get_value())]])
+        filled += 1
+    if filled != len(self.placeholders):
+      raise ValueError("A conv layer changed the kernel its kernel_init returned: ResNet's conv "
+                       "must hold kernel_init's value as its kernel variable, as nnx.Conv does.")
+
+
+@functools.cache
+def _bits_as_key(size: int):
+  """A PRNG implementation whose key is `size` random 32-bit words, which it returns as its
+  random bits: `jax.random`'s float maps applied to bits made elsewhere."""
+  def random_bits(words: jax.Array, bit_width: int, shape: Sequence[int]) -> jax.Array:
+    if bit_width != 32 or math.prod(shape) != size:
+      raise NotImplementedError(f"{size} 32-bit words cannot be {bit_width}-bit bits of {shape}.")
+    return words.reshape(shape)
+
+  def cannot(*args):
+    raise NotImplementedError("a key of precomputed bits is only drawn from, once.")
+
+  return jax.extend.random.define_prng_impl(
+      key_shape=(size,), seed=cannot, split=cannot, random_bits=random_bits, fold_in=cannot,
+      name=f"bits{size}")
+
+
+_ROW = 4096  # `_draw` makes each array in rows of this many elements.
+
+
+def _order(layout: tuple[tuple[tuple[int, ...], str], ...]) -> list[int]:
+  """The order in which `_draw` lays out `layout`'s arrays: the normal ones first."""
+  return sorted(range(len(layout)), key=lambda i: layout[i][1] != "normal")
+
+
+def _starts(layout: tuple[tuple[tuple[int, ...], str], ...]) -> list[int]:
+  """Where each of `layout`'s arrays starts in `_draw`'s output: each at a row of its own."""
+  starts, row = [0] * len(layout), 0
+  for i in _order(layout):
+    starts[i] = row * _ROW
+    row += -(-math.prod(layout[i][0]) // _ROW)
+  return starts
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _draw(keys: list[jax.Array], stddevs: list[jax.Array],
+          layout: tuple[tuple[tuple[int, ...], str], ...]) -> jax.Array:
+  """`_Draws`' arrays, flat, each from `_starts`: per (shape, distribution) of `layout`, its
+  key's `jax.random.normal` or `truncated_normal(-2, 2)` draw times its stddev.
+
+  Every array is cut in rows of `_ROW` elements (its normal ones first), so that all their
+  random bits are one threefry over a [rows, _ROW] grid of counters: row r of an array holds
+  elements r * _ROW onwards of its key's bits, as `jax.random.bits` makes them under
+  `jax_threefry_partitionable` (element i: the threefry hash of the counter pair (0, i), its
+  two words xored). `jax.random.normal` and `truncated_normal` then map the normal and the
+  truncated arrays' rows (`_bits_as_key`).
+  """
+  order = _order(layout)
+  sizes = [math.prod(layout[i][0]) for i in order]
+  rows_per_array = [-(-size // _ROW) for size in sizes]
+  array_of_row = np.repeat(np.arange(len(order)), rows_per_array)
+  first_row = np.cumsum([0] + rows_per_array)
+  row_starts = ((np.arange(len(array_of_row)) - first_row[array_of_row]) * _ROW).astype(np.uint32)
+  counters = row_starts[:, None] + lax.iota(jnp.uint32, _ROW)[None, :]
+  key_data = jnp.stack([jax.random.key_data(keys[i]) for i in order])[array_of_row]
+  hashed = jax.vmap(jax.vmap(lambda k1, k2, count: threefry_2x32((k1, k2), count)))(
+      jnp.broadcast_to(key_data[:, :1], counters.shape),
+      jnp.broadcast_to(key_data[:, 1:], counters.shape),
+      jnp.stack([jnp.zeros_like(counters), counters], axis=-1))
+  bits = hashed[..., 0] ^ hashed[..., 1]
+  normal_rows = int(first_row[sum(layout[i][1] == "normal" for i in order)])
+  draws = []
+  for rows, draw in ((bits[:normal_rows], jax.random.normal),
+                     (bits[normal_rows:], functools.partial(jax.random.truncated_normal,
+                                                            lower=-2, upper=2))):
+    if rows.size:
+      key = jax.random.wrap_key_data(rows.reshape(-1), impl=_bits_as_key(rows.size))
+      draws.append(draw(key, shape=rows.shape, dtype=jnp.float32))
+  # The barrier keeps XLA from folding the float map's constant sqrt(2) into the stddev,
+  # which would move last bits: each draw is multiplied by its stddev as a separate op.
+  scaled = (lax.optimization_barrier(jnp.concatenate(draws))
+            * jnp.stack([stddevs[i] for i in order])[array_of_row][:, None])
+  return scaled.reshape(-1)
 
 
 def _check_shortcut(shortcut: str | None) -> None:
@@ -374,7 +534,8 @@ class ResNet(nnx.Module):
                conv: Callable[..., nnx.Module] = nnx.Conv,
                norm: Callable[..., nnx.Module] = nnx.BatchNorm,
                dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    conv = functools.partial(conv, use_bias=False, kernel_init=he_normal, dtype=dtype,
+    draws = _Draws()
+    conv = functools.partial(conv, use_bias=False, kernel_init=draws.he_normal, dtype=dtype,
                              param_dtype=jnp.float32)
     norm = functools.partial(norm, momentum=0.9, epsilon=1e-5, dtype=dtype,
                              param_dtype=jnp.float32)
@@ -403,7 +564,8 @@ class ResNet(nnx.Module):
     self.num_features = features
     # The pooled features are activated: after a last block that ends in a raw sum, a BN-ReLU.
     self.final_norm = None if activated else norm(features, rngs=rngs)
-    self.reset_classifier(num_classes, rngs=rngs)
+    self.head = self._classifier(num_classes, rngs, kernel_init=draws.lecun_normal)
+    draws.fill(self)
 
   def reset_classifier(self, num_classes: int, *, rngs: nnx.Rngs) -> None:
     """Replaces the classifier by a new one with `num_classes` outputs, or by none (0).
@@ -417,12 +579,18 @@ class ResNet(nnx.Module):
     features.
     Fine-tuning a pretrained net on new classes: `model.reset_classifier(10, rngs=...)`.
     """
+    self.head = self._classifier(num_classes, rngs, kernel_init=lecun_normal)
+
+  def _classifier(self, num_classes: int, rngs: nnx.Rngs, kernel_init: Callable[..., Any]):
+    """`reset_classifier`'s head, its kernel drawn by `kernel_init` (the constructor's draws
+    the kernel with the conv kernels, `_Draws`; the same values as `lecun_normal`)."""
     if num_classes < 0:
       raise ValueError(f"num_classes must be positive (or 0 for a headless model), "
                        f"got {num_classes}.")
     # Marked data: a head of None (headless) would otherwise make the attribute static.
-    self.head = nnx.data(nnx.Linear(self.num_features, num_classes, dtype=self.dtype,
-                                    param_dtype=jnp.float32, rngs=rngs) if num_classes else None)
+    return nnx.data(nnx.Linear(self.num_features, num_classes, dtype=self.dtype,
+                               param_dtype=jnp.float32, kernel_init=kernel_init, rngs=rngs)
+                    if num_classes else None)
 
   def intermediates(self, x: jax.Array) -> dict[str, jax.Array]:
     """Every named output of the forward pass on NHWC images `x`, in forward order.
