@@ -8,6 +8,7 @@ from resnet_jax import models
 from resnet_jax.models import pretrained
 
 import akamaster_resnet
+import torch_twins
 
 CLASSES = 10
 # His trainer's transforms.Normalize, after ToTensor's scaling to [0, 1].
@@ -17,20 +18,9 @@ MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.2
 def _twin(depth: int, seed: int = 0, option: str = "A") -> torch.nn.Module:
   """His net with random weights and random BN affine parameters and running statistics
   (0/1 at init would leave the BN mapping untested), in eval mode."""
-  generator = torch.Generator().manual_seed(seed)
   torch.manual_seed(seed)
   net = akamaster_resnet.resnet(depth, num_classes=CLASSES, option=option)
-  with torch.no_grad():
-    for module in net.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        n = module.num_features
-        module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-        module.bias.copy_(0.1 * torch.randn(n, generator=generator))
-        module.running_mean.copy_(0.5 * torch.randn(n, generator=generator))
-        module.running_var.copy_(1.5 * torch.rand(n, generator=generator) + 0.5)
-      elif isinstance(module, torch.nn.Linear):
-        module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
-  return net.eval()
+  return torch_twins.randomised(net, seed)
 
 
 def _pixels(seed: int = 0) -> np.ndarray:

@@ -14,6 +14,7 @@ from resnet_jax import models
 from resnet_jax.models import pretrained
 
 import torchvision_resnet
+import torch_twins
 
 SIZE, CLASSES = 64, 10  # 64x64 input keeps a 2x2 final map at a fraction of 224's cost.
 
@@ -25,20 +26,8 @@ TORCHVISION_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50"
 def _twin(name: str, seed: int = 0) -> torch.nn.Module:
   """torchvision's net with random weights and non-trivial BN statistics and affine
   parameters (0/1 at init would leave the BN mapping untested), in eval mode."""
-  generator = torch.Generator().manual_seed(seed)
   torch.manual_seed(seed)
-  net = getattr(torchvision_resnet, name)(num_classes=CLASSES)
-  with torch.no_grad():
-    for module in net.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        n = module.num_features
-        module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-        module.bias.copy_(0.1 * torch.randn(n, generator=generator))
-        module.running_mean.copy_(0.5 * torch.randn(n, generator=generator))
-        module.running_var.copy_(1.5 * torch.rand(n, generator=generator) + 0.5)
-      elif isinstance(module, torch.nn.Linear):
-        module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
-  return net.eval()
+  return torch_twins.randomised(getattr(torchvision_resnet, name)(num_classes=CLASSES), seed)
 
 
 def _images(seed: int = 0) -> np.ndarray:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -361,6 +361,27 @@ def _first(keys: list[str]) -> str:
   return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
+def _missing_and_unexpected(state: Mapping[str, Any],
+                            keys: list[str]) -> tuple[list[str], list[str]]:
+  """The `keys` that `state` lacks, and the keys of `state` that are none of `keys` nor a BN's
+  `num_batches_tracked` (which torch's momentum batch norm never reads)."""
+  known = set(keys) | {key.replace(".running_mean", ".num_batches_tracked") for key in keys
+                       if key.endswith(".running_mean")}
+  return [key for key in keys if key not in state], [key for key in state if key not in known]
+
+
+def _torch_value(state: Mapping[str, Any], key: str, variable: nnx.Variable, layout: str,
+                 expecting: str, error: Callable[[str], ValueError]
+                 ) -> tuple[np.ndarray, tuple[int, ...]]:
+  """`state[key]` as a numpy array in torch's axes, and which of ours each of them is
+  (`_TORCH_AXES`); `error(reason)`, naming `expecting`, where its shape is not `variable`'s."""
+  value, axes = _to_numpy(state[key]), _TORCH_AXES[layout]
+  expected = tuple(variable.shape[axis] for axis in axes)
+  if value.shape != expected:
+    raise error(f"key {key!r} has shape {value.shape}, {expecting} expects {expected}")
+  return value, axes
+
+
 def from_torchvision(state_dict_or_path: Mapping[str, Any] | str | os.PathLike, name: str, *,
                      dtype: Any = jnp.float32) -> models.ResNet:
   """Our ResNet with the weights of a torchvision ResNet-18/34/50/101/152.
@@ -409,26 +430,18 @@ def from_torchvision(state_dict_or_path: Mapping[str, Any] | str | os.PathLike, 
   model = nnx.eval_shape(lambda: models.create(
       name, num_classes=num_classes, stride_on_1x1=False, dtype=dtype, rngs=nnx.Rngs(0)))
   tensors = _torchvision_tensors(model)
-  missing = [key for key, _, _ in tensors if key not in state]
+  missing, unexpected = _missing_and_unexpected(state, [key for key, _, _ in tensors])
   if missing:
     hint = ("; strip the 'module.' prefix of a DataParallel model's keys"
             if all(key.startswith("module.") for key in state) else "")
     raise ValueError(f"State dict is not a torchvision {name}: {len(missing)} missing keys "
                      f"({_first(missing)}){hint}.")
-  known = {key for key, _, _ in tensors}
-  known |= {key.replace(".running_mean", ".num_batches_tracked") for key in known
-            if key.endswith(".running_mean")}
-  unexpected = [key for key in state if key not in known]
   if unexpected:
     raise ValueError(f"State dict is not a torchvision {name}: {len(unexpected)} unexpected "
                      f"keys ({_first(unexpected)}).")
   for key, variable, layout in tensors:
-    value = _to_numpy(state[key])
-    axes = _TORCH_AXES[layout]
-    expected = tuple(variable.shape[axis] for axis in axes)
-    if value.shape != expected:
-      raise ValueError(f"State dict key {key!r} has shape {value.shape}, torchvision's {name} "
-                       f"expects {expected}.")
+    value, axes = _torch_value(state, key, variable, layout, f"torchvision's {name}",
+                               lambda reason: ValueError(f"State dict {reason}."))
     variable.set_value(jnp.asarray(value.transpose(np.argsort(axes)), jnp.float32))
 
   return _loaded(model)
@@ -644,24 +657,16 @@ def from_akamaster(state_dict_or_path: Mapping[str, Any] | str | os.PathLike,
   copies = [(key, variable, layout, reads, writes)
             for prefix, module, reads, writes in _akamaster_modules(model)
             for key, variable, layout in _torch_tensors([(prefix, module)])]
-  missing = [key for key, *_ in copies if key not in state]
+  missing, unexpected = _missing_and_unexpected(state, [key for key, *_ in copies])
   if missing:
     raise _not_akamaster(f"{len(missing)} keys of a cifar_resnet{depth} with option "
                          f"{shortcut} shortcuts are missing ({_first(missing)})")
-  known = {key for key, *_ in copies}
-  known |= {key.replace(".running_mean", ".num_batches_tracked") for key in known
-            if key.endswith(".running_mean")}
-  unexpected = [key for key in state if key not in known]
   if unexpected:
     raise _not_akamaster(f"{len(unexpected)} keys are not a cifar_resnet{depth}'s with option "
                          f"{shortcut} shortcuts ({_first(unexpected)})")
   for key, variable, layout, reads, writes in copies:
-    value = _to_numpy(state[key])
-    axes = _TORCH_AXES[layout]
-    expected = tuple(variable.shape[axis] for axis in axes)
-    if value.shape != expected:
-      raise _not_akamaster(f"key {key!r} has shape {value.shape}, a cifar_resnet{depth} "
-                           f"expects {expected}")
+    value, axes = _torch_value(state, key, variable, layout, f"a cifar_resnet{depth}",
+                               _not_akamaster)
     # Torch's axes: a conv's (out, in, ...), a Linear's (out, in), a BN vector's (out,).
     orders = {"conv": (writes, reads), "linear": (None, reads), "vector": (writes,)}[layout]
     for axis, order in enumerate(orders):
