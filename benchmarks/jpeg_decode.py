@@ -16,11 +16,9 @@ noisy than the wall clock) and of the wall-clock seconds. Figures in BENCHMARKS.
 from __future__ import annotations
 
 import argparse
-import io
 import time
 
 import numpy as np
-from PIL import Image
 
 from resnet_jax.data import decoding, imagenet, sources
 
@@ -38,9 +36,7 @@ def generated_jpegs(count: int) -> np.ndarray:
                       128 + 100 * np.sin(y / (23 + index % 5) + phase[1]),
                       128 + 100 * np.sin((x + y) / 31 + phase[2])], axis=-1)
     image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "JPEG", quality=90)
-    encoded.append(buffer.getvalue())
+    encoded.append(tf.io.encode_jpeg(image, quality=90).numpy())
   return np.array(encoded, dtype=object)
 
 

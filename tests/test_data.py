@@ -432,6 +432,18 @@ def test_images_replaced_in_place_get_the_mean_of_the_new_ones(tmp_path, side):
   assert len(list(pathlib.Path(config.cache_dir).glob("mean_*.npy"))) == 2
 
 
+def test_a_mean_cached_from_tensorflows_default_decode_is_not_served(tmp_path):
+  # Before 0.3.0 JPEGs decoded with TensorFlow's fast IDCT, and means were cached under this key.
+  root = image_folder(tmp_path / "images", per_class=12)
+  config = folder_config(root, tmp_path)
+  train = sources.folder_records(root, "train")
+  key = f"image_folder train {sources.fingerprint(train)} 32x32x3"
+  stale = mean_cache.cache_path(key, config.cache_dir)
+  stale.parent.mkdir(parents=True)
+  np.save(stale, np.full((32, 32, 3), 7.0, np.float32))
+  np.testing.assert_allclose(data.create(config, mesh_of(8)).mean, decoded_mean(root), atol=1e-3)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "another_shape"])
 def test_a_broken_cache_file_is_computed_again_with_one_warning_naming_it(tmp_path, caplog, damage):
   root = image_folder(tmp_path / "images", per_class=12)

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from resnet_jax import data
-from resnet_jax.data import decoding, imagenet, record_reader, sources
+from resnet_jax.data import decoding, imagenet, mean_cache, record_reader, sources
 from resnet_jax.data.sources import tensorflow, tensorflow_datasets
 
 tf = tensorflow()
@@ -195,6 +195,16 @@ def test_the_per_pixel_mean_is_the_mean_centre_view_of_the_training_images_cache
   assert np.all(folder_dataset(jpeg_folder, mesh_of(8), cache_dir=str(tmp_path)).mean == 7.0)
   per_channel = folder_dataset(jpeg_folder, mesh_of(8), cache_dir=str(tmp_path), mean="per_channel")
   np.testing.assert_array_equal(per_channel.mean, np.full((1, 1, 3), 7.0))
+
+
+def test_a_mean_cached_from_tensorflows_default_decode_is_not_served(jpeg_folder, tmp_path):
+  # Before 0.3.0 JPEGs decoded with TensorFlow's fast IDCT, and means were cached under this key.
+  train = sources.folder_records(jpeg_folder, "train")
+  ids = np.arange(len(train))  # All of them: fewer than imagenet.MEAN_SAMPLE.
+  key = f"{sources.fingerprint(train, ids)} {len(ids)} sampled centre 224 of shorter side 256"
+  np.save(mean_cache.cache_path(key, str(tmp_path)), np.full((224, 224, 3), 7.0, np.float32))
+  ds = folder_dataset(jpeg_folder, mesh_of(8), cache_dir=str(tmp_path))
+  np.testing.assert_allclose(ds.mean, mean_centre_view(jpeg_folder), atol=1e-3)
 
 
 @pytest.mark.parametrize("mean", ["per_pixel", "per_channel"])

@@ -89,7 +89,8 @@ def train_view(image, seed, augment=True):
 
 
 def train_view_from_bytes(contents, seed, augment=True):
-  """`train_view` of an encoded image; JPEGs decode only the crop window."""
+  """`train_view` of an encoded image; JPEGs decode only the crop window (its edge columns may
+  differ from the whole image's decode by libjpeg's chroma upsampling: BENCHMARKS.md)."""
   if not augment:
     return center_view(decoding.decode(contents))
 
