@@ -8,6 +8,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from resnet_jax import data
 from resnet_jax.data import core, decoding, imagenet, mean_cache, on_device, sources
@@ -62,6 +63,31 @@ def test_cifar10_folder_sizes_and_label_order(cifar10_dir, cifar_records):
   np.testing.assert_array_equal(np.bincount(train.labels), [5000] * 10)
   np.testing.assert_array_equal(np.bincount(test.labels), [1000] * 10)
   assert all(f"/{CLASSES[label]}/" in path for path, label in zip(train.paths[::997], train.labels[::997]))
+
+
+def pil_pixels(path) -> np.ndarray:
+  """uint8 [H, W, 3]: the image file as PIL decodes it, as torchvision's loaders (and so the code
+  that trained published weights) read images."""
+  with Image.open(path) as image:
+    return np.asarray(image.convert("RGB"))
+
+
+def test_jpegs_decode_to_pils_pixels_exactly_in_both_pipelines(cifar_records):
+  tf = sources.tensorflow()
+  for records in cifar_records:
+    ids = np.sort(np.random.default_rng(0).choice(len(records), 300, replace=False))
+    expected = np.stack([pil_pixels(path) for path in records.paths[ids]])
+    np.testing.assert_array_equal(decoding.decode_all(records, ids), expected)  # On the devices.
+    # TensorFlow's default decode (the fast IDCT) gives other pixels: the test tells them apart.
+    fast = np.stack([tf.io.decode_image(tf.io.read_file(path), channels=3).numpy()
+                     for path in records.paths[ids]])
+    assert np.count_nonzero(fast != expected) > expected.size // 10
+    for index in ids[:10]:  # The streaming pipeline's (ImageNet's) views of the same files.
+      contents = tf.io.read_file(records.paths[index])
+      np.testing.assert_array_equal(decoding.decode(contents), pil_pixels(records.paths[index]))
+      view, _ = imagenet.train_view_from_bytes(contents, tf.constant([0, 0], tf.int64), augment=False)
+      expected_view, _ = imagenet.center_view(tf.constant(pil_pixels(records.paths[index])))
+      np.testing.assert_array_equal(view, expected_view)
 
 
 def test_cifar10_dataset_and_cached_mean(cifar_ds):
@@ -404,6 +430,18 @@ def test_images_replaced_in_place_get_the_mean_of_the_new_ones(tmp_path, side):
   assert mean.shape == (side, side, 3)
   np.testing.assert_allclose(mean, decoded_mean(root), atol=1e-3)
   assert len(list(pathlib.Path(config.cache_dir).glob("mean_*.npy"))) == 2
+
+
+def test_a_mean_cached_from_tensorflows_default_decode_is_not_served(tmp_path):
+  # Before 0.3.0 JPEGs decoded with TensorFlow's fast IDCT, and means were cached under this key.
+  root = image_folder(tmp_path / "images", per_class=12)
+  config = folder_config(root, tmp_path)
+  train = sources.folder_records(root, "train")
+  key = f"image_folder train {sources.fingerprint(train)} 32x32x3"
+  stale = mean_cache.cache_path(key, config.cache_dir)
+  stale.parent.mkdir(parents=True)
+  np.save(stale, np.full((32, 32, 3), 7.0, np.float32))
+  np.testing.assert_allclose(data.create(config, mesh_of(8)).mean, decoded_mean(root), atol=1e-3)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "another_shape"])

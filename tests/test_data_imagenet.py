@@ -2,9 +2,10 @@
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from resnet_jax import data
-from resnet_jax.data import imagenet, record_reader, sources
+from resnet_jax.data import decoding, imagenet, mean_cache, record_reader, sources
 from resnet_jax.data.sources import tensorflow, tensorflow_datasets
 
 tf = tensorflow()
@@ -136,11 +137,51 @@ def folder_dataset(root, mesh, **fields):
   return data.create(config, mesh)
 
 
+def pil_pixels(path) -> np.ndarray:
+  """uint8 [H, W, 3]: the image file as PIL decodes it, as torchvision's loaders read images."""
+  with Image.open(path) as image:
+    return np.asarray(image.convert("RGB"))
+
+
 def mean_centre_view(root) -> np.ndarray:
-  """The mean 224 centre view of the folder's training images, computed here, image by image."""
-  views = [imagenet.center_view(tf.io.decode_image(path.read_bytes(), channels=3))[0].numpy()
+  """The mean 224 centre view of the folder's training images, computed here, image by image
+  from PIL's pixels."""
+  views = [imagenet.center_view(tf.constant(pil_pixels(path)))[0].numpy()
            for path in sorted(root.glob("train/*/*.jpg"))]
   return np.mean(views, axis=0, dtype=np.float64)
+
+
+# JPEGs as PIL writes them: 4:2:0 chroma (its default), 4:4:4, progressive, greyscale, CMYK.
+PIL_JPEGS = {"a": ("RGB", {"quality": 75}), "b": ("RGB", {"quality": 90, "subsampling": 0}),
+             "c": ("RGB", {"quality": 75, "progressive": True}), "d": ("L", {"quality": 75}),
+             "e": ("CMYK", {"quality": 90})}
+
+
+def test_streaming_views_and_mean_are_of_pils_pixels(tmp_path):
+  """Every JPEG decodes to PIL's pixels (libjpeg's accurate IDCT), so a model sees the pixels its
+  PyTorch training code saw: each class of this folder is one kind of 500x375 JPEG, its
+  training image one view of a smooth scene plus noise, its validation image another."""
+  root = tmp_path / "images"
+  y, x = np.mgrid[0:375, 0:500]
+  rng = np.random.default_rng(0)
+  for index, (label, (mode, options)) in enumerate(PIL_JPEGS.items()):
+    for split in ("train", "val"):
+      scene = np.stack([x * 0.4 + 30 * np.sin(y / (7 + index)), y * 0.5 + 40 * np.cos(x / 11),
+                        (x + y + 50 * index) % 200], axis=-1)
+      pixels = np.clip(scene + rng.normal(0, 15, scene.shape), 0, 255).astype(np.uint8)
+      (root / split / label).mkdir(parents=True, exist_ok=True)
+      Image.fromarray(pixels).convert(mode).save(root / split / label / "0.jpg", "JPEG", **options)
+  for path in sorted(root.glob("*/*/*.jpg")):
+    np.testing.assert_array_equal(decoding.decode(tf.io.read_file(str(path))), pil_pixels(path))
+  ds = folder_dataset(root, mesh_of(8), num_classes=len(PIL_JPEGS))
+  np.testing.assert_allclose(ds.mean, mean_centre_view(root), atol=1e-3)
+  (batch,) = list(ds.eval_batches(8, "center"))
+  mask = np.asarray(batch.mask)
+  views = np.asarray(batch.images)[mask] + np.asarray(ds.mean)
+  for label, view in zip(np.asarray(batch.labels)[mask], views):
+    path = root / "val" / sorted(PIL_JPEGS)[label] / "0.jpg"
+    expected = imagenet.center_view(tf.constant(pil_pixels(path)))[0].numpy()
+    np.testing.assert_allclose(view, expected, atol=1e-3)
 
 
 def test_the_per_pixel_mean_is_the_mean_centre_view_of_the_training_images_cached(
@@ -154,6 +195,16 @@ def test_the_per_pixel_mean_is_the_mean_centre_view_of_the_training_images_cache
   assert np.all(folder_dataset(jpeg_folder, mesh_of(8), cache_dir=str(tmp_path)).mean == 7.0)
   per_channel = folder_dataset(jpeg_folder, mesh_of(8), cache_dir=str(tmp_path), mean="per_channel")
   np.testing.assert_array_equal(per_channel.mean, np.full((1, 1, 3), 7.0))
+
+
+def test_a_mean_cached_from_tensorflows_default_decode_is_not_served(jpeg_folder, tmp_path):
+  # Before 0.3.0 JPEGs decoded with TensorFlow's fast IDCT, and means were cached under this key.
+  train = sources.folder_records(jpeg_folder, "train")
+  ids = np.arange(len(train))  # All of them: fewer than imagenet.MEAN_SAMPLE.
+  key = f"{sources.fingerprint(train, ids)} {len(ids)} sampled centre 224 of shorter side 256"
+  np.save(mean_cache.cache_path(key, str(tmp_path)), np.full((224, 224, 3), 7.0, np.float32))
+  ds = folder_dataset(jpeg_folder, mesh_of(8), cache_dir=str(tmp_path))
+  np.testing.assert_allclose(ds.mean, mean_centre_view(jpeg_folder), atol=1e-3)
 
 
 @pytest.mark.parametrize("mean", ["per_pixel", "per_channel"])

@@ -39,7 +39,8 @@ DISTRIBUTIONS = {
     "tensorflow": {"tensorflow", "tensorflow-cpu"}, "tensorflow_datasets": {"tensorflow-datasets"},
     "torch": {"torch"},
 }
-FIRST_PARTY = {"resnet_jax", "configs", "experiments", "processes", "torchvision_resnet", "conftest"}
+FIRST_PARTY = {"resnet_jax", "configs", "experiments", "processes", "torchvision_resnet",
+               "akamaster_resnet", "torch_twins", "conftest"}
 # Declared and never imported by name: TFDS's dataset builders import importlib_resources
 # without declaring it; pytest loads its plugins.
 UNIMPORTED = {"importlib-resources", "pytest-xdist", "pytest-timeout"}

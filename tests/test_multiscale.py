@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from configs import cifar_resnet20
 from resnet_jax import data, models
@@ -89,7 +90,8 @@ def direct_multiscale(model, root, mean):
   whole image resized by the rule, less the mean resized to it, run through the model alone."""
   averages = []
   for path in sorted((root / "val").glob("*/*.jpg")):
-    image = tf.io.decode_image(path.read_bytes(), channels=3)
+    with Image.open(path) as file:  # PIL's pixels, as torchvision's loaders read them.
+      image = tf.constant(np.asarray(file.convert("RGB")))
     scores = []
     for side in imagenet.MULTISCALE_SIDES:
       size = view_size(*image.shape[:2], side)

@@ -15,6 +15,7 @@ import tarfile
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 import processes
 from resnet_jax import data
@@ -73,7 +74,6 @@ def cifar10_tfds(cifar10_dir, tmp_path_factory):
 
 
 def test_cifar10_prepared_from_the_shared_jpegs_holds_them_exactly(cifar10_tfds, cifar10_dir):
-  tf = sources.tensorflow()
   for split, per_class in (("train", 5000), ("test", 1000)):
     folder = sources.folder_records(cifar10_dir, split)
     examples = read_all("cifar10", cifar10_tfds, split)
@@ -84,7 +84,8 @@ def test_cifar10_prepared_from_the_shared_jpegs_holds_them_exactly(cifar10_tfds,
     np.testing.assert_array_equal(labels, folder.labels)
     for index in np.random.default_rng(0).choice(len(folder), 5, replace=False):
       stored = decode(examples[f"{split}_{index:05d}"][1])  # PNG: lossless
-      source = tf.io.decode_jpeg(tf.io.read_file(folder.paths[index])).numpy()
+      with Image.open(folder.paths[index]) as image:  # PIL's pixels, as torchvision reads them.
+        source = np.asarray(image.convert("RGB"))
       np.testing.assert_array_equal(stored, source)
   names = tfds_builder("cifar10", cifar10_tfds).info.features["label"].names
   assert names == list(source_files.CIFAR10_CLASSES)

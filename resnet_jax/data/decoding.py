@@ -1,5 +1,9 @@
 """Decoding the images of `Records` with TensorFlow, and naming the image that fails.
 
+Every pipeline decodes an image with `decode` (a JPEG's training crop window alone: `imagenet`, with
+JPEG_DCT_METHOD too), so that its pixels are PIL's: those that the weights published by PyTorch
+code (torchvision's loaders) were trained and scored on.
+
 TensorFlow is bound at import (`sources.tensorflow()`): only the paths that decode images
 import this module.
 """
@@ -14,6 +18,26 @@ from resnet_jax.data.sources import Records
 
 tf = sources.tensorflow()
 
+# libjpeg's accurate integer IDCT (JDCT_ISLOW), the default of libjpeg and so of PIL, which
+# torchvision's and most PyTorch references' loaders decode with. TensorFlow's own default is the
+# fast integer IDCT (JDCT_IFAST): its pixels differ from PIL's by up to 5 levels (on every CIFAR
+# image of the shared JPEG copy), enough to move a published CIFAR ResNet's error (BENCHMARKS.md).
+JPEG_DCT_METHOD = "INTEGER_ACCURATE"
+# Names the decoder in the cache keys of arrays computed from decoded pixels (the per-pixel
+# means), so that a mean computed from another decoder's pixels is never served.
+DECODER = "jpeg_islow"
+
+
+def decode(contents: Any) -> Any:
+  """uint8 [H, W, 3] of an encoded image (a scalar tf.string; JPEG, PNG, BMP or GIF's first
+  frame): PIL's `Image.open(f).convert("RGB")` pixels, JPEGs decoded with JPEG_DCT_METHOD.
+  Raises (eagerly, or in the tf.data pipeline) `tf.errors.InvalidArgumentError` if it does not
+  decode."""
+  image = tf.cond(tf.io.is_jpeg(contents),
+                  lambda: tf.io.decode_jpeg(contents, channels=3, dct_method=JPEG_DCT_METHOD),
+                  lambda: tf.io.decode_image(contents, channels=3, expand_animations=False))
+  return tf.ensure_shape(image, [None, None, 3])
+
 
 def decode_one(records: Records, index: int) -> Any:
   """uint8 [H, W, 3] of example `index`; `CorruptImageError` naming it if it does not decode."""
@@ -24,7 +48,7 @@ def decode_one(records: Records, index: int) -> Any:
   else:
     contents = tf.io.read_file(records.paths[index])
   try:
-    return tf.io.decode_image(contents, channels=3, expand_animations=False)
+    return decode(contents)
   except tf.errors.InvalidArgumentError as error:
     reason = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message)  # TF's op context.
     raise CorruptImageError(f"corrupt image {records.name(index)}: cannot decode it ({reason}); "
@@ -70,8 +94,8 @@ def decode_all(records: Records, ids: np.ndarray, shape: tuple[int, int, int] | 
     contents = tf.data.Dataset.from_tensor_slices(records.paths[ids]).map(tf.io.read_file)
   else:
     contents = tf.data.Dataset.from_tensor_slices(records.encoded[ids])
-  decode = lambda x: tf.ensure_shape(tf.io.decode_image(x, channels=3, expand_animations=False), shape)
-  dataset = contents.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  dataset = contents.map(lambda x: tf.ensure_shape(decode(x), shape),
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   chunk = 4096
   batches = dataset.batch(chunk).prefetch(1).as_numpy_iterator()
   chunks = list(naming_corrupt(batches, np.split(ids, range(chunk, len(ids), chunk)), records, shape))

@@ -8,7 +8,7 @@ and cached (`record_reader.mean_image`), resized to views of other sizes.
 """
 import numpy as np
 
-from resnet_jax.data import core, sources
+from resnet_jax.data import core, decoding, sources
 
 tf = sources.tensorflow()
 
@@ -89,17 +89,19 @@ def train_view(image, seed, augment=True):
 
 
 def train_view_from_bytes(contents, seed, augment=True):
-  """`train_view` of an encoded image; JPEGs decode only the crop window."""
+  """`train_view` of an encoded image; JPEGs decode only the crop window (its edge columns may
+  differ from the whole image's decode by libjpeg's chroma upsampling: BENCHMARKS.md)."""
   if not augment:
-    return center_view(tf.io.decode_image(contents, channels=3, expand_animations=False))
+    return center_view(decoding.decode(contents))
 
   def from_jpeg():
     shape = tf.io.extract_jpeg_shape(contents)
     y, x, side = train_window(shape[0], shape[1], seed)
-    return tf.io.decode_and_crop_jpeg(contents, tf.stack([y, x, side, side]), channels=3)
+    return tf.io.decode_and_crop_jpeg(contents, tf.stack([y, x, side, side]), channels=3,
+                                      dct_method=decoding.JPEG_DCT_METHOD)
 
   def from_other():
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    image = decoding.decode(contents)
     y, x, side = train_window(tf.shape(image)[0], tf.shape(image)[1], seed)
     return image[y:y + side, x:x + side]
 
@@ -149,7 +151,7 @@ def ten_crop_views(image):
 def image_shape(contents):
   """int32 [2]: (height, width) of an encoded image; a JPEG's read from its header alone."""
   return tf.cond(tf.io.is_jpeg(contents), lambda: tf.io.extract_jpeg_shape(contents)[:2],
-                 lambda: tf.shape(tf.io.decode_image(contents, channels=3, expand_animations=False))[:2])
+                 lambda: tf.shape(decoding.decode(contents))[:2])
 
 
 def multiscale_aspect(height: int, width: int) -> float:

@@ -86,7 +86,7 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh, *, train: bool = True,
     return StreamingDataset.from_records(config, mesh, read_train(), read_eval(), name=name,
                                          num_classes=num_classes)
   _check_protocol(eval_protocol, name, num_classes, shape, on_device.OnDeviceDataset.eval_protocols)
-  key = f"{identity()} {'x'.join(map(str, shape))}"
+  key = f"{identity()} {'x'.join(map(str, shape))} {decoding.DECODER}"
 
   def mean(placed_train_images: Callable[[], jax.Array]) -> np.ndarray:
     return core.subtracted_mean(config.mean, lambda: mean_cache.load_or_compute(

@@ -14,8 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from resnet_jax.data import core, imagenet, mean_cache, sources, streaming
-from resnet_jax.data.decoding import naming_corrupt
+from resnet_jax.data import core, decoding, imagenet, mean_cache, sources, streaming
 from resnet_jax.data.sources import Records, fingerprint
 
 tf = sources.tensorflow()
@@ -62,7 +61,7 @@ class RecordReader:
     dataset = examples.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = dataset.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     orders = (ids for _, ids in streaming.epoch_orders(self.train_ids, mesh, per_device, seed, start_step))
-    yield from naming_corrupt(batches.as_numpy_iterator(), orders, self._train)
+    yield from decoding.naming_corrupt(batches.as_numpy_iterator(), orders, self._train)
 
   def eval_batches(self, per_device: int, protocol: str) -> Iterator[dict]:
     evaluation = self._evaluation
@@ -81,14 +80,14 @@ class RecordReader:
 
     def load(index, is_valid, *view_sizes):
       contents, label = fetch(index)
-      image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+      image = decoding.decode(contents)
       views, offset = imagenet.eval_views(image, protocol, *view_sizes)
       return {"images": views, "offsets": offset, "labels": label, "mask": is_valid}
 
     dataset = tf.data.Dataset.from_tensor_slices(columns)
     dataset = dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = dataset.batch(ids.shape[1]).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
-    yield from naming_corrupt(batches, ids, evaluation)
+    yield from decoding.naming_corrupt(batches, ids, evaluation)
 
   @functools.cached_property
   def _eval_aspects(self) -> np.ndarray:
@@ -111,8 +110,8 @@ def image_shapes(records: Records) -> np.ndarray:
   shapes = tf.data.Dataset.from_tensor_slices(share).map(
       lambda index: imagenet.image_shape(fetch(index)[0]), num_parallel_calls=tf.data.AUTOTUNE,
       deterministic=True).batch(chunk)
-  batches = naming_corrupt(shapes.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(),
-                           np.split(share, range(chunk, len(share), chunk)), records)
+  batches = decoding.naming_corrupt(shapes.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(),
+                                    np.split(share, range(chunk, len(share), chunk)), records)
   shapes = np.concatenate([np.zeros((0, 2), np.int32), *batches]).astype(np.int32)
   if jax.process_count() == 1:
     return shapes
@@ -144,13 +143,13 @@ def mean_image(config: ml_collections.ConfigDict, train: Records) -> np.ndarray:
     fetch = _fetcher(train)
     share = _process_share(ids)  # Each process reads a share; the sums are gathered.
     views = tf.data.Dataset.from_tensor_slices(share).map(
-        lambda index: imagenet.center_view(tf.io.decode_image(
-            fetch(index)[0], channels=3, expand_animations=False))[0],
+        lambda index: imagenet.center_view(decoding.decode(fetch(index)[0]))[0],
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(256)
     # Sums of uint8 pixels, exact as integers: at most 255 * MEAN_SAMPLE < 2**31 per pixel.
     total = np.zeros((imagenet.CROP, imagenet.CROP, 3), np.int64)
-    batches = naming_corrupt(views.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(),
-                             (share[start:start + 256] for start in range(0, len(share), 256)), train)
+    batches = decoding.naming_corrupt(
+        views.prefetch(tf.data.AUTOTUNE).as_numpy_iterator(),
+        (share[start:start + 256] for start in range(0, len(share), 256)), train)
     for batch in batches:
       total += batch.sum(axis=0, dtype=np.int64)
     if jax.process_count() > 1:
@@ -158,8 +157,9 @@ def mean_image(config: ml_collections.ConfigDict, train: Records) -> np.ndarray:
     return total / len(ids)
 
   view = f"centre {imagenet.CROP} of shorter side {imagenet.EVAL_SHORTER_SIDE}"
-  return mean_cache.load_or_compute(f"{fingerprint(train, ids)} {len(ids)} sampled {view}", compute,
-                                    config.cache_dir, shape=(imagenet.CROP, imagenet.CROP, 3))
+  key = f"{fingerprint(train, ids)} {len(ids)} sampled {view} {decoding.DECODER}"
+  return mean_cache.load_or_compute(key, compute, config.cache_dir,
+                                    shape=(imagenet.CROP, imagenet.CROP, 3))
 
 
 def _fetcher(records: Records):
