@@ -99,6 +99,14 @@ def subtracted_mean(kind: str, per_pixel: Callable[[], np.ndarray]) -> np.ndarra
   return image.mean(axis=(0, 1), keepdims=True) if kind == "per_channel" else image
 
 
+def host_copy(replicated: jax.Array | np.ndarray) -> np.ndarray:
+  """The value of an array replicated over the mesh (a dataset's `mean`), read on this host: from
+  this process's own copy, since an array over several processes' devices cannot be read whole."""
+  if isinstance(replicated, jax.Array):
+    replicated = replicated.addressable_data(0)
+  return np.asarray(replicated)
+
+
 def check_protocol(protocol: str, info: DatasetInfo, protocols: tuple[str, ...]) -> None:
   """A clear ValueError unless `protocol` is one of the dataset's evaluation protocols."""
   if protocol not in protocols:

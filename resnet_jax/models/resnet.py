@@ -250,8 +250,9 @@ class _Draws:
     flat = _draw(self.keys, self.stddevs, layout=layout)
     try:  # Concrete: cut on the host, as one compiled program per array would take longer.
       host = np.asarray(flat)
-      cut = lambda start, size, shape: jax.device_put(host[start:start + size].reshape(shape),
-                                                      flat.sharding)
+      # Uncommitted, as an op-by-op draw is: the trainer then places them on its global mesh
+      # (a committed array there would be a cross-host transfer).
+      cut = lambda start, size, shape: jnp.asarray(host[start:start + size].reshape(shape))
     except jax.errors.TracerArrayConversionError:  # Traced (nnx.eval_shape, jit): in the trace.
       cut = lambda start, size, shape: flat[start:start + size].reshape(shape)
     values = [cut(start, math.prod(shape), shape)

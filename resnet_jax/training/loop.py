@@ -32,7 +32,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -448,7 +447,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.Path, mesh: Mesh,
                           dataset_name=info.name, start_step=start_step)
   writer.write_config(config)
   if jax.process_index() == 0:
-    mean_cache.write(workdir / INPUT_MEAN_FILE, np.asarray(dataset.mean))
+    mean_cache.write(workdir / INPUT_MEAN_FILE, data.core.host_copy(dataset.mean))
   cleanup.callback(writer.close)
   # Saves in flight complete even when training stops on an error (a non-finite loss).
   cleanup.callback(manager.wait)

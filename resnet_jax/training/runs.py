@@ -148,7 +148,7 @@ def input_mean(workdir: epath.Path, config: ml_collections.ConfigDict) -> np.nda
     raise RunError(f"{workdir} holds no {loop.INPUT_MEAN_FILE} (a run started before the "
                    f"trainer recorded it), and the mean of its dataset cannot be read: "
                    f"{cli.first_line(error)}") from None
-  return np.asarray(dataset.mean)
+  return data.core.host_copy(dataset.mean)
 
 
 def load_model(workdir: epath.PathLike, checkpoint: str | int = "best") -> pretrained.Trained:
