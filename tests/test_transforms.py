@@ -122,7 +122,7 @@ def test_cpu_training_kernels_support_reverse_mode_and_say_forward_mode_is_unsup
   model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0),
                         **cpu_kernels.training_layers("cpu"))
   reference = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))
-  images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
   apply, params = functional(model, train=True)
   reference_apply, _ = functional(reference, train=True)
   loss = lambda apply, params: jnp.sum(jnp.sin(apply(params, images)))
