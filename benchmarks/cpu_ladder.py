@@ -1,20 +1,26 @@
-"""What each of resnet_jax's CPU changes buys: one training step, five ways, in one process.
+"""What each of resnet_jax's CPU changes buys: one training step, eight ways, in one process.
 
     python benchmarks/cpu_ladder.py --model=cifar_resnet20 --repeats=8 --steps=3
     python benchmarks/cpu_ladder.py --layers   # one 3x3 convolution per CIFAR stage, in isolation
 
-Variants, each adding one change to the one before: XLA's defaults (flax's `nnx.Conv` and
-`nnx.BatchNorm`, default compiler options: what `models.create` builds by default); `cpu_kernels.Conv`'s
-weight gradient; `cpu_kernels.compiler_options("cpu")`; `cpu_kernels.BatchNorm`'s four-sum gradient with XLA's
-reductions; its sums as matrix products (`cpu_kernels._channel_sums`), the last being what the trainer
-runs on CPU (`cpu_kernels.training_layers("cpu")`). Each is the trainer's own `loop.train_step` on data
-already on the device, its model built with the variant's conv and norm (the fourth's with
-`matmul_sum_channels=0`; every batch norm over the whole batch, as before batch norm groups,
-`config.batch_norm_group`), and all are timed in alternating
-repeats (`resnet_jax.tools.benchmark.measure`) so that they see the same machine load. With
---layers it times instead the forward pass, input gradient and `cpu_kernels.weight_gradient` of one
-3x3 convolution of each CIFAR stage at batch 128, compiled with XLA's default options and
-with `cpu_kernels.compiler_options("cpu")`. Figures in BENCHMARKS.md.
+Variants, each adding one change to the one before:
+  1. XLA's defaults: flax's `nnx.Conv` and `nnx.BatchNorm`, default compiler options (what
+     `models.create` builds by default);
+  2. `cpu_kernels.weight_gradient` (with lax's input gradient, as before 0.4.0);
+  3. the YNNPACK fusions off (`cpu_kernels.compiler_options("cpu")` without oneDNN);
+  4. `cpu_kernels.BatchNorm`'s four-sum gradient with XLA's reductions (`matmul_sum_channels=0`);
+  5. its sums as matrix products (`cpu_kernels._channel_sums`);
+  6. dy and x materialised before the backward convolutions (`cpu_kernels._conv_bwd`'s barrier);
+  7. strided input gradients by phase (`cpu_kernels.input_gradient`): `cpu_kernels.Conv`;
+  8. oneDNN's convolution (`cpu_kernels.compiler_options("cpu")` in full): the trainer's step on
+     CPU (`cpu_kernels.training_layers("cpu")`).
+Rows 2 to 6 use this script's `LadderConv`, `cpu_kernels.Conv` without the later changes. Each
+is the trainer's own `loop.train_step` on data already on the device, every batch norm over the
+whole batch (as before batch norm groups, `config.batch_norm_group`), and all are timed in
+alternating repeats (`resnet_jax.tools.benchmark.measure`) so that they see the same machine
+load. With --layers it times instead the forward pass, input gradient and weight gradient of
+one 3x3 convolution of each CIFAR stage at batch 128, with XLA's default options and with
+`cpu_kernels.compiler_options("cpu")`. Figures in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -40,14 +46,42 @@ from resnet_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
 from resnet_jax.training import optim, loop  # pylint: disable=g-import-not-at-top
 
 
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+class LadderConv(nnx.Conv):
+  """`cpu_kernels.Conv` without its later changes: lax's input gradient for every stride,
+  `cpu_kernels.weight_gradient`, and dy and x as XLA fuses them unless `materialise`."""
+
+  def __init__(self, *args, materialise: bool, **kwargs):
+    def forward(x, w, strides, pads):
+      return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=NHWC)
+
+    def backward(strides, pads, residuals, dy):
+      x, w = residuals
+      if materialise:
+        dy, x = lax.optimization_barrier((dy, x))
+      (dx,) = jax.vjp(lambda x: forward(x, w, strides, pads), x)[1](dy)
+      return dx, cpu_kernels.weight_gradient(x, dy, w.shape, strides, pads).astype(w.dtype)
+
+    conv = jax.custom_vjp(forward, nondiff_argnums=(2, 3))
+    conv.defvjp(lambda x, w, strides, pads: (forward(x, w, strides, pads), (x, w)), backward)
+
+    def conv_general_dilated(lhs, rhs, window_strides, padding, **unused):
+      if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+      return conv(lhs, rhs, tuple(window_strides), tuple((int(lo), int(hi)) for lo, hi in padding))
+
+    super().__init__(*args, conv_general_dilated=conv_general_dilated, **kwargs)
+
+
 CIFAR_STAGES = ((32, 16), (16, 32), (8, 64))  # (spatial size, channels) of each stage.
 
 
 def time_layers(batch: int, repeats: int) -> None:
   """Median ms of one 3x3 convolution's three passes per stage, under both option sets."""
   padding = ((1, 1), (1, 1))
-  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), padding,
-                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)
   passes = {
       "forward": lambda x, w, dy: conv(x, w),
       "input gradient": lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0],
@@ -93,13 +127,20 @@ def main() -> None:
       labels=jnp.asarray(rng.integers(0, classes, args.batch, dtype=np.int32)),
       mask=jnp.ones(args.batch, bool))
   cpu_options = cpu_kernels.compiler_options("cpu")
+  without_onednn = {name: value for name, value in cpu_options.items()
+                    if name != "xla_cpu_experimental_onednn_custom_call"}
+  fused = functools.partial(LadderConv, materialise=False)
+  materialised = functools.partial(LadderConv, materialise=True)
   reductions = functools.partial(cpu_kernels.BatchNorm, matmul_sum_channels=0)
   variants = (  # (name, compiler options, convolution, batch norm)
       ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm),
-      ("+ cpu_kernels weight gradient", None, cpu_kernels.Conv, nnx.BatchNorm),
-      ("+ cpu_kernels.compiler_options()", cpu_options, cpu_kernels.Conv, nnx.BatchNorm),
-      ("+ cpu_kernels.BatchNorm, XLA's sums", cpu_options, cpu_kernels.Conv, reductions),
-      ("+ matrix-product sums", cpu_options, cpu_kernels.Conv, cpu_kernels.BatchNorm),
+      ("+ cpu_kernels weight gradient", None, fused, nnx.BatchNorm),
+      ("+ YNNPACK fusions off", without_onednn, fused, nnx.BatchNorm),
+      ("+ cpu_kernels.BatchNorm, XLA's sums", without_onednn, fused, reductions),
+      ("+ matrix-product sums", without_onednn, fused, cpu_kernels.BatchNorm),
+      ("+ dy and x materialised", without_onednn, materialised, cpu_kernels.BatchNorm),
+      ("+ strided input gradient by phase", without_onednn, cpu_kernels.Conv, cpu_kernels.BatchNorm),
+      ("+ oneDNN convolutions", cpu_options, cpu_kernels.Conv, cpu_kernels.BatchNorm),
   )
   runners = {}
   for name, options, conv, norm in variants:
@@ -121,7 +162,7 @@ def main() -> None:
       paired = [before / after for before, after in zip(previous, step_s)]
       gain = (f"  {statistics.median(previous) / median:.2f}x over the row above (per repeat "
               f"{statistics.median(paired):.2f}x, {min(paired):.2f}-{max(paired):.2f})")
-    print(f"{name:30s} median {1e3 * median:8.1f} ms  (min {1e3 * min(step_s):.1f}){gain}")
+    print(f"{name:36s} median {1e3 * median:8.1f} ms  (min {1e3 * min(step_s):.1f}){gain}")
     previous = step_s
 
 

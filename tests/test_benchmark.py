@@ -89,8 +89,9 @@ def test_cpu_ladder_runs_both_modes():
       capture_output=True, text=True, check=True, timeout=300).stdout
   ladder = run("--model=cifar_resnet8", "--batch=8", "--repeats=1", "--steps=1").splitlines()
   assert [line.split(" median")[0].strip() for line in ladder[1:]] == [
-      "XLA's defaults", "+ cpu_kernels weight gradient", "+ cpu_kernels.compiler_options()",
-      "+ cpu_kernels.BatchNorm, XLA's sums", "+ matrix-product sums"]
+      "XLA's defaults", "+ cpu_kernels weight gradient", "+ YNNPACK fusions off",
+      "+ cpu_kernels.BatchNorm, XLA's sums", "+ matrix-product sums", "+ dy and x materialised",
+      "+ strided input gradient by phase", "+ oneDNN convolutions"]
   assert all("over the row above" in line for line in ladder[2:])
   layers = run("--layers", "--batch=2", "--repeats=1").splitlines()
   assert len(layers) == 6 and all(line.count(" ms") == 1 and "weight gradient" in line

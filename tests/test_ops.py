@@ -216,8 +216,62 @@ def test_cpu_compiler_options_keep_convolutions_out_of_ynnpack():
   x, w = random_inputs((8, 16, 16, 32), (3, 3, 32, 32))
   conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
   compiled = lambda options: jax.jit(conv, compiler_options=options).lower(x, w).compile()
-  assert cpu_kernels.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
-  # The default routes this convolution to YNNPACK; the options keep it in XLA (Eigen).
+  assert cpu_kernels.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": "",
+                                                 "xla_cpu_experimental_onednn_custom_call": True}
+  # The default routes this convolution to YNNPACK; the options keep it out.
   assert "ynn_fusion" in compiled(None).as_text()
   assert "ynn_fusion" not in compiled(cpu_kernels.compiler_options("cpu")).as_text()
   assert_close(compiled(cpu_kernels.compiler_options("cpu"))(x, w), compiled(None)(x, w), 1e-6)
+
+
+def onednn_rewrites(compiled) -> bool:
+  return "__onednn$convolution" in compiled.as_text()
+
+
+def test_every_convolution_of_a_cpu_training_step_runs_on_onednn_where_xla_has_it():
+  """With the CPU options, a training gradient of the CPU layers, a strided option-B
+  projection included, has no convolution left to XLA's own kernels: the strided input
+  gradients are stride-1 convolutions by phase (lax's own would be base-dilated, which the
+  rewriter refuses). On a jaxlib without the rewriter (0.10.2) none is rewritten."""
+  options = cpu_kernels.compiler_options("cpu")
+  x, w = random_inputs((4, 8, 8, 8), (3, 3, 8, 8))
+  plain = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC),
+                  compiler_options=options).lower(x, w).compile()
+  model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0), shortcut="B",
+                        **cpu_kernels.training_layers("cpu"))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, images):
+    net = nnx.merge(graphdef, params, rest, copy=True)
+    net.train()
+    return jnp.mean(net(images) ** 2)
+
+  images = jnp.zeros((8, 32, 32, 3))
+  step = jax.jit(jax.grad(loss), compiler_options=options).lower(params, images).compile()
+  text = step.as_text()
+  if not onednn_rewrites(plain):
+    assert "__onednn$convolution" not in text
+    return
+  # Stem, 6 block convs and 2 projections forward; each backward but the stem's input gradient.
+  assert text.count("__onednn$convolution") >= 9 + 2 * 9 - 1, text.count("__onednn$convolution")
+  assert " convolution(" not in text and "lhs_dilate" not in text
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    (3, 2, ((1, 1), (1, 1)), 8), (3, 2, ((1, 1), (1, 1)), 9), (1, 2, ((0, 0), (0, 0)), 8),
+    (7, 2, ((3, 3), (3, 3)), 11), (3, 3, ((1, 1), (1, 1)), 10), (2, 2, ((0, 1), (1, 0)), 7),
+    (1, 3, ((0, 0), (0, 0)), 7)])
+def test_the_strided_input_gradient_by_phase_is_lax_s_without_dilation(kernel, stride, padding, size):
+  x, w = random_inputs((2, size, size, 3), (kernel, kernel, 3, 4))
+  strides = (stride, stride)
+  y, vjp = jax.vjp(lambda x: lax.conv_general_dilated(x, w, strides, padding,
+                                                      dimension_numbers=NHWC), x)
+  dy = jnp.asarray(np.random.default_rng(1).standard_normal(y.shape, np.float32))
+  x_type = jax.ShapeDtypeStruct(x.shape, x.dtype)
+  dx = cpu_kernels.input_gradient(dy, w, x_type, strides, padding)
+  assert dx.shape == x.shape and dx.dtype == x.dtype
+  assert_close(dx, vjp(dy)[0], 1e-6)
+  jaxpr = str(jax.make_jaxpr(cpu_kernels.input_gradient, static_argnums=(2, 3, 4))(
+      dy, w, x_type, strides, padding))
+  assert "conv_general_dilated" in jaxpr and "lhs_dilation=(1, 1)" in jaxpr
+  assert f"lhs_dilation=({stride}, {stride})" not in jaxpr

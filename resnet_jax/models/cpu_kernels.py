@@ -22,25 +22,38 @@ without `training_layers()` uses flax's layers and supports every transformation
 
 Compiler options. On CPU, XLA hands convolutions (and some elementwise work) to
 YNNPACK by default; `compiler_options()` turns the YNNPACK fusions off, so that
-convolutions run as XLA's own (Eigen), the faster on the paper's CIFAR shapes (3x3,
-16 to 64 channels).
+convolutions are XLA's own, and turns on XLA's oneDNN rewriter
+(`xla_cpu_experimental_onednn_custom_call`), which runs every convolution it takes on
+oneDNN, PyTorch's CPU library; the others run on Eigen. The rewriter takes convolutions
+without base (input) dilation, negative padding or a reversed kernel, in float32 (and
+bfloat16 where the CPU has it), so every convolution of this module's training step,
+forward and backward. jaxlib 0.12 has the rewriter; 0.10.2 accepts the option and rewrites
+nothing, so its convolutions all stay on Eigen.
 
 The convolution. Plain NHWC/HWIO convolutions without dilation or groups take a
-`jax.custom_vjp` with its own weight gradient; all other cases are lax's own
-convolution. The forward pass and the input gradient are lax's in every case.
+`jax.custom_vjp` with its own backward pass; all other cases are lax's own
+convolution. The forward pass is lax's in every case.
 
-XLA computes the weight gradient dW[kh, kw, ci, co] = sum_{n,h,w}
+Its backward pass first materialises dy and x (`lax.optimization_barrier`). Both
+backward convolutions read them, and the weight gradient reads them transposed:
+without the barrier XLA fuses dy's producer, the batch norm backward, into that
+transposing copy and recomputes it element by element in transposed order, several
+times slower than computing dy once and transposing it.
+
+The input gradient (`input_gradient`) is lax's at stride 1: a convolution of dy with the
+flipped kernel. At stride s, lax's is the same convolution of dy dilated by s (zeros
+inserted between rows and columns), which Eigen runs slowly and the oneDNN rewriter
+refuses; here it is s * s stride-1 convolutions, one per phase of the stride, interleaved.
+
+The weight gradient (`weight_gradient`). XLA computes dW[kh, kw, ci, co] = sum_{n,h,w}
 x[n, h + kh, w + kw, ci] dy[n, h, w, co] as a convolution of x with its batch and
-feature dimensions swapped, (ci, h, w, n): a transposing copy of x. And x is
-usually not in memory: XLA fuses its producers (batch norm, ReLU and the
-residual adds of every earlier block, as identity shortcuts never pass a
-convolution) into that copy and recomputes them all in transposed order.
-
+feature dimensions swapped, (ci, h, w, n): a transposing copy of x, into which XLA
+fuses x's producers (batch norm, ReLU and the residual adds of every earlier block, as
+identity shortcuts never pass a convolution) and recomputes them in transposed order.
 Here the same sum is a convolution of dy, read as (co, h, w, n), with x as its
-kernel, read as (h, w, n, ci): the transposing copy moves to dy, whose producer
-(the batch norm backward) reaches back only to the previous convolution, and x
-is read in whole rows of ci. A strided convolution's weight gradient is one such
-stride-1 convolution per phase of the stride.
+kernel, read as (h, w, n, ci): the transposing copy moves to dy, and x is read in
+whole rows of ci. A strided convolution's weight gradient is one such stride-1
+convolution per phase of the stride.
 
 Batch norm. In training, autodiff of `nnx.BatchNorm` sums over the batch and
 spatial axes six times per layer (two batch statistics forward; the gradients of
@@ -74,27 +87,30 @@ _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
 
 
 
-# XLA's CPU libraries that YNNPACK fusions would take convolutions from (see the module doc).
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# The module doc's CPU options: no YNNPACK fusions; oneDNN's convolution where XLA has it.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
+                "xla_cpu_experimental_onednn_custom_call": True}
 
 
 @functools.cache
-def compiler_options(platform: str) -> dict[str, str] | None:
+def compiler_options(platform: str) -> dict[str, str | bool] | None:
   """`jax.jit(..., compiler_options=...)` for the models' steps on devices of `platform`.
 
-  The module doc's CPU options for "cpu", else None (and None on a jaxlib that no
-  longer knows them, where they would fail every compilation).
+  The module doc's CPU options for "cpu" (those this jaxlib knows: an unknown one would
+  fail every compilation), else None.
   """
   if platform != "cpu":
     return None
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(
-        jax.ShapeDtypeStruct((), jnp.float32,
-                             sharding=jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]))
-    ).compile()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return dict(_CPU_OPTIONS)
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  probe = jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu))
+  known = {}
+  for name, value in _CPU_OPTIONS.items():
+    try:
+      probe.compile(compiler_options={name: value})
+    except Exception:  # pylint: disable=broad-except
+      continue
+    known[name] = value
+  return known or None
 
 
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
@@ -162,10 +178,12 @@ def _conv_fwd(x, w, strides, pads, precision, preferred_element_type):
 
 def _conv_bwd(strides, pads, precision, preferred_element_type, residuals, dy):
   x, w = residuals
-  # The input gradient is lax's own: a convolution of dy with the flipped kernel.
-  forward_in_x = lambda x: _forward(x, w, strides, pads, precision, preferred_element_type)
+  # Both backward convolutions read dy and x: materialise them once. Otherwise XLA fuses
+  # dy's producer (the batch norm backward) into the transposing copy the weight gradient
+  # makes of dy, and recomputes it there element by element in transposed order.
+  dy, x = lax.optimization_barrier((dy, x))
   x_type = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_explicit_sharding(x))
-  (dx,) = jax.linear_transpose(forward_in_x, x_type)(dy)
+  dx = input_gradient(dy, w, x_type, strides, pads, precision, preferred_element_type)
   # Under explicit sharding the weight gradient sums over a sharded batch: it is laid out as w.
   dw = weight_gradient(x, dy, w.shape, strides, pads, precision,
                        out_sharding=_explicit_sharding(w))
@@ -173,6 +191,61 @@ def _conv_bwd(strides, pads, precision, preferred_element_type, residuals, dy):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def input_gradient(dy: jax.Array, w: jax.Array, x_type: jax.ShapeDtypeStruct,
+                   strides: tuple[int, int], pads: Pads, precision=None,
+                   preferred_element_type=None) -> jax.Array:
+  """dx (NHWC, as `x_type`) of the NHWC convolution of x with kernel `w` that gave gradient `dy`.
+
+  Stride 1: lax's own, a convolution of dy with the flipped kernel. Stride s: lax's is the
+  same convolution of dy dilated by s (zeros between its rows and columns), which neither
+  Eigen runs fast nor XLA's oneDNN rewriter takes. Here it is split by phase instead: x row
+  s * m + r (padding p) is read only by the taps kh = k0 + s * j, k0 = (r + p) mod s, so the
+  rows of phase r are a stride-1 convolution of dy with those taps flipped, and the phases
+  interleave into dx. No multiplication by an inserted zero is left.
+  """
+  if tuple(strides) == (1, 1):
+    forward_in_x = lambda x: _forward(x, w, strides, pads, precision, preferred_element_type)
+    return jax.linear_transpose(forward_in_x, x_type)(dy)[0]
+  n, height, width, _ = x_type.shape
+  (sh, sw), (kh, kw) = strides, w.shape[:2]
+  rows, cols = -(-height // sh), -(-width // sw)  # Every phase computed to the longest one.
+  w = w.astype(dy.dtype)
+  phases = {}
+  for r, c in itertools.product(range(sh), range(sw)):
+    along_h = _phase_taps(kh, sh, pads[0][0], rows, dy.shape[1], r)
+    along_w = _phase_taps(kw, sw, pads[1][0], cols, dy.shape[2], c)
+    if along_h is None or along_w is None:
+      continue  # No tap reads these rows or columns: their gradient is zero.
+    (taps_h, low_h, high_h), (taps_w, low_w, high_w) = along_h, along_w
+    # The taps, flipped, with input and output features exchanged: a kernel from dy to x.
+    kernel = jnp.transpose(w[taps_h, taps_w][::-1, ::-1], (0, 1, 3, 2))
+    # Negative padding (which the rewriter refuses) as a slice of dy.
+    phase_dy = dy[:, max(-low_h, 0):dy.shape[1] - max(-high_h, 0),
+                  max(-low_w, 0):dy.shape[2] - max(-high_w, 0)]
+    phases[r, c] = _forward(phase_dy, kernel, (1, 1),
+                            ((max(low_h, 0), max(high_h, 0)), (max(low_w, 0), max(high_w, 0))),
+                            precision, preferred_element_type)
+  zeros = jnp.zeros_like(next(iter(phases.values())))
+  dx = jnp.stack([jnp.stack([phases.get((r, c), zeros) for c in range(sw)], axis=3)
+                  for r in range(sh)], axis=2)  # [n, rows, sh, cols, sw, ci]
+  return dx.reshape(n, rows * sh, cols * sw, -1)[:, :height, :width].astype(x_type.dtype)
+
+
+def _phase_taps(kernel: int, stride: int, pad_low: int, rows: int, dy_size: int, phase: int):
+  """(taps as a slice of the kernel, low pad, high pad) of dy for `rows` rows of one phase
+  along one axis, or None if no tap reads them.
+
+  Row s * m + phase of dx sums dy[m + q - j] * w[k0 + s * j] over j: a correlation of dy,
+  padded by J - 1 - q below, with the J taps reversed.
+  """
+  k0 = (phase + pad_low) % stride
+  count = len(range(k0, kernel, stride))
+  if not count:
+    return None
+  low = count - 1 - (phase + pad_low - k0) // stride
+  return slice(k0, kernel, stride), low, rows + count - 1 - low - dy_size
 
 
 def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
