@@ -1,7 +1,7 @@
 """What each of resnet_jax's CPU changes buys: one training step, eight ways, in one process.
 
     python benchmarks/cpu_ladder.py --model=cifar_resnet20 --repeats=8 --steps=3
-    python benchmarks/cpu_ladder.py --layers   # one 3x3 convolution per CIFAR stage, in isolation
+    python benchmarks/cpu_ladder.py --layers   # each kind of CIFAR 3x3 convolution, in isolation
 
 Variants, each adding one change to the one before:
   1. XLA's defaults: flax's `nnx.Conv` and `nnx.BatchNorm`, default compiler options (what
@@ -18,9 +18,10 @@ Rows 2 to 6 use this script's `LadderConv`, `cpu_kernels.Conv` without the later
 is the trainer's own `loop.train_step` on data already on the device, every batch norm over the
 whole batch (as before batch norm groups, `config.batch_norm_group`), and all are timed in
 alternating repeats (`resnet_jax.tools.benchmark.measure`) so that they see the same machine
-load. With --layers it times instead the forward pass, input gradient and weight gradient of
-one 3x3 convolution of each CIFAR stage at batch 128, with XLA's default options and with
-`cpu_kernels.compiler_options("cpu")`. Figures in BENCHMARKS.md.
+load. With --layers it times instead the forward pass, input gradient and weight gradient
+(`cpu_kernels.input_gradient`, `cpu_kernels.weight_gradient`) of each kind of CIFAR 3x3
+convolution at batch 128, with XLA's default options, without YNNPACK fusions, and with
+`cpu_kernels.compiler_options("cpu")` in full. Figures in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -75,27 +76,35 @@ class LadderConv(nnx.Conv):
     super().__init__(*args, conv_general_dilated=conv_general_dilated, **kwargs)
 
 
-CIFAR_STAGES = ((32, 16), (16, 32), (8, 64))  # (spatial size, channels) of each stage.
+# (input size, input channels, output channels, stride) of each kind of CIFAR 3x3 convolution.
+CIFAR_LAYERS = ((32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1), (32, 16, 32, 2), (16, 32, 64, 2))
 
 
 def time_layers(batch: int, repeats: int) -> None:
-  """Median ms of one 3x3 convolution's three passes per stage, under both option sets."""
+  """Median ms of the three passes of each CIFAR 3x3 convolution, under three option sets."""
   padding = ((1, 1), (1, 1))
-  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)
-  passes = {
-      "forward": lambda x, w, dy: conv(x, w),
-      "input gradient": lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0],
-      "weight gradient": lambda x, w, dy: cpu_kernels.weight_gradient(x, dy, w.shape, (1, 1), padding),
-  }
+  options = cpu_kernels.compiler_options("cpu")
+  option_sets = (("XLA defaults", None),
+                 ("YNNPACK fusions off", {name: value for name, value in options.items()
+                                          if name != "xla_cpu_experimental_onednn_custom_call"}),
+                 ("+ oneDNN convolutions", options))
   rng = np.random.default_rng(0)
-  for size, channels in CIFAR_STAGES:
-    x, dy = (jnp.asarray(rng.standard_normal((batch, size, size, channels)), jnp.float32)
-             for _ in range(2))
-    w = jnp.asarray(rng.standard_normal((3, 3, channels, channels)), jnp.float32)
-    for label, options in (("XLA defaults", None), ("cpu_kernels.compiler_options()", cpu_kernels.compiler_options("cpu"))):
+  for size, c_in, c_out, stride in CIFAR_LAYERS:
+    strides = (stride, stride)
+    x = jnp.asarray(rng.standard_normal((batch, size, size, c_in)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((batch, size // stride, size // stride, c_out)), jnp.float32)
+    x_type = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    passes = {
+        "forward": lambda x, w, dy: lax.conv_general_dilated(x, w, strides, padding,
+                                                             dimension_numbers=NHWC),
+        "input gradient": lambda x, w, dy: cpu_kernels.input_gradient(dy, w, x_type, strides, padding),
+        "weight gradient": lambda x, w, dy: cpu_kernels.weight_gradient(x, dy, w.shape, strides, padding),
+    }
+    for label, option_set in option_sets:
       cells = []
       for name, fn in passes.items():
-        compiled = jax.jit(fn, compiler_options=options).lower(x, w, dy).compile()
+        compiled = jax.jit(fn, compiler_options=option_set).lower(x, w, dy).compile()
         jax.block_until_ready(compiled(x, w, dy))  # Warm-up.
         step_s = []
         for _ in range(repeats):
@@ -103,7 +112,7 @@ def time_layers(batch: int, repeats: int) -> None:
           jax.block_until_ready(compiled(x, w, dy))
           step_s.append(time.perf_counter() - start)
         cells.append(f"{name} {statistics.median(step_s) * 1e3:6.2f}")
-      print(f"{size:2d}x{size:<2d} {channels:2d} to {channels:2d}, {label:22s} "
+      print(f"{size:2d}x{size:<2d} {c_in:2d} to {c_out:2d} stride {stride}, {label:21s} "
             + "  ".join(cells) + " ms")
 
 

@@ -94,8 +94,8 @@ def test_cpu_ladder_runs_both_modes():
       "+ strided input gradient by phase", "+ oneDNN convolutions"]
   assert all("over the row above" in line for line in ladder[2:])
   layers = run("--layers", "--batch=2", "--repeats=1").splitlines()
-  assert len(layers) == 6 and all(line.count(" ms") == 1 and "weight gradient" in line
-                                  for line in layers)
+  assert len(layers) == 15 and all(line.count(" ms") == 1 and "weight gradient" in line
+                                   for line in layers)
 
 
 def test_serve_times_the_requested_steps():
