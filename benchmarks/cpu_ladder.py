@@ -68,7 +68,10 @@ class LadderConv(nnx.Conv):
     conv = jax.custom_vjp(forward, nondiff_argnums=(2, 3))
     conv.defvjp(lambda x, w, strides, pads: (forward(x, w, strides, pads), (x, w)), backward)
 
-    def conv_general_dilated(lhs, rhs, window_strides, padding, **unused):
+    def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                             rhs_dilation=None, feature_group_count=1, **unused):
+      if any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ())) or feature_group_count != 1:
+        raise ValueError("cpu_ladder: the ladder's networks have plain convolutions only")
       if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
       return conv(lhs, rhs, tuple(window_strides), tuple((int(lo), int(hi)) for lo, hi in padding))
