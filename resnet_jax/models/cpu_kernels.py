@@ -237,8 +237,9 @@ def _phase_taps(kernel: int, stride: int, pad_low: int, rows: int, dy_size: int,
   """(taps as a slice of the kernel, low pad, high pad) of dy for `rows` rows of one phase
   along one axis, or None if no tap reads them.
 
-  Row s * m + phase of dx sums dy[m + q - j] * w[k0 + s * j] over j: a correlation of dy,
-  padded by J - 1 - q below, with the J taps reversed.
+  With k0 = (phase + pad_low) mod s and q = (phase + pad_low - k0) / s, row s * m + phase of
+  dx sums dy[m + q - j] * w[k0 + s * j] over the J taps j: a correlation of dy, padded by
+  J - 1 - q below, with the taps reversed.
   """
   k0 = (phase + pad_low) % stride
   count = len(range(k0, kernel, stride))
