@@ -79,6 +79,12 @@ class LadderConv(nnx.Conv):
     super().__init__(*args, conv_general_dilated=conv_general_dilated, **kwargs)
 
 
+def without_onednn() -> dict:
+  """`cpu_kernels.compiler_options("cpu")` less XLA's oneDNN rewriter: YNNPACK fusions off only."""
+  return {name: value for name, value in cpu_kernels.compiler_options("cpu").items()
+          if name != "xla_cpu_experimental_onednn_custom_call"}
+
+
 # (input size, input channels, output channels, stride) of each kind of CIFAR 3x3 convolution.
 CIFAR_LAYERS = ((32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1), (32, 16, 32, 2), (16, 32, 64, 2))
 
@@ -86,11 +92,8 @@ CIFAR_LAYERS = ((32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1), (32, 16, 32, 2
 def time_layers(batch: int, repeats: int) -> None:
   """Median ms of the three passes of each CIFAR 3x3 convolution, under three option sets."""
   padding = ((1, 1), (1, 1))
-  options = cpu_kernels.compiler_options("cpu")
-  option_sets = (("XLA defaults", None),
-                 ("YNNPACK fusions off", {name: value for name, value in options.items()
-                                          if name != "xla_cpu_experimental_onednn_custom_call"}),
-                 ("+ oneDNN convolutions", options))
+  option_sets = (("XLA defaults", None), ("YNNPACK fusions off", without_onednn()),
+                 ("+ oneDNN convolutions", cpu_kernels.compiler_options("cpu")))
   rng = np.random.default_rng(0)
   for size, c_in, c_out, stride in CIFAR_LAYERS:
     strides = (stride, stride)
@@ -139,19 +142,17 @@ def main() -> None:
       labels=jnp.asarray(rng.integers(0, classes, args.batch, dtype=np.int32)),
       mask=jnp.ones(args.batch, bool))
   cpu_options = cpu_kernels.compiler_options("cpu")
-  without_onednn = {name: value for name, value in cpu_options.items()
-                    if name != "xla_cpu_experimental_onednn_custom_call"}
   fused = functools.partial(LadderConv, materialise=False)
   materialised = functools.partial(LadderConv, materialise=True)
   reductions = functools.partial(cpu_kernels.BatchNorm, matmul_sum_channels=0)
   variants = (  # (name, compiler options, convolution, batch norm)
       ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm),
       ("+ cpu_kernels weight gradient", None, fused, nnx.BatchNorm),
-      ("+ YNNPACK fusions off", without_onednn, fused, nnx.BatchNorm),
-      ("+ cpu_kernels.BatchNorm, XLA's sums", without_onednn, fused, reductions),
-      ("+ matrix-product sums", without_onednn, fused, cpu_kernels.BatchNorm),
-      ("+ dy and x materialised", without_onednn, materialised, cpu_kernels.BatchNorm),
-      ("+ strided input gradient by phase", without_onednn, cpu_kernels.Conv, cpu_kernels.BatchNorm),
+      ("+ YNNPACK fusions off", without_onednn(), fused, nnx.BatchNorm),
+      ("+ cpu_kernels.BatchNorm, XLA's sums", without_onednn(), fused, reductions),
+      ("+ matrix-product sums", without_onednn(), fused, cpu_kernels.BatchNorm),
+      ("+ dy and x materialised", without_onednn(), materialised, cpu_kernels.BatchNorm),
+      ("+ strided input gradient by phase", without_onednn(), cpu_kernels.Conv, cpu_kernels.BatchNorm),
       ("+ oneDNN convolutions", cpu_options, cpu_kernels.Conv, cpu_kernels.BatchNorm),
   )
   runners = {}
