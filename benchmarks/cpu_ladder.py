@@ -1,4 +1,4 @@
-"""What each of resnet_jax's CPU changes buys: one training step, eight ways, in one process.
+"""What each of resnet_jax's CPU changes buys: one training step, ten ways, in one process.
 
     python benchmarks/cpu_ladder.py --model=cifar_resnet20 --repeats=8 --steps=3
     python benchmarks/cpu_ladder.py --layers   # each kind of CIFAR 3x3 convolution, in isolation
@@ -7,21 +7,27 @@ Variants, each adding one change to the one before:
   1. XLA's defaults: flax's `nnx.Conv` and `nnx.BatchNorm`, default compiler options (what
      `models.create` builds by default);
   2. `cpu_kernels.weight_gradient` (with lax's input gradient, as before 0.4.0);
-  3. the YNNPACK fusions off (`cpu_kernels.compiler_options("cpu")` without oneDNN);
+  3. the YNNPACK fusions off (`cpu_kernels.compiler_options("cpu")` on jaxlib 0.10.2);
   4. `cpu_kernels.BatchNorm`'s four-sum gradient with XLA's reductions (`matmul_sum_channels=0`);
   5. its sums as matrix products (`cpu_kernels._channel_sums`);
   6. dy and x materialised before the backward convolutions (`cpu_kernels._conv_bwd`'s barrier);
-  7. strided input gradients by phase (`cpu_kernels.input_gradient`): `cpu_kernels.Conv`;
-  8. oneDNN's convolution (`cpu_kernels.compiler_options("cpu")` in full): the trainer's step on
-     CPU (`cpu_kernels.training_layers("cpu")`).
-Rows 2 to 6 use this script's `LadderConv`, `cpu_kernels.Conv` without the later changes. Each
+  7. strided input gradients by phase (`cpu_kernels.input_gradient`);
+  8. oneDNN's convolution (XLA's oneDNN rewriter, which then takes every convolution);
+  9. lax's form of the weight gradient where x has fewer channels than dy
+     (`cpu_kernels.weight_gradient`'s default): `cpu_kernels.Conv`;
+ 10. the YNNPACK fusions back on, oneDNN's rewriter taking the convolutions they leave
+     (`cpu_kernels.compiler_options("cpu")` on jaxlib 0.12): the trainer's step on CPU
+     (`cpu_kernels.training_layers("cpu")`, `cpu_kernels.compiler_options("cpu")`).
+Rows 2 to 8 use this script's `LadderConv`, `cpu_kernels.Conv` without the later changes. Each
 is the trainer's own `loop.train_step` on data already on the device, every batch norm over the
-whole batch (as before batch norm groups, `config.batch_norm_group`), and all are timed in
-alternating repeats (`resnet_jax.tools.benchmark.measure`) so that they see the same machine
-load. With --layers it times instead the forward pass, input gradient and weight gradient
+whole batch (as before batch norm groups, `config.batch_norm_group`), in a process whose CPU
+steps keep their memory, as the trainer's do (`cpu_kernels.keep_step_memory`; --no-keep_memory
+leaves malloc as it is), and all are timed in alternating repeats
+(`resnet_jax.tools.benchmark.measure`) so that they see the same machine load. With --layers
+it times instead the forward pass, input gradient and weight gradient
 (`cpu_kernels.input_gradient`, `cpu_kernels.weight_gradient`) of each kind of CIFAR 3x3
-convolution at batch 128, with XLA's default options, without YNNPACK fusions, and with
-`cpu_kernels.compiler_options("cpu")` in full. Figures in BENCHMARKS.md.
+convolution at batch 128, with XLA's default options, without YNNPACK fusions, and without
+them but with oneDNN's rewriter. Figures in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -51,10 +57,12 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 class LadderConv(nnx.Conv):
-  """`cpu_kernels.Conv` without its later changes: lax's input gradient for every stride,
-  `cpu_kernels.weight_gradient`, and dy and x as XLA fuses them unless `materialise`."""
+  """`cpu_kernels.Conv` without its later changes: dy and x as XLA fuses them unless
+  `materialise`; lax's input gradient for every stride unless `by_phase`
+  (`cpu_kernels.input_gradient`); `cpu_kernels.weight_gradient` with dy as its convolution's
+  input throughout (`x_as_input=False`)."""
 
-  def __init__(self, *args, materialise: bool, **kwargs):
+  def __init__(self, *args, materialise: bool, by_phase: bool = False, **kwargs):
     def forward(x, w, strides, pads):
       return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=NHWC)
 
@@ -62,8 +70,13 @@ class LadderConv(nnx.Conv):
       x, w = residuals
       if materialise:
         dy, x = lax.optimization_barrier((dy, x))
-      (dx,) = jax.vjp(lambda x: forward(x, w, strides, pads), x)[1](dy)
-      return dx, cpu_kernels.weight_gradient(x, dy, w.shape, strides, pads).astype(w.dtype)
+      if by_phase:
+        dx = cpu_kernels.input_gradient(dy, w, jax.ShapeDtypeStruct(x.shape, x.dtype), strides,
+                                        pads)
+      else:
+        (dx,) = jax.vjp(lambda x: forward(x, w, strides, pads), x)[1](dy)
+      dw = cpu_kernels.weight_gradient(x, dy, w.shape, strides, pads, x_as_input=False)
+      return dx, dw.astype(w.dtype)
 
     conv = jax.custom_vjp(forward, nondiff_argnums=(2, 3))
     conv.defvjp(lambda x, w, strides, pads: (forward(x, w, strides, pads), (x, w)), backward)
@@ -79,10 +92,8 @@ class LadderConv(nnx.Conv):
     super().__init__(*args, conv_general_dilated=conv_general_dilated, **kwargs)
 
 
-def without_onednn() -> dict:
-  """`cpu_kernels.compiler_options("cpu")` less XLA's oneDNN rewriter: YNNPACK fusions off only."""
-  return {name: value for name, value in cpu_kernels.compiler_options("cpu").items()
-          if name != "xla_cpu_experimental_onednn_custom_call"}
+NO_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
+ONEDNN_ALONE = {**NO_YNNPACK, "xla_cpu_experimental_onednn_custom_call": True}  # All convolutions.
 
 
 # (input size, input channels, output channels, stride) of each kind of CIFAR 3x3 convolution.
@@ -92,8 +103,8 @@ CIFAR_LAYERS = ((32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1), (32, 16, 32, 2
 def time_layers(batch: int, repeats: int) -> None:
   """Median ms of the three passes of each CIFAR 3x3 convolution, under three option sets."""
   padding = ((1, 1), (1, 1))
-  option_sets = (("XLA defaults", None), ("YNNPACK fusions off", without_onednn()),
-                 ("+ oneDNN convolutions", cpu_kernels.compiler_options("cpu")))
+  option_sets = (("XLA defaults", None), ("YNNPACK fusions off", NO_YNNPACK),
+                 ("+ oneDNN convolutions", ONEDNN_ALONE))
   rng = np.random.default_rng(0)
   for size, c_in, c_out, stride in CIFAR_LAYERS:
     strides = (stride, stride)
@@ -129,7 +140,11 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=3, help="steps per timed repeat")
   parser.add_argument("--repeats", type=int, default=8)
   parser.add_argument("--layers", action="store_true", help="time single convolutions instead")
+  parser.add_argument("--keep_memory", action=argparse.BooleanOptionalAction, default=True,
+                      help="CPU steps keep their memory, as the trainer's (cpu_kernels.keep_step_memory)")
   args = parser.parse_args()
+  if args.keep_memory:
+    cpu_kernels.keep_step_memory()
   if args.layers:
     time_layers(args.batch, args.repeats)
     return
@@ -141,19 +156,23 @@ def main() -> None:
       images=jnp.asarray(rng.standard_normal((args.batch, size, size, 3), np.float32)),
       labels=jnp.asarray(rng.integers(0, classes, args.batch, dtype=np.int32)),
       mask=jnp.ones(args.batch, bool))
-  cpu_options = cpu_kernels.compiler_options("cpu")
   fused = functools.partial(LadderConv, materialise=False)
   materialised = functools.partial(LadderConv, materialise=True)
+  by_phase = functools.partial(LadderConv, materialise=True, by_phase=True)
   reductions = functools.partial(cpu_kernels.BatchNorm, matmul_sum_channels=0)
   variants = (  # (name, compiler options, convolution, batch norm)
       ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm),
       ("+ cpu_kernels weight gradient", None, fused, nnx.BatchNorm),
-      ("+ YNNPACK fusions off", without_onednn(), fused, nnx.BatchNorm),
-      ("+ cpu_kernels.BatchNorm, XLA's sums", without_onednn(), fused, reductions),
-      ("+ matrix-product sums", without_onednn(), fused, cpu_kernels.BatchNorm),
-      ("+ dy and x materialised", without_onednn(), materialised, cpu_kernels.BatchNorm),
-      ("+ strided input gradient by phase", without_onednn(), cpu_kernels.Conv, cpu_kernels.BatchNorm),
-      ("+ oneDNN convolutions", cpu_options, cpu_kernels.Conv, cpu_kernels.BatchNorm),
+      ("+ YNNPACK fusions off", NO_YNNPACK, fused, nnx.BatchNorm),
+      ("+ cpu_kernels.BatchNorm, XLA's sums", NO_YNNPACK, fused, reductions),
+      ("+ matrix-product sums", NO_YNNPACK, fused, cpu_kernels.BatchNorm),
+      ("+ dy and x materialised", NO_YNNPACK, materialised, cpu_kernels.BatchNorm),
+      ("+ strided input gradient by phase", NO_YNNPACK, by_phase, cpu_kernels.BatchNorm),
+      ("+ oneDNN convolutions", ONEDNN_ALONE, by_phase, cpu_kernels.BatchNorm),
+      ("+ lax's weight gradient, fewer channels in", ONEDNN_ALONE, cpu_kernels.Conv,
+       cpu_kernels.BatchNorm),
+      ("+ YNNPACK fusions back, beside oneDNN", cpu_kernels.compiler_options("cpu"),
+       cpu_kernels.Conv, cpu_kernels.BatchNorm),
   )
   runners = {}
   for name, options, conv, norm in variants:
@@ -175,7 +194,7 @@ def main() -> None:
       paired = [before / after for before, after in zip(previous, step_s)]
       gain = (f"  {statistics.median(previous) / median:.2f}x over the row above (per repeat "
               f"{statistics.median(paired):.2f}x, {min(paired):.2f}-{max(paired):.2f})")
-    print(f"{name:36s} median {1e3 * median:8.1f} ms  (min {1e3 * min(step_s):.1f}){gain}")
+    print(f"{name:44s} median {1e3 * median:8.1f} ms  (min {1e3 * min(step_s):.1f}){gain}")
     previous = step_s
 
 

@@ -91,7 +91,8 @@ def test_cpu_ladder_runs_both_modes():
   assert [line.split(" median")[0].strip() for line in ladder[1:]] == [
       "XLA's defaults", "+ cpu_kernels weight gradient", "+ YNNPACK fusions off",
       "+ cpu_kernels.BatchNorm, XLA's sums", "+ matrix-product sums", "+ dy and x materialised",
-      "+ strided input gradient by phase", "+ oneDNN convolutions"]
+      "+ strided input gradient by phase", "+ oneDNN convolutions",
+      "+ lax's weight gradient, fewer channels in", "+ YNNPACK fusions back, beside oneDNN"]
   assert all("over the row above" in line for line in ladder[2:])
   layers = run("--layers", "--batch=2", "--repeats=1").splitlines()
   assert len(layers) == 15 and all(line.count(" ms") == 1 and "weight gradient" in line

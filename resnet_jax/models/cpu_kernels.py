@@ -20,15 +20,16 @@ transformations (`jax.grad`, `jax.vjp`, `jax.vmap`, `jax.checkpoint`), not
 forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`). A model from `create`
 without `training_layers()` uses flax's layers and supports every transformation.
 
-Compiler options. On CPU, XLA hands convolutions (and some elementwise work) to
-YNNPACK by default; `compiler_options()` turns the YNNPACK fusions off, so that
-convolutions are XLA's own, and turns on XLA's oneDNN rewriter
-(`xla_cpu_experimental_onednn_custom_call`), which runs every convolution it takes on
-oneDNN, PyTorch's CPU library; the others run on Eigen. The rewriter takes convolutions
-without base (input) dilation, negative padding or a reversed kernel, in float32 (and
-bfloat16 where the CPU has it), so every convolution of this module's training step,
-forward and backward. jaxlib 0.12 has the rewriter; 0.10.2 accepts the option and rewrites
-nothing, so its convolutions all stay on Eigen.
+Compiler options. On CPU, XLA hands convolutions and elementwise work to YNNPACK's fusions
+by default. Where its XLA has the oneDNN rewriter (jaxlib 0.12), `compiler_options()` turns
+that on (`xla_cpu_experimental_onednn_custom_call`): it runs on oneDNN, PyTorch's CPU
+library, each convolution that YNNPACK's fusions leave. It takes convolutions without base
+(input) dilation, negative padding or a reversed kernel, in float32 (and bfloat16 where the
+CPU has it), which every convolution of this module's training step is; with YNNPACK's
+fusions off it takes them all, but training steps are faster with YNNPACK keeping those it
+takes (BENCHMARKS.md, "What each CPU change buys"). Where jaxlib has no rewriter (0.10.2
+accepts the option and rewrites nothing), `compiler_options()` turns YNNPACK's fusions off
+instead, whose convolutions were slower there than XLA's own.
 
 The convolution. Plain NHWC/HWIO convolutions without dilation or groups take a
 `jax.custom_vjp` with its own backward pass; all other cases are lax's own
@@ -45,15 +46,16 @@ flipped kernel. At stride s, lax's is the same convolution of dy dilated by s (z
 inserted between rows and columns), which Eigen runs slowly and the oneDNN rewriter
 refuses; here it is s * s stride-1 convolutions, one per phase of the stride, interleaved.
 
-The weight gradient (`weight_gradient`). XLA computes dW[kh, kw, ci, co] = sum_{n,h,w}
-x[n, h + kh, w + kw, ci] dy[n, h, w, co] as a convolution of x with its batch and
-feature dimensions swapped, (ci, h, w, n): a transposing copy of x, into which XLA
-fuses x's producers (batch norm, ReLU and the residual adds of every earlier block, as
-identity shortcuts never pass a convolution) and recomputes them in transposed order.
-Here the same sum is a convolution of dy, read as (co, h, w, n), with x as its
-kernel, read as (h, w, n, ci): the transposing copy moves to dy, and x is read in
-whole rows of ci. A strided convolution's weight gradient is one such stride-1
-convolution per phase of the stride.
+The weight gradient (`weight_gradient`). dW[kh, kw, ci, co] = sum_{n,h,w}
+x[n, h + kh, w + kw, ci] dy[n, h, w, co] is a convolution over the batch and the image
+of one of x and dy with the other as its kernel, both read with n as the feature
+dimension (transposing copies of the materialised x and dy). lax takes x as the input,
+read as (ci, h, w, n), and dy as the kernel, (h, w, n, co). Here dy is the input, read as
+(co, h, w, n), and x the kernel, (h, w, n, ci), unless x has fewer channels than dy (the
+stem's three colours, the phases of a strided layer), which takes lax's form: the
+kernel's output features are what the CPU's convolutions take in blocks of 16 at a time,
+and three of them would leave most of each block empty. A strided convolution's weight
+gradient is one such stride-1 convolution per phase of the stride.
 
 Batch norm. In training, autodiff of `nnx.BatchNorm` sums over the batch and
 spatial axes six times per layer (two batch statistics forward; the gradients of
@@ -68,8 +70,10 @@ batched over the groups.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
+import platform
 from typing import Sequence
 
 import jax
@@ -87,30 +91,70 @@ _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
 
 
 
-# The module doc's CPU options: no YNNPACK fusions; oneDNN's convolution where XLA has it.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
-                "xla_cpu_experimental_onednn_custom_call": True}
+# The module doc's CPU options: where this jaxlib's XLA rewrites convolutions to oneDNN, that
+# rewriter beside its default YNNPACK fusions; elsewhere no YNNPACK fusions.
+_ONEDNN = {"xla_cpu_experimental_onednn_custom_call": True}
+_NO_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
 def compiler_options(platform: str) -> dict[str, str | bool] | None:
   """`jax.jit(..., compiler_options=...)` for the models' steps on devices of `platform`.
 
-  The module doc's CPU options for "cpu" (those this jaxlib knows: an unknown one would
-  fail every compilation), else None.
+  For "cpu", the module doc's: XLA's oneDNN rewriter where this jaxlib rewrites a convolution
+  with it (tried on a small one, away from YNNPACK), else no YNNPACK fusions where the jaxlib
+  knows that option (an unknown one would fail every compilation), else None. None for every
+  other platform.
   """
   if platform != "cpu":
     return None
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  probe = jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu))
-  known = {}
-  for name, value in _CPU_OPTIONS.items():
-    try:
-      probe.compile(compiler_options={name: value})
-    except Exception:  # pylint: disable=broad-except
-      continue
-    known[name] = value
-  return known or None
+  x = jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32, sharding=cpu)
+  w = jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32, sharding=cpu)
+  probe = jax.jit(lambda x, w: _forward(x, w, (1, 1), ((1, 1), (1, 1)), None, None)).lower(x, w)
+  try:
+    probe.compile(compiler_options=_NO_YNNPACK)
+  except Exception:  # pylint: disable=broad-except
+    return None  # A jaxlib without YNNPACK's option: its defaults.
+  try:
+    compiled = probe.compile(compiler_options={**_NO_YNNPACK, **_ONEDNN})
+  except Exception:  # pylint: disable=broad-except
+    return dict(_NO_YNNPACK)  # A jaxlib without the rewriter's option.
+  return dict(_ONEDNN if "__onednn$convolution" in compiled.as_text() else _NO_YNNPACK)
+
+
+# <malloc.h>'s mallopt parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_step_memory() -> None:
+  """Where jax's default backend is CPU, has each step reuse the host memory of the step before.
+
+  Call it once, before jax's first use (after `jax.distributed.initialize`, where a program has
+  one). The trainer, the evaluator and the benchmark do (`cli.start_run`).
+
+  XLA allocates a CPU step's temporaries afresh on each run, as one block (206 MB for
+  ResNet-20's training step at batch 128), and glibc's malloc gives a block over 32 MB back to
+  the kernel when it is freed: every step then faults all of its pages in again, each zeroed by
+  the kernel first (BENCHMARKS.md, "The host memory of a CPU step"). So, with glibc and a CPU
+  backend, malloc is told to keep freed memory on its heap for reuse: no block in a mapping of
+  its own (`M_MMAP_MAX` 0) and no trimming until 2 GiB are free (`M_TRIM_THRESHOLD`). The
+  process's memory then stays at its peak instead of rising and falling with every step.
+
+  That holds for the main thread's heap only: a thread's own arena maps any block over 64 MB
+  apart. So jax is also told to run a single-device CPU computation on the calling thread
+  rather than on a worker thread of its own (`jax_cpu_enable_async_dispatch` off, which has to
+  precede the CPU backend's creation): the caller waits for each step, which on CPU devices
+  runs on the caller's cores anyway. Computations over several CPU devices are dispatched to
+  workers whatever the option, and keep faulting. GPU and TPU devices are left as they are,
+  and so is malloc on their hosts.
+  """
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  if jax.default_backend() != "cpu" or platform.libc_ver()[0] != "glibc":
+    return
+  libc = ctypes.CDLL(None)
+  libc.mallopt(_M_MMAP_MAX, 0)
+  libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
@@ -251,8 +295,12 @@ def _phase_taps(kernel: int, stride: int, pad_low: int, rows: int, dy_size: int,
 
 def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
                     strides: tuple[int, int], pads: Pads, precision=None,
-                    out_sharding=None) -> jax.Array:
+                    out_sharding=None, x_as_input: bool | None = None) -> jax.Array:
   """dW (HWIO, float32 or wider) of the NHWC convolution of `x` that gave gradient `dy`.
+
+  `x_as_input`: whether the convolution that computes it takes x as its input and dy as its
+  kernel (lax's form) or the reverse; by default (None), x is the input where it has fewer
+  channels than dy (the module doc).
 
   Stride s: kernel row kh = s * a + r reads x row s * (h + a) + r, so each phase
   (r, c) of the stride is a stride-1 weight gradient over x[:, r::s, c::s] for
@@ -260,8 +308,10 @@ def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
   """
   kh, kw = kernel_shape[:2]
   sh, sw = strides
+  if x_as_input is None:
+    x_as_input = x.shape[3] < dy.shape[3]
   if (sh, sw) == (1, 1):
-    return _stride1_weight_gradient(x, dy, (kh, kw), pads, precision, out_sharding)
+    return _stride1_weight_gradient(x, dy, (kh, kw), pads, precision, out_sharding, x_as_input)
   _, ho, wo, _ = dy.shape
   padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
   dw = jnp.zeros((kh, kw, x.shape[3], dy.shape[3]), jnp.promote_types(dy.dtype, jnp.float32),
@@ -271,19 +321,27 @@ def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
     # Exactly the rows and columns this phase's taps read: ho + taps - 1 of them.
     phase = padded[:, r:r + sh * (ho + taps[0] - 2) + 1:sh,
                    c:c + sw * (wo + taps[1] - 2) + 1:sw]
-    piece = _stride1_weight_gradient(phase, dy, taps, ((0, 0), (0, 0)), precision, out_sharding)
+    piece = _stride1_weight_gradient(phase, dy, taps, ((0, 0), (0, 0)), precision, out_sharding,
+                                     x_as_input)
     dw = dw.at[r::sh, c::sw].set(piece)
   return dw
 
 
 def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, precision,
-                             out_sharding):
-  """Stride-1 dW as a convolution of dy (batch co, feature n) with x as kernel (in n, out ci).
+                             out_sharding, x_as_input: bool):
+  """Stride-1 dW as a convolution of x (batch ci, feature n) with dy as kernel (in n, out co),
+  lax's, if `x_as_input`, else of dy (batch co, feature n) with x as kernel (in n, out ci).
 
-  That convolution's output row a holds kernel row kh = k - 1 - a (it runs the
+  The second's output row a holds kernel row kh = k - 1 - a (it runs the
   window the other way), hence the flip. dy is padded so that every dW tap sees
   all of x: p_low = k - 1 - pad_low on the low side, whatever is left on the high.
   """
+  dw_type = jnp.promote_types(dy.dtype, jnp.float32)
+  if x_as_input:
+    return lax.conv_general_dilated(x, dy, (1, 1), pads,
+                                    dimension_numbers=("CHWN", "IHWO", "HWNC"),
+                                    precision=precision, out_sharding=out_sharding,
+                                    preferred_element_type=dw_type)
   _, ho, wo, _ = dy.shape
   dy_pads = []
   for k, (pad_low, _), size, out_size in zip(kernel_hw, pads, x.shape[1:3], (ho, wo)):
@@ -298,7 +356,7 @@ def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, prec
   dw = lax.conv_general_dilated(dy, x, (1, 1), dy_pads,
                                 dimension_numbers=("CHWN", "IHWO", "HWCN"),
                                 precision=precision, out_sharding=out_sharding,
-                                preferred_element_type=jnp.promote_types(dy.dtype, jnp.float32))
+                                preferred_element_type=dw_type)
   return dw[::-1, ::-1]
 
 

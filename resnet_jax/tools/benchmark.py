@@ -244,6 +244,7 @@ def _define_flags() -> None:
 
 def main(argv: list[str]) -> None:
   del argv  # No positional arguments (cli.run).
+  cpu_kernels.keep_step_memory()  # As the trainer's process (`cli.start_run`).
   options = flags.FLAGS
   config = make_config(options.model, options.batch, options.dtype, options.batch_norm_group)
   try:

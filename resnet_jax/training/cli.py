@@ -243,10 +243,13 @@ def _help_if_asked(argv: list[str]) -> None:
 
 
 def start_run() -> None:
-  """For a command of `define_run_flags`, before jax's first use: joins the cluster's processes
-  and sets the persistent compilation cache."""
+  """For a command of `define_run_flags`, before jax's first use: joins the cluster's processes,
+  sets the persistent compilation cache and has CPU steps keep their memory
+  (`cpu_kernels.keep_step_memory`)."""
+  from resnet_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
   _initialize_distributed()
   _use_compilation_cache()
+  cpu_kernels.keep_step_memory()
 
 
 def quiet() -> None:
