@@ -242,27 +242,34 @@ def onednn_rewrites(compiled) -> bool:
 
 
 def test_cpu_compiler_options_are_onednn_s_where_xla_has_it_else_no_ynnpack():
+  """Where XLA has the oneDNN rewriter: it, beside YNNPACK's fusions for training and in their
+  place for inference. Elsewhere: no YNNPACK fusions for either."""
   x, w = random_inputs((8, 16, 16, 32), (3, 3, 32, 32))
   conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC)
   compiled = lambda options: jax.jit(conv, compiler_options=options).lower(x, w).compile()
   no_ynnpack = {"xla_cpu_experimental_ynn_fusion_type": ""}
+  onednn = {"xla_cpu_experimental_onednn_custom_call": True}
   options = cpu_kernels.compiler_options("cpu")
-  if onednn_rewrites(compiled({**no_ynnpack, "xla_cpu_experimental_onednn_custom_call": True})):
-    assert options == {"xla_cpu_experimental_onednn_custom_call": True}
+  inference = cpu_kernels.compiler_options("cpu", training=False)
+  if onednn_rewrites(compiled({**no_ynnpack, **onednn})):
+    assert options == onednn and inference == {**no_ynnpack, **onednn}
+    assert onednn_rewrites(compiled(inference))
   else:  # jaxlib 0.10.2: the default routes this convolution to YNNPACK; the options keep it out.
-    assert options == no_ynnpack
+    assert options == inference == no_ynnpack
     assert "ynn_fusion" in compiled(None).as_text()
     assert "ynn_fusion" not in compiled(options).as_text()
-  assert_close(compiled(options)(x, w), compiled(None)(x, w), 1e-6)
+  for chosen in (options, inference):
+    assert_close(compiled(chosen)(x, w), compiled(None)(x, w), 1e-6)
   assert cpu_kernels.compiler_options("tpu") is None
+  assert cpu_kernels.compiler_options("tpu", training=False) is None
 
 
 def test_no_convolution_of_a_cpu_training_step_is_left_to_xla_s_own_kernels_where_onednn_is():
   """With the CPU options, each convolution of a training gradient of the CPU layers, a strided
   option-B projection included, runs on oneDNN or in a YNNPACK fusion, none on XLA's own
   kernels: the strided input gradients are stride-1 convolutions by phase (lax's own would be
-  base-dilated, which the rewriter refuses). On a jaxlib without the rewriter (0.10.2) none is
-  rewritten, and all are XLA's own."""
+  base-dilated, which the rewriter refuses); and each of inference on oneDNN. On a jaxlib
+  without the rewriter (0.10.2) none is rewritten, and all are XLA's own."""
   options = cpu_kernels.compiler_options("cpu")
   model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0), shortcut="B",
                         **cpu_kernels.training_layers("cpu"))
@@ -284,6 +291,16 @@ def test_no_convolution_of_a_cpu_training_step_is_left_to_xla_s_own_kernels_wher
   for computation in re.split(r"\n(?=(?:ENTRY )?%?[\w.\-]+ \()", text):
     name = re.match(r"(?:ENTRY )?%?([\w.\-]+)", computation).group(1)
     assert name in ynnpack or " convolution(" not in computation, name
+
+  def infer(params, images):
+    net = nnx.merge(graphdef, params, rest, copy=True)
+    net.eval()
+    return net(images)
+
+  # Inference: oneDNN takes every convolution (its options have no YNNPACK fusions).
+  text = jax.jit(infer, compiler_options=cpu_kernels.compiler_options("cpu", training=False)
+                 ).lower(params, images).compile().as_text()
+  assert text.count("__onednn$convolution") == 9 and " convolution(" not in text
 
 
 @pytest.mark.parametrize("kernel,stride,padding,size", [

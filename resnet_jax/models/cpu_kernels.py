@@ -6,9 +6,9 @@ flax's own layers for every other platform (`nnx.Conv`; `nnx.BatchNorm`, or its 
 `models.BatchNorm` with batch norm groups, which `BatchNorm` extends in turn). The
 trainer, the evaluator, the benchmark and `resnet_jax.training.compile` build their models so
 (`loop.create_model`, which adds the config's batch norm groups) and jit their steps
-with `compiler_options(platform)`, `platform` being that of the devices the step runs
-on (`data.core.platform(mesh)`), never the host's default backend: a step compiled on a
-CPU host for a TPU slice takes the TPU's layers.
+with `compiler_options(platform)` (`training=False` for evaluation), `platform` being that
+of the devices the step runs on (`data.core.platform(mesh)`), never the host's default
+backend: a step compiled on a CPU host for a TPU slice takes the TPU's layers.
 
 Each kernel is an exact reformulation, proven equal in value and gradient by
 tests/test_ops.py. Only steps on CPU devices use them and the compiler options below:
@@ -22,14 +22,15 @@ without `training_layers()` uses flax's layers and supports every transformation
 
 Compiler options. On CPU, XLA hands convolutions and elementwise work to YNNPACK's fusions
 by default. Where its XLA has the oneDNN rewriter (jaxlib 0.12), `compiler_options()` turns
-that on (`xla_cpu_experimental_onednn_custom_call`): it runs on oneDNN, PyTorch's CPU
-library, each convolution that YNNPACK's fusions leave. It takes convolutions without base
-(input) dilation, negative padding or a reversed kernel, in float32 (and bfloat16 where the
-CPU has it), which every convolution of this module's training step is; with YNNPACK's
-fusions off it takes them all, but training steps are faster with YNNPACK keeping those it
-takes (BENCHMARKS.md, "What each CPU change buys"). Where jaxlib has no rewriter (0.10.2
-accepts the option and rewrites nothing), `compiler_options()` turns YNNPACK's fusions off
-instead, whose convolutions were slower there than XLA's own.
+that on (`xla_cpu_experimental_onednn_custom_call`), which runs convolutions on oneDNN,
+PyTorch's CPU library. It takes convolutions without base (input) dilation, negative padding
+or a reversed kernel, in float32 (and bfloat16 where the CPU has it), which every convolution
+of this module's training step is. For inference steps, YNNPACK's fusions are turned off, and
+oneDNN takes every convolution; training steps keep the fusions, and oneDNN takes the
+convolutions they leave: each is the faster there (BENCHMARKS.md, "What each CPU change
+buys"). Where jaxlib has no rewriter (0.10.2 accepts the option and rewrites nothing),
+`compiler_options()` turns YNNPACK's fusions off for every step, as their convolutions were
+slower there than XLA's own.
 
 The convolution. Plain NHWC/HWIO convolutions without dilation or groups take a
 `jax.custom_vjp` with its own backward pass; all other cases are lax's own
@@ -91,23 +92,34 @@ _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1),
 
 
 
-# The module doc's CPU options: where this jaxlib's XLA rewrites convolutions to oneDNN, that
-# rewriter beside its default YNNPACK fusions; elsewhere no YNNPACK fusions.
+# The module doc's CPU options. Where this jaxlib's XLA rewrites convolutions to oneDNN: that
+# rewriter, beside YNNPACK's default fusions for training steps and in their place for
+# inference; elsewhere no YNNPACK fusions.
 _ONEDNN = {"xla_cpu_experimental_onednn_custom_call": True}
 _NO_YNNPACK = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-@functools.cache
-def compiler_options(platform: str) -> dict[str, str | bool] | None:
-  """`jax.jit(..., compiler_options=...)` for the models' steps on devices of `platform`.
+def compiler_options(platform: str, *, training: bool = True) -> dict[str, str | bool] | None:
+  """`jax.jit(..., compiler_options=...)` for the models' steps on devices of `platform`:
+  training steps, or inference (evaluation) steps where not `training`.
 
-  For "cpu", the module doc's: XLA's oneDNN rewriter where this jaxlib rewrites a convolution
-  with it (tried on a small one, away from YNNPACK), else no YNNPACK fusions where the jaxlib
+  For "cpu", the module doc's: XLA's oneDNN rewriter where this jaxlib has it, with YNNPACK's
+  fusions for training and without them for inference; else no YNNPACK fusions where the jaxlib
   knows that option (an unknown one would fail every compilation), else None. None for every
   other platform.
   """
   if platform != "cpu":
     return None
+  compiler = _cpu_compiler()
+  if compiler == "onednn":
+    return dict(_ONEDNN) if training else {**_NO_YNNPACK, **_ONEDNN}
+  return dict(_NO_YNNPACK) if compiler == "eigen" else None
+
+
+@functools.cache
+def _cpu_compiler() -> str | None:
+  """"onednn" where this jaxlib's XLA rewrites a small convolution to oneDNN (tried away from
+  YNNPACK), "eigen" where it knows YNNPACK's option but has no rewriter, None otherwise."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   x = jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32, sharding=cpu)
   w = jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32, sharding=cpu)
@@ -115,12 +127,12 @@ def compiler_options(platform: str) -> dict[str, str | bool] | None:
   try:
     probe.compile(compiler_options=_NO_YNNPACK)
   except Exception:  # pylint: disable=broad-except
-    return None  # A jaxlib without YNNPACK's option: its defaults.
+    return None  # A jaxlib without YNNPACK's option.
   try:
     compiled = probe.compile(compiler_options={**_NO_YNNPACK, **_ONEDNN})
   except Exception:  # pylint: disable=broad-except
-    return dict(_NO_YNNPACK)  # A jaxlib without the rewriter's option.
-  return dict(_ONEDNN if "__onednn$convolution" in compiled.as_text() else _NO_YNNPACK)
+    return "eigen"  # A jaxlib without the rewriter's option.
+  return "onednn" if "__onednn$convolution" in compiled.as_text() else "eigen"
 
 
 # <malloc.h>'s mallopt parameters.

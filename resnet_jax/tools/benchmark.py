@@ -157,9 +157,11 @@ def build_runners(config, *, input_pipeline: bool) -> tuple[dict[str, Runner], i
   # Evaluation carries a running error count, so no call is dead code.
   eval_step = lambda total, state, batch: total + loop.eval_step(state, batch)["top1_errors"]
   jit = functools.partial(jax.jit, compiler_options=cpu_kernels.compiler_options(platform))
+  jit_inference = functools.partial(
+      jax.jit, compiler_options=cpu_kernels.compiler_options(platform, training=False))
   runners = {
       "train": Runner(jit(train_step, donate_argnums=0), copy_state(), batch),
-      "eval": Runner(jit(eval_step), jnp.zeros((), jnp.int32), state, batch),
+      "eval": Runner(jit_inference(eval_step), jnp.zeros((), jnp.int32), state, batch),
   }
   if input_pipeline:
     dataset = data.create(loop.dataset_config(config), mesh)

@@ -170,7 +170,8 @@ def jit_eval_step(mesh: Mesh, preprocessing: Callable[[jax.Array], jax.Array] | 
   pixels: a `pretrained.Preprocessing`) applied to each view inside it."""
   step = eval_step if preprocessing is None else functools.partial(
       eval_step, preprocessing=preprocessing)
-  return jax.jit(step, compiler_options=cpu_kernels.compiler_options(data.core.platform(mesh)))
+  return jax.jit(step, compiler_options=cpu_kernels.compiler_options(data.core.platform(mesh),
+                                                                  training=False))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
