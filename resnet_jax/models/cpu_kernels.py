@@ -1,4 +1,4 @@
-"""CPU kernels for the models' training step: a convolution, a batch norm, XLA options.
+"""CPU kernels and settings for the models' steps: convolution, batch norm, compiler, memory.
 
 `models.create(name, ..., **cpu_kernels.training_layers(platform))` builds a network whose
 convolutions are `Conv` and whose batch norms are `BatchNorm` for CPU devices, and
