@@ -118,8 +118,9 @@ def compiler_options(platform: str, *, training: bool = True) -> dict[str, str |
 
 @functools.cache
 def _cpu_compiler() -> str | None:
-  """"onednn" where this jaxlib's XLA rewrites a small convolution to oneDNN (tried away from
-  YNNPACK), "eigen" where it knows YNNPACK's option but has no rewriter, None otherwise."""
+  """Which convolutions this jaxlib's XLA has on CPU: "onednn" where it rewrites a small one to
+  oneDNN (tried away from YNNPACK), "eigen" (its own) where it knows YNNPACK's option but has
+  no rewriter, None where it knows neither."""
   cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   x = jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32, sharding=cpu)
   w = jax.ShapeDtypeStruct((3, 3, 16, 16), jnp.float32, sharding=cpu)

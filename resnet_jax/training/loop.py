@@ -563,45 +563,27 @@ def _compile(train_fn, state: TrainState, inputs) -> tuple[jax.stages.Compiled, 
   can only run this one executable (a shape or sharding drifting between steps is an error,
   not a silent recompilation).
 
-  The log line says whether jax's persistent compilation cache served it (jax's cache-hit
-  event, through `jax.monitoring`) or stored it (an entry more in the cache directory, read
-  through etils.epath, so gs:// too). jax stores every compile that took
-  `jax_persistent_cache_min_compile_time_secs`, unless it cannot (jaxlib 0.12.0.1 fails to
-  serialise CPU executables with oneDNN calls, and warns) or will not (an entry under
-  `jax_persistent_cache_min_entry_size_bytes`), which the line says too.
+  The log line says whether jax's persistent compilation cache served it, read from the cache
+  directory (through etils.epath, so gs:// too): an entry more, the executable was stored; none
+  more in a cache that held entries, it was loaded (jax stores every compile that took
+  `jax_persistent_cache_min_compile_time_secs`; a quicker one in a cache filled by other
+  programs reads the same).
   """
   cache_dir = jax.config.jax_compilation_cache_dir
   entries_before = _cache_entries(cache_dir)
-  hits = []
-
-  def count_hits(event: str, **unused) -> None:
-    if event == _CACHE_HIT_EVENT:
-      hits.append(event)
-
-  jax.monitoring.register_event_listener(count_hits)
-  try:
-    started = time.perf_counter()
-    compiled = train_fn.lower(state, inputs).compile()
-    seconds = time.perf_counter() - started
-  finally:
-    jax.monitoring.unregister_event_listener(count_hits)
+  started = time.perf_counter()
+  compiled = train_fn.lower(state, inputs).compile()
+  seconds = time.perf_counter() - started
   if not cache_dir:
     source = "no persistent compilation cache"
-  elif hits:
-    source = f"loaded from the persistent compilation cache {cache_dir}"
   elif _cache_entries(cache_dir) - entries_before:
     source = f"compiled, and stored in the persistent compilation cache {cache_dir}"
-  elif seconds < jax.config.jax_persistent_cache_min_compile_time_secs:
-    source = "compiled; too quick to be worth the persistent compilation cache"
+  elif entries_before:
+    source = f"loaded from the persistent compilation cache {cache_dir}"
   else:
-    source = (f"compiled, but jax did not store it in the persistent compilation cache "
-              f"{cache_dir}: its warnings or its debug log say why")
+    source = "compiled; too quick to be worth the persistent compilation cache"
   metrics.log_line("compile: train step in %.1f s (%s)", seconds, source)
   return compiled, seconds
-
-
-# What jax records (`jax.monitoring`) when its persistent compilation cache serves a compile.
-_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 def _cache_entries(cache_dir: str | None) -> set[str]:
