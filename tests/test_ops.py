@@ -1,8 +1,7 @@
-"""resnet_jax.models.cpu_kernels: the CPU convolution and the batch norm have exactly the reference values and gradients; the CPU compiler options leave YNNPACK out; a CPU step keeps its memory."""
+"""resnet_jax.models.cpu_kernels: the CPU convolution and the batch norm have exactly the reference values and gradients; the CPU compiler options leave YNNPACK out; keep_step_memory sets malloc and jax as it says."""
 import functools
 import itertools
 import re
-import statistics
 import subprocess
 import sys
 
@@ -323,37 +322,40 @@ def test_the_strided_input_gradient_by_phase_is_lax_s_without_dilation(kernel, s
   assert f"lhs_dilation=({stride}, {stride})" not in jaxpr
 
 
-# A step with 64 MB temporaries (an outer product that the barrier keeps whole, and its product
-# with itself reversed): glibc's malloc maps blocks that large on their own, so each run faults
-# their pages in afresh, unless the step's memory is kept (`cpu_kernels.keep_step_memory`). Prints
-# the page faults of each of 8 runs.
-_FAULTS_OF_A_STEP = """
-import resource, sys
-import jax, jax.numpy as jnp
-from jax import lax
+# What `cpu_kernels.keep_step_memory` asks of the C library, as a CPU step's temporaries meet it
+# on the thread that runs the step: a 64 MB block (glibc's malloc maps a block that large on its
+# own and unmaps it on free) allocated, written and freed 8 times on the main thread. Prints
+# whether jax's asynchronous CPU dispatch is on, then the page faults of each of the 8 rounds.
+_FAULTS_OF_A_BLOCK = """
+import ctypes, resource, sys
+import jax
 if sys.argv[1] == "keep":
   from resnet_jax.models import cpu_kernels
   cpu_kernels.keep_step_memory()
-step = jax.jit(lambda x: (lambda y: (y * y[::-1]).sum())(
-    lax.optimization_barrier(jnp.sin(x[:, None] * x[None, :]))))
-x = jnp.arange(4096, dtype=jnp.float32)
+print(jax.config.read("jax_cpu_enable_async_dispatch"), jax.default_backend())
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 << 20
 for _ in range(8):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  step(x).block_until_ready()
+  block = libc.malloc(size)
+  ctypes.memset(block, 1, size)
+  libc.free(block)
   print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
-def test_a_cpu_step_reuses_the_memory_of_the_step_before_once_it_is_kept():
-  faults = {}
+def test_kept_step_memory_is_reused_by_the_next_block_and_steps_run_on_the_calling_thread():
+  runs = {}
   for mode in ("default", "keep"):
-    result = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_STEP, mode], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_BLOCK, mode], capture_output=True,
                             text=True, timeout=300, env=processes.environment(8))
     assert result.returncode == 0, result.stderr
-    # After the first run; the median, as now and then something else takes the freed memory's
-    # place on the heap and the next run maps more.
-    faults[mode] = statistics.median(int(line) for line in result.stdout.split()[1:])
-  # 64 MB is 16,384 pages of 4 KiB (fewer where the kernel backs them with huge pages).
-  assert faults["default"] > 4_000, faults
-  assert faults["keep"] < 1_000, faults
+    async_dispatch, backend, *faults = result.stdout.split()
+    runs[mode] = (async_dispatch, backend, [int(count) for count in faults])
+  # 64 MB is 16,384 pages of 4 KiB (fewer where the kernel backs them with huge pages): without
+  # the settings every round faults its block in afresh; with them, only the first.
+  assert runs["default"][:2] == ("True", "cpu") and min(runs["default"][2]) > 4_000, runs
+  assert runs["keep"][:2] == ("False", "cpu") and max(runs["keep"][2][1:]) < 1_000, runs
