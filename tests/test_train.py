@@ -542,3 +542,48 @@ def test_warm_up_ends_at_the_iteration_its_window_says_and_the_run_reports_it(tm
   assert [line for line in console(caplog) if line.startswith("warm-up:")] == [
       f"warm-up: over after iteration 3, the mean training error of the last 3 iterations being "
       f"{end['top1_error']:.2f}% (below 101%); the schedule's learning rate from iteration 4"]
+
+
+# Compiles a CPU step whose convolution runs on oneDNN (the trainer's CPU options) through the
+# trainer's `_compile`, with jax's persistent compilation cache in the folder argv[1], after
+# another program that the cache stores; prints whether this jaxlib can serialise the step.
+_COMPILE_A_ONEDNN_STEP = """
+import logging, sys
+import jax, jax.numpy as jnp
+from jax import lax
+from jax.experimental import serialize_executable
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+from resnet_jax.models import cpu_kernels
+from resnet_jax.training import loop
+logging.getLogger("absl").setLevel(logging.INFO)
+jax.jit(lambda x: x + 1).lower(jnp.ones(3)).compile()  # Not the step, but in the cache.
+step = jax.jit(lambda x, w: lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")).sum(),
+               compiler_options=cpu_kernels.compiler_options("cpu"))
+compiled, _ = loop._compile(step, jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16)))
+try:
+  serialize_executable.serialize(compiled)
+  print("storable")
+except Exception:
+  print("unstorable")
+"""
+
+
+def test_the_compile_line_never_says_loaded_of_a_step_this_jaxlib_cannot_store(tmp_path):
+  def compile_line():
+    run = subprocess.run([sys.executable, "-c", _COMPILE_A_ONEDNN_STEP, str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = [line for line in run.stderr.splitlines() if "compile: train step in" in line]
+    return run.stdout.split()[-1], line
+
+  first, second = compile_line(), compile_line()
+  assert first[0] == second[0]
+  if first[0] == "storable":  # jaxlib 0.10.2, 0.12.1
+    assert first[1].endswith(f"(compiled, and stored in the persistent compilation cache {tmp_path})")
+    assert second[1].endswith(f"(loaded from the persistent compilation cache {tmp_path})")
+  else:  # jaxlib 0.12.0.1, whose oneDNN calls do not serialise
+    for _, line in (first, second):
+      assert "(compiled; this jaxlib cannot store it in the persistent compilation cache (" in line

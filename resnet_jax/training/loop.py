@@ -36,6 +36,7 @@ import optax
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import serialize_executable
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from resnet_jax.training import checkpoints, claim, metrics, optim
@@ -567,7 +568,9 @@ def _compile(train_fn, state: TrainState, inputs) -> tuple[jax.stages.Compiled, 
   directory (through etils.epath, so gs:// too): an entry more, the executable was stored; none
   more in a cache that held entries, it was loaded (jax stores every compile that took
   `jax_persistent_cache_min_compile_time_secs`; a quicker one in a cache filled by other
-  programs reads the same).
+  programs reads the same), unless it cannot be stored at all: jaxlib 0.12.0.1 cannot
+  serialise a CPU executable that calls oneDNN (the CPU training step), and jax then only
+  warns that it could not write the entry.
   """
   cache_dir = jax.config.jax_compilation_cache_dir
   entries_before = _cache_entries(cache_dir)
@@ -578,12 +581,24 @@ def _compile(train_fn, state: TrainState, inputs) -> tuple[jax.stages.Compiled, 
     source = "no persistent compilation cache"
   elif _cache_entries(cache_dir) - entries_before:
     source = f"compiled, and stored in the persistent compilation cache {cache_dir}"
+  elif (unstorable := _why_unstorable(compiled)) is not None:
+    source = (f"compiled; this jaxlib cannot store it in the persistent compilation cache "
+              f"({unstorable})")
   elif entries_before:
     source = f"loaded from the persistent compilation cache {cache_dir}"
   else:
     source = "compiled; too quick to be worth the persistent compilation cache"
   metrics.log_line("compile: train step in %.1f s (%s)", seconds, source)
   return compiled, seconds
+
+
+def _why_unstorable(compiled: jax.stages.Compiled) -> str | None:
+  """Why `compiled` cannot be serialised, as the persistent cache would store it; None if it can."""
+  try:
+    serialize_executable.serialize(compiled)
+  except Exception as error:  # pylint: disable=broad-except
+    return f"{type(error).__name__}: {error}"
+  return None
 
 
 def _cache_entries(cache_dir: str | None) -> set[str]:
