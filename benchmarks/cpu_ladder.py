@@ -1,4 +1,4 @@
-"""What each of resnet_jax's CPU changes buys: one training step, ten ways, in one process.
+"""What each of resnet_jax's CPU changes buys: one training step, eight ways, in one process.
 
     python benchmarks/cpu_ladder.py --model=cifar_resnet20 --repeats=8 --steps=3
     python benchmarks/cpu_ladder.py --layers   # each kind of CIFAR 3x3 convolution, in isolation
@@ -8,20 +8,20 @@ Variants, each adding one change to the one before:
      `models.create` builds by default);
   2. `cpu_kernels.weight_gradient` (with lax's input gradient, as before 0.4.0);
   3. the YNNPACK fusions off (`cpu_kernels.compiler_options("cpu")` on jaxlib 0.10.2);
-  4. `cpu_kernels.BatchNorm`'s four-sum gradient with XLA's reductions (`matmul_sum_channels=0`);
-  5. its sums as matrix products (`cpu_kernels._channel_sums`);
-  6. dy and x materialised before the backward convolutions (`cpu_kernels._conv_bwd`'s barrier);
-  7. strided input gradients by phase (`cpu_kernels.input_gradient`);
-  8. oneDNN's convolution (XLA's oneDNN rewriter, which then takes every convolution);
-  9. lax's form of the weight gradient where x has fewer channels than dy
+  4. dy and x materialised before the backward convolutions (`cpu_kernels._conv_bwd`'s barrier);
+  5. strided input gradients by phase (`cpu_kernels.input_gradient`);
+  6. oneDNN's convolution (XLA's oneDNN rewriter, which then takes every convolution);
+  7. lax's form of the weight gradient where x has fewer channels than dy
      (`cpu_kernels.weight_gradient`'s default): `cpu_kernels.Conv`;
- 10. the YNNPACK fusions back on, oneDNN's rewriter taking the convolutions they leave
+  8. the YNNPACK fusions back on, oneDNN's rewriter taking the convolutions they leave
      (`cpu_kernels.compiler_options("cpu")` on jaxlib 0.12): the trainer's step on CPU
      (`cpu_kernels.training_layers("cpu")`, `cpu_kernels.compiler_options("cpu")`).
-Rows 2 to 8 use this script's `LadderConv`, `cpu_kernels.Conv` without the later changes. Each
-is the trainer's own `loop.train_step` on data already on the device, every batch norm over the
-whole batch (as before batch norm groups, `config.batch_norm_group`), in a process whose CPU
-steps keep their memory, as the trainer's do (`cpu_kernels.keep_step_memory`; --no-keep_memory
+Rows 2 to 6 use this script's `LadderConv`, `cpu_kernels.Conv` without the later changes.
+Every row's batch norm is flax's `nnx.BatchNorm` over the whole batch (the trainer's
+`models.BatchNorm` without groups, `config.batch_norm_group`); 0.4.0's `cpu_kernels.BatchNorm`,
+rows 4 and 5 of its ladder, is gone (BENCHMARKS.md, "flax's batch norm again"). Each row is the
+trainer's own `loop.train_step` on data already on the device, in a process whose CPU steps
+keep their memory, as the trainer's do (`cpu_kernels.keep_step_memory`; --no-keep_memory
 leaves malloc as it is), and all are timed in alternating repeats
 (`resnet_jax.tools.benchmark.measure`) so that they see the same machine load. With --layers
 it times instead the forward pass, input gradient and weight gradient
@@ -159,20 +159,17 @@ def main() -> None:
   fused = functools.partial(LadderConv, materialise=False)
   materialised = functools.partial(LadderConv, materialise=True)
   by_phase = functools.partial(LadderConv, materialise=True, by_phase=True)
-  reductions = functools.partial(cpu_kernels.BatchNorm, matmul_sum_channels=0)
   variants = (  # (name, compiler options, convolution, batch norm)
       ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm),
       ("+ cpu_kernels weight gradient", None, fused, nnx.BatchNorm),
       ("+ YNNPACK fusions off", NO_YNNPACK, fused, nnx.BatchNorm),
-      ("+ cpu_kernels.BatchNorm, XLA's sums", NO_YNNPACK, fused, reductions),
-      ("+ matrix-product sums", NO_YNNPACK, fused, cpu_kernels.BatchNorm),
-      ("+ dy and x materialised", NO_YNNPACK, materialised, cpu_kernels.BatchNorm),
-      ("+ strided input gradient by phase", NO_YNNPACK, by_phase, cpu_kernels.BatchNorm),
-      ("+ oneDNN convolutions", ONEDNN_ALONE, by_phase, cpu_kernels.BatchNorm),
+      ("+ dy and x materialised", NO_YNNPACK, materialised, nnx.BatchNorm),
+      ("+ strided input gradient by phase", NO_YNNPACK, by_phase, nnx.BatchNorm),
+      ("+ oneDNN convolutions", ONEDNN_ALONE, by_phase, nnx.BatchNorm),
       ("+ lax's weight gradient, fewer channels in", ONEDNN_ALONE, cpu_kernels.Conv,
-       cpu_kernels.BatchNorm),
+       nnx.BatchNorm),
       ("+ YNNPACK fusions back, beside oneDNN", cpu_kernels.compiler_options("cpu"),
-       cpu_kernels.Conv, cpu_kernels.BatchNorm),
+       cpu_kernels.Conv, nnx.BatchNorm),
   )
   runners = {}
   for name, options, conv, norm in variants:

@@ -43,7 +43,7 @@ SHARES = {
 # Whole files, or a test (every parameter of it, or those whose id starts so).
 EVERY_ENVIRONMENT = (
     "test_models.py", "test_optim.py", "test_bridge.py", "test_build.py",
-    "test_ops.py::test_gradients_equal_lax", "test_ops.py::test_batch_norm_training_equals_nnx",
+    "test_ops.py::test_gradients_equal_lax",
     "test_transforms.py::test_every_transformation[cifar_resnet8 (A)",
     "test_transforms.py::test_cpu_training_kernels_support_reverse_mode_and_say_forward_mode_is_unsupported",
     "test_train.py::test_stop_and_resume_gives_bitwise_the_same_parameters",

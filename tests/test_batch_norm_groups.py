@@ -1,4 +1,4 @@
-"""Batch norm over groups of images (`models.BatchNorm`, `cpu_kernels.BatchNorm`, `batch_norm_group`).
+"""Batch norm over groups of images (`models.BatchNorm`, `batch_norm_group`).
 
 Each group of G consecutive images must be normalised as nnx.BatchNorm normalises that group
 alone, in value and gradient to rounding, on one device or sharded over eight, and on two
@@ -24,9 +24,6 @@ from resnet_jax import data, models
 from resnet_jax.models import cpu_kernels
 
 CHANNELS = 6
-# The flax layer; the CPU kernel with its sums as matrix products and as XLA's reductions.
-LAYERS = {"models": models.BatchNorm, "ops": cpu_kernels.BatchNorm,
-          "ops_reductions": functools.partial(cpu_kernels.BatchNorm, matmul_sum_channels=0)}
 SCALE, BIAS = jnp.linspace(0.5, 2.0, CHANNELS), jnp.linspace(-1.0, 1.0, CHANNELS)
 
 
@@ -78,16 +75,15 @@ def assert_close(actual, expected, tolerance, name=""):
                              atol=tolerance * float(np.max(np.abs(expected))), err_msg=name)
 
 
-@pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2 ** -6)],
                          ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("group_size", [2, 4, 8])
 def test_each_group_is_normalised_as_nnx_batch_norm_of_that_group_alone(
-    layer, dtype, tolerance, group_size):
+    dtype, tolerance, group_size):
   x = images((8, 3, 3, CHANNELS), dtype)
   gradient = lambda normalize: jax.jit(jax.grad(
       functools.partial(loss_and_stats, normalize), argnums=(0, 1, 2), has_aux=True))
-  got_grads, got = gradient(functools.partial(grouped, LAYERS[layer], group_size, dtype))(
+  got_grads, got = gradient(functools.partial(grouped, models.BatchNorm, group_size, dtype))(
       x, SCALE, BIAS)
   want_grads, want = gradient(functools.partial(by_hand, group_size, dtype))(x, SCALE, BIAS)
   assert got[0].dtype == dtype
@@ -105,10 +101,9 @@ def test_each_group_is_normalised_as_nnx_batch_norm_of_that_group_alone(
     assert np.all(np.asarray(got[2]) < np.asarray(whole[2]))
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_inference_is_nnx_batch_norm_and_leaves_the_running_averages(layer):
+def test_inference_is_nnx_batch_norm_and_leaves_the_running_averages():
   x = images((4, 3, 3, CHANNELS))
-  reference, bn = make(nnx.BatchNorm), make(LAYERS[layer], group_size=2)
+  reference, bn = make(nnx.BatchNorm), make(models.BatchNorm, group_size=2)
   np.testing.assert_array_equal(bn(x, use_running_average=True),
                                 reference(x, use_running_average=True))
   bn.eval()
@@ -117,12 +112,11 @@ def test_inference_is_nnx_batch_norm_and_leaves_the_running_averages(layer):
   np.testing.assert_array_equal(bn.var[...], np.float32(2.0))
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_a_batch_that_is_not_whole_groups_is_refused(layer):
+def test_a_batch_that_is_not_whole_groups_is_refused():
   with pytest.raises(ValueError, match="a batch of 6 does not split into batch norm groups of 4"):
-    make(LAYERS[layer], group_size=4)(images((6, 2, 2, CHANNELS)))
+    make(models.BatchNorm, group_size=4)(images((6, 2, 2, CHANNELS)))
   with pytest.raises(ValueError, match="group_size must be positive"):
-    make(LAYERS[layer], group_size=-2)
+    make(models.BatchNorm, group_size=-2)
 
 
 def _collective_sizes(hlo: str) -> list[int]:
@@ -137,12 +131,11 @@ def _collective_sizes(hlo: str) -> list[int]:
   return sizes
 
 
-@pytest.mark.parametrize("layer", ["models", "ops"])
 @pytest.mark.parametrize("group_size", [2, 8])  # 2 a device (16 over 8), or across 4 devices.
-def test_sharded_over_eight_devices_as_on_one(layer, group_size):
+def test_sharded_over_eight_devices_as_on_one(group_size):
   assert jax.device_count() == 8
   mesh = data.core.make_mesh()
-  graphdef, state = nnx.split(make(LAYERS[layer], group_size=group_size))
+  graphdef, state = nnx.split(make(models.BatchNorm, group_size=group_size))
 
   def forward(state, x):
     bn = nnx.merge(graphdef, state)
@@ -172,18 +165,17 @@ def _train_step_program(config, model, batch) -> str:
   return str(jax.make_jaxpr(functools.partial(loop.train_step, recipe))(state, batch))
 
 
-@pytest.mark.parametrize("platform", ["cpu", "gpu"])  # ops' kernels, and flax's layers.
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])  # cpu_kernels.Conv, and flax's.
 def test_group_0_is_the_whole_batch_code(platform):
   config = cifar_resnet20.get_config("smoke")
   config.update(model="cifar_resnet8", batch_norm_group=0)
   batch = data.Batch(images=images((8, 32, 32, 3)), labels=jnp.arange(8) % 10,
                      mask=jnp.ones((8,), bool))
   model = loop.create_model(config, 10, 0, platform)
-  # What the trainer built before batch norm groups: nnx.BatchNorm, or cpu_kernels.BatchNorm on CPU.
+  # What the trainer built before batch norm groups: nnx.BatchNorm (and cpu_kernels.Conv on CPU).
   before = models.create(config.model, num_classes=10, rngs=nnx.Rngs(0),
                          **cpu_kernels.training_layers(platform))
-  assert {type(n) for n in (model.stem_norm, before.stem_norm)} == (
-      {cpu_kernels.BatchNorm} if platform == "cpu" else {models.BatchNorm, nnx.BatchNorm})
+  assert {type(n) for n in (model.stem_norm, before.stem_norm)} == {models.BatchNorm, nnx.BatchNorm}
   # The same program, so bitwise the same step.
   assert _train_step_program(config, model, batch) == _train_step_program(config, before, batch)
 
@@ -194,10 +186,11 @@ def test_the_trainer_builds_its_norms_with_the_configs_groups():
   assert imagenet_base.get_config("resnet50").batch_norm_group == 32  # Goyal et al.: 8 x 32.
   assert cifar_resnet20.get_config("smoke").batch_norm_group == 16
   config.model = "cifar_resnet8"
-  for platform, cls in (("cpu", cpu_kernels.BatchNorm), ("tpu", models.BatchNorm)):
+  for platform in ("cpu", "tpu"):
     norms = [node for _, node in nnx.iter_graph(loop.create_model(config, 10, 0, platform))
              if isinstance(node, nnx.BatchNorm)]
-    assert len(norms) == 7 and all(type(n) is cls and n.group_size == 64 for n in norms)
+    assert len(norms) == 7 and all(type(n) is models.BatchNorm and n.group_size == 64
+                                   for n in norms)
 
 
 def test_a_batch_that_is_not_whole_groups_fails_at_start_up():

@@ -32,7 +32,7 @@ BUILDS = {
     "imagenet bottleneck B": small_imagenet_net,
     "imagenet bottleneck B training layers bfloat16 groups": lambda rngs: small_imagenet_net(
         rngs, dtype=jnp.bfloat16, conv=cpu_kernels.Conv,
-        norm=functools.partial(cpu_kernels.BatchNorm, group_size=2)),
+        norm=functools.partial(models.BatchNorm, group_size=2)),
 }
 
 

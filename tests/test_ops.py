@@ -1,4 +1,4 @@
-"""resnet_jax.models.cpu_kernels: the CPU convolution and the batch norm have exactly the reference values and gradients; the CPU compiler options leave YNNPACK out; keep_step_memory sets malloc and jax as it says."""
+"""resnet_jax.models.cpu_kernels: the CPU convolution has exactly the reference values and gradients; the CPU compiler options are oneDNN's where XLA has it; keep_step_memory sets malloc and jax as it says."""
 import functools
 import itertools
 import re
@@ -126,7 +126,7 @@ def test_other_convolutions_are_lax(x_shape, w_shape, kwargs):
 
 
 def test_training_layers_put_the_cpu_kernels_in_the_model_and_only_there():
-  assert cpu_kernels.training_layers("cpu") == {"conv": cpu_kernels.Conv, "norm": cpu_kernels.BatchNorm}  # CPU
+  assert cpu_kernels.training_layers("cpu") == {"conv": cpu_kernels.Conv}  # CPU
   model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0),
                         **cpu_kernels.training_layers("cpu"))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -153,87 +153,6 @@ def test_training_layers_put_the_cpu_kernels_in_the_model_and_only_there():
   macs = 32 * 32 * 16 * 27 + 2 * 32 * 32 * 16 * 144
   macs += 16 * 16 * 32 * (16 * 9 + 32 * 9) + 8 * 8 * 64 * (32 * 9 + 64 * 9) + 64 * 10
   assert analysis.count_macs(model, (32, 32, 3)) == macs
-
-
-def bn_pair(features, dtype=jnp.float32, **fast_options):
-  """An nnx.BatchNorm and an cpu_kernels.BatchNorm with the same non-trivial variables."""
-  pair = []
-  for cls in (nnx.BatchNorm, functools.partial(cpu_kernels.BatchNorm, **fast_options)):
-    bn = cls(features, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32,
-             rngs=nnx.Rngs(0))
-    bn.scale[...] = jnp.linspace(0.5, 2.0, features)
-    bn.bias[...] = jnp.linspace(-1.0, 1.0, features)
-    bn.mean[...] = jnp.full((features,), 0.3)
-    bn.var[...] = jnp.full((features,), 2.0)
-    pair.append(bn)
-  return pair
-
-
-def bn_loss(bn, x):
-  y = bn(x)
-  # Non-linear and weighted per channel, so every gradient term is exercised.
-  return jnp.sum(jnp.sin(y.astype(jnp.float32)) * jnp.arange(1, y.shape[-1] + 1)), y
-
-
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("matmul_sum_channels", [64, 0])  # Sums as matrix products, or not.
-def test_batch_norm_training_equals_nnx(jit, matmul_sum_channels):
-  reference, fast = bn_pair(6, matmul_sum_channels=matmul_sum_channels)
-  x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 5, 5, 6)) * 3 + 1, jnp.float32)
-  grad = nnx.grad(bn_loss, argnums=(0, 1), has_aux=True)
-  grad = nnx.jit(grad) if jit else grad
-  (g_ref, dx_ref), y_ref = grad(reference, x)
-  (g_fast, dx_fast), y_fast = grad(fast, x)
-  assert_close(y_fast, y_ref, 1e-6)
-  assert_close(dx_fast, dx_ref, 1e-5)
-  for name in ("scale", "bias"):
-    assert_close(g_fast[name][...], g_ref[name][...], 1e-5)
-  for name in ("mean", "var"):  # The running averages moved by the same batch statistics.
-    assert_close(getattr(fast, name)[...], getattr(reference, name)[...], 1e-6)
-    assert not np.allclose(getattr(fast, name)[...], 0.3 if name == "mean" else 2.0)
-
-
-def test_batch_norm_bfloat16_equals_nnx():
-  reference, fast = bn_pair(8, jnp.bfloat16)
-  x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 6, 6, 8)), jnp.bfloat16)
-  grad = nnx.jit(nnx.grad(bn_loss, argnums=(0, 1), has_aux=True))
-  (g_ref, dx_ref), y_ref = grad(reference, x)
-  (g_fast, dx_fast), y_fast = grad(fast, x)
-  assert y_fast.dtype == dx_fast.dtype == jnp.bfloat16
-  assert_close(y_fast, y_ref, 2 ** -7)
-  assert_close(dx_fast, dx_ref, 2 ** -6)
-  assert_close(g_fast["scale"][...], g_ref["scale"][...], 2 ** -6)
-
-
-def test_batch_norm_inference_is_nnx():
-  reference, fast = bn_pair(6)
-  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 3, 3, 6)), jnp.float32)
-  np.testing.assert_array_equal(fast(x, use_running_average=True),
-                                reference(x, use_running_average=True))
-  np.testing.assert_array_equal(fast.mean[...], np.float32(0.3))
-
-
-@pytest.mark.parametrize("matmul_sums", [True, False])
-def test_normalize_differentiates_its_statistics_too(matmul_sums):
-  """The custom VJP also carries cotangents of the returned mean and variance, per group."""
-  # Two groups of 3 examples: [groups, examples, H, W, C].
-  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 3, 4, 4, 5)), jnp.float32)
-  scale, bias = jnp.linspace(0.5, 1.5, 5), jnp.linspace(-0.2, 0.2, 5)
-
-  def reference(x, scale, bias):
-    mean = jnp.mean(x, (1, 2, 3), keepdims=True)
-    var = jnp.maximum(0.0, jnp.mean(x * x, (1, 2, 3), keepdims=True) - mean * mean)
-    return (x - mean) * (lax.rsqrt(var + 1e-5) * scale) + bias, mean, var
-
-  def loss(normalize, x, scale, bias):
-    y, mean, var = normalize(x, scale, bias)
-    return jnp.sum(jnp.cos(y)) + jnp.sum(mean ** 3) + jnp.sum(jnp.sqrt(var) * scale)
-
-  fast = lambda x, scale, bias: cpu_kernels._normalize(x, scale, bias, 1e-5, matmul_sums)  # pylint: disable=protected-access
-  got = jax.grad(loss, argnums=(1, 2, 3))(fast, x, scale, bias)
-  expected = jax.grad(loss, argnums=(1, 2, 3))(reference, x, scale, bias)
-  for actual, want in zip(got, expected):
-    assert_close(actual, want, 1e-5)
 
 
 def onednn_rewrites(compiled) -> bool:

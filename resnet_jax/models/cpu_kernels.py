@@ -1,9 +1,8 @@
-"""CPU kernels and settings for the models' steps: convolution, batch norm, compiler, memory.
+"""CPU kernels and settings for the models' steps: convolution, compiler, memory.
 
 `models.create(name, ..., **cpu_kernels.training_layers(platform))` builds a network whose
-convolutions are `Conv` and whose batch norms are `BatchNorm` for CPU devices, and
-flax's own layers for every other platform (`nnx.Conv`; `nnx.BatchNorm`, or its subclass
-`models.BatchNorm` with batch norm groups, which `BatchNorm` extends in turn). The
+convolutions are `Conv` for CPU devices, and flax's `nnx.Conv` for every other platform;
+batch norms are flax's on every platform (BENCHMARKS.md, "flax's batch norm again"). The
 trainer, the evaluator, the benchmark and `resnet_jax.training.compile` build their models so
 (`loop.create_model`, which adds the config's batch norm groups) and jit their steps
 with `compiler_options(platform)` (`training=False` for evaluation), `platform` being that
@@ -15,7 +14,7 @@ tests/test_ops.py. Only steps on CPU devices use them and the compiler options b
 BENCHMARKS.md ("What each CPU change buys") measures what each buys there, and none was
 measured on another platform.
 
-Both kernels are `jax.custom_vjp` functions: they support reverse-mode
+`Conv`'s kernel is a `jax.custom_vjp` function: it supports reverse-mode
 transformations (`jax.grad`, `jax.vjp`, `jax.vmap`, `jax.checkpoint`), not
 forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`). A model from `create`
 without `training_layers()` uses flax's layers and supports every transformation.
@@ -57,16 +56,6 @@ stem's three colours, the phases of a strided layer), which takes lax's form: th
 kernel's output features are what the CPU's convolutions take in blocks of 16 at a time,
 and three of them would leave most of each block empty. A strided convolution's weight
 gradient is one such stride-1 convolution per phase of the stride.
-
-Batch norm. In training, autodiff of `nnx.BatchNorm` sums over the batch and
-spatial axes six times per layer (two batch statistics forward; the gradients of
-the mean, the variance, the scale and the bias backward), each a separate pass
-over the activations on CPU. `BatchNorm` gives the normalisation the textbook
-backward pass (Ioffe and Szegedy, 2015, Sec. 3), which needs only the sums of dy
-and of dy * x_hat: four sums in all, taken as matrix products on layers of up to
-`BatchNorm.matmul_sum_channels` channels (`_channel_sums`). With batch norm groups
-(`models.BatchNorm.group_size`) the same sums are taken per group, the products
-batched over the groups.
 """
 
 from __future__ import annotations
@@ -79,11 +68,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 
-from resnet_jax import models
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -206,10 +193,10 @@ class Conv(nnx.Conv):
 def training_layers(platform: str) -> dict[str, type[nnx.Module]]:
   """`models.create` keywords for the fastest training step on devices of `platform`.
 
-  {"conv": Conv, "norm": BatchNorm} for "cpu"; {} (flax's layers) for every other
-  platform (see the module doc).
+  {"conv": Conv} for "cpu"; {} (flax's layers) for every other platform (see the module
+  doc).
   """
-  return {"conv": Conv, "norm": BatchNorm} if platform == "cpu" else {}
+  return {"conv": Conv} if platform == "cpu" else {}
 
 
 def _explicit_sharding(array: jax.Array):
@@ -371,110 +358,3 @@ def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, prec
                                 precision=precision, out_sharding=out_sharding,
                                 preferred_element_type=dw_type)
   return dw[::-1, ::-1]
-
-
-class BatchNorm(models.BatchNorm):
-  """`models.BatchNorm` whose training-mode gradient takes the module doc's four sums.
-
-  The same variables, statistics, running averages and outputs as `models.BatchNorm`
-  (`nnx.BatchNorm`'s fast variance, E[x^2] - E[x]^2), with or without `group_size`;
-  inference, masks, cross-device axis names and layouts other than features-last are
-  `models.BatchNorm`'s own code. Layers of up to `matmul_sum_channels` channels take
-  their sums as matrix products (`_channel_sums`), wider ones as XLA's reductions.
-  """
-
-  def __init__(self, *args, matmul_sum_channels: int = 64, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.matmul_sum_channels = matmul_sum_channels
-
-  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
-    use_running_average = (self.use_running_average if use_running_average is None
-                           else use_running_average)
-    if (use_running_average or mask is not None or self.axis_name is not None
-        or not self.use_fast_variance or self.scale is None or self.bias is None
-        or self.axis not in (-1, x.ndim - 1)):
-      return super().__call__(x, use_running_average=use_running_average, mask=mask)
-    if self.group_size:
-      self.check_groups(x, mask)
-    x, _, _, scale, bias = self.promote_dtype(
-        (x, self.mean[...], self.var[...], self.scale[...], self.bias[...]), dtype=self.dtype)
-    # [groups, group_size, ...]; without group_size, one group of the whole batch.
-    groups = x.reshape((x.shape[0] // self.group_size if self.group_size else 1, -1) + x.shape[1:])
-    matmul_sums = x.shape[-1] <= self.matmul_sum_channels
-    y, mean, var = _normalize(groups, scale, bias, self.epsilon, matmul_sums)
-    self.update_running_averages(mean.reshape(-1, x.shape[-1]), var.reshape(-1, x.shape[-1]))
-    return y.reshape(x.shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _normalize(x, scale, bias, epsilon, matmul_sums):
-  """(y, mean, var): x [groups, ..., C] normalised by each group's statistics over every axis
-  but the first and the last; mean and var [groups, 1, ..., 1, C]."""
-  return _normalize_fwd(x, scale, bias, epsilon, matmul_sums)[0]
-
-
-def _normalize_fwd(x, scale, bias, epsilon, matmul_sums):
-  # Statistics in float32 at least, as nnx.BatchNorm's.
-  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  count = np.prod(x.shape[1:-1])
-  sum_x, sum_xx = _channel_sums(x32, x32, matmul_sums)
-  mean = sum_x / count
-  var = jnp.maximum(0.0, sum_xx / count - jnp.square(mean))
-  inv = lax.rsqrt(var + epsilon)
-  y = (x32 - mean) * (inv * scale) + bias
-  return (y.astype(x.dtype), mean, var), (x, mean, inv, scale)
-
-
-def _normalize_bwd(epsilon, matmul_sums, residuals, cotangents):
-  del epsilon
-  x, mean, inv, scale = residuals
-  dy, dmean, dvar = cotangents
-  count = np.prod(x.shape[1:-1])
-  centred = x.astype(mean.dtype) - mean
-  dy = dy.astype(mean.dtype)
-  dbias, sum_dy_x = _channel_sums(dy, x.astype(mean.dtype), matmul_sums)
-  # The sum of dy * x_hat, from sums over x itself rather than over a centred copy: the
-  # same cancellation, when |mean| >> std, as the forward pass's fast variance.
-  dscale = (sum_dy_x - mean * dbias) * inv
-  # d/dx of y through x_hat, the mean and the variance; then of the statistics themselves.
-  dx = (inv * scale / count) * (count * dy - dbias - centred * (inv * dscale))
-  dx = dx + dmean / count + (2 / count) * dvar * centred
-  # Scale and bias are shared by every group: their gradients sum over groups.
-  axes = tuple(range(x.ndim - 1))
-  return (dx.astype(x.dtype), jnp.sum(dscale, axes).astype(scale.dtype),
-          jnp.sum(dbias, axes).astype(scale.dtype))
-
-
-_normalize.defvjp(_normalize_fwd, _normalize_bwd)
-
-
-def _channel_sums(a: jax.Array, b: jax.Array, matmul: bool) -> tuple[jax.Array, jax.Array]:
-  """(sum of a, sum of a * b) per group and channel: [groups, ..., C] -> [groups, 1, ..., 1, C].
-
-  With `matmul` (the few channels of the CIFAR nets), as matrix products batched over
-  the groups, each group's values read as rows [groups, rows, C]: a row of ones times
-  a, and the diagonal of a^T b. XLA's CPU backend splits a reduction over 10^5 rows
-  into a tree of partial reductions, each a pass of its own; the products read each
-  operand once. They cost channels times the FLOPs of a sum, hence
-  `BatchNorm.matmul_sum_channels`.
-  """
-  rows = tuple(range(1, a.ndim - 1))
-  if not matmul:
-    return jnp.sum(a, rows, keepdims=True), jnp.sum(a * b, rows, keepdims=True)
-  groups, channels = a.shape[0], a.shape[-1]
-  rows_a, rows_b = a.reshape(groups, -1, channels), b.reshape(groups, -1, channels)
-  # Under explicit sharding the rows (or the groups) are split over devices (the ones with
-  # them), and the sums are laid out as the groups.
-  rows_sharding = _explicit_sharding(rows_a)
-  ones_sharding = sums_sharding = None
-  if rows_sharding is not None:
-    spec = jax.sharding.PartitionSpec
-    ones_sharding = jax.sharding.NamedSharding(rows_sharding.mesh, spec(*rows_sharding.spec[:2]))
-    sums_sharding = jax.sharding.NamedSharding(rows_sharding.mesh, spec(rows_sharding.spec[0]))
-  contract_rows = lambda x, y: lax.dot_general(x, y, (((1,), (1,)), ((0,), (0,))),
-                                               precision=lax.Precision.HIGHEST,
-                                               out_sharding=sums_sharding)
-  ones = jnp.ones(rows_a.shape[:2], a.dtype, out_sharding=ones_sharding)
-  stats_shape = (groups,) + (1,) * len(rows) + (channels,)
-  return (contract_rows(ones, rows_a).reshape(stats_shape),
-          jnp.diagonal(contract_rows(rows_a, rows_b), axis1=1, axis2=2).reshape(stats_shape))
