@@ -265,7 +265,8 @@ for _ in range(8):
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+@pytest.mark.skipif(cpu_kernels._glibc_malloc() is None,  # pylint: disable=protected-access
+                    reason="keep_step_memory sets glibc's malloc, not this process's")
 def test_kept_step_memory_is_reused_by_the_next_block_and_steps_run_on_the_calling_thread():
   runs = {}
   for mode in ("default", "keep"):

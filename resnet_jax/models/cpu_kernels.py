@@ -127,6 +127,16 @@ def _cpu_compiler() -> str | None:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
+def _glibc_malloc() -> ctypes.CDLL | None:
+  """The C library where it is glibc and its malloc is the process's; None where it is another C
+  library, or where another allocator was loaded in malloc's place (`LD_PRELOAD`)."""
+  if platform.libc_ver()[0] != "glibc":
+    return None
+  libc = ctypes.CDLL("libc.so.6")
+  address = lambda library: ctypes.cast(library.malloc, ctypes.c_void_p).value
+  return libc if address(libc) == address(ctypes.CDLL(None)) else None
+
+
 def keep_step_memory() -> None:
   """Where jax's default backend is CPU, has each step reuse the host memory of the step before.
 
@@ -136,10 +146,11 @@ def keep_step_memory() -> None:
   XLA allocates a CPU step's temporaries afresh on each run, as one block (206 MB for
   ResNet-20's training step at batch 128), and glibc's malloc gives a block over 32 MB back to
   the kernel when it is freed: every step then faults all of its pages in again, each zeroed by
-  the kernel first (BENCHMARKS.md, "The host memory of a CPU step"). So, with glibc and a CPU
-  backend, malloc is told to keep freed memory on its heap for reuse: no block in a mapping of
-  its own (`M_MMAP_MAX` 0) and no trimming until 2 GiB are free (`M_TRIM_THRESHOLD`). The
-  process's memory then stays at its peak instead of rising and falling with every step.
+  the kernel first (BENCHMARKS.md, "The host memory of a CPU step"). So, with a CPU backend,
+  glibc's malloc (where it is the process's, not another allocator preloaded in its place) is
+  told to keep freed memory on its heap for reuse: no block in a mapping of its own
+  (`M_MMAP_MAX` 0) and no trimming until 2 GiB are free (`M_TRIM_THRESHOLD`). The process's
+  memory then stays at its peak instead of rising and falling with every step.
 
   That holds for the main thread's heap only: a thread's own arena maps any block over 64 MB
   apart. So jax is also told to run a single-device CPU computation on the calling thread
@@ -150,9 +161,9 @@ def keep_step_memory() -> None:
   and so is malloc on their hosts.
   """
   jax.config.update("jax_cpu_enable_async_dispatch", False)
-  if jax.default_backend() != "cpu" or platform.libc_ver()[0] != "glibc":
+  libc = _glibc_malloc()
+  if jax.default_backend() != "cpu" or libc is None:
     return
-  libc = ctypes.CDLL(None)
   libc.mallopt(_M_MMAP_MAX, 0)
   libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
 
