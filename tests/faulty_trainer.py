@@ -91,11 +91,13 @@ def _signalling_compile(train_fn, state, inputs):
   steps = itertools.count(int(state.step) + 1)
 
   def step_fn(*args):
-    outputs = compiled(*args)
+    state, step_metrics = compiled(*args)
     if next(steps) == int(ARG):
-      threading.Thread(target=lambda: (jax.block_until_ready(outputs),
+      # The metrics, which no later step is given: the loop donates the state to the next
+      # step, which may delete it before this thread looks.
+      threading.Thread(target=lambda: (jax.block_until_ready(step_metrics),
                                        strike(signum=signal.SIGTERM)), daemon=True).start()
-    return outputs
+    return state, step_metrics
 
   return step_fn, seconds
 
