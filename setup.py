@@ -1,4 +1,10 @@
 """resnet_jax: Deep Residual Learning (He et al., 2015) in JAX/Flax."""
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+
 import setuptools
 
 # Versions that install and pass the whole test suite together (.ci/run runs both ends):
@@ -27,6 +33,9 @@ TRAIN_REQUIRES = [
     # TFDS's dataset builders (resnet_jax.tools.prepare) import it; TFDS does not declare it.
     "importlib_resources>=6",
     "requests>=2.31",  # resnet_jax.tools.prepare checks the network with it, as TFDS downloads.
+    # oneDNN's library, which resnet_jax.models._onednn calls (pyproject.toml builds it against
+    # the headers of this version): the CPU trainer's weight gradients.
+    "onednn-cpu-gomp==2023.2.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
 ]
 # grain: the input-pipeline benchmark's comparison (resnet_jax.tools.input_benchmark).
 # torch: the baseline of resnet_jax.tools.benchmark, and the PyTorch twins that torchvision weights and
@@ -45,6 +54,34 @@ EXTRAS_REQUIRE = {
     "cuda13": ["jax[cuda13]>=0.10.2,<0.13"],
 }
 
+
+
+def onednn_extension() -> list[setuptools.Extension]:
+  """resnet_jax.models._onednn (resnet_jax/models/onednn_convolution.cc) where the build has
+  jaxlib's XLA FFI headers and oneDNN's (pyproject.toml's build requirements), else none: it is
+  optional, and without it the CPU trainer computes its weight gradients with XLA."""
+  jaxlib = importlib.util.find_spec("jaxlib")
+  try:
+    onednn = {str(file): file.locate().resolve()
+              for distribution in ("onednn-devel-cpu-gomp", "onednn-cpu-gomp")
+              for file in importlib.metadata.files(distribution) or ()}
+  except importlib.metadata.PackageNotFoundError:
+    return []
+  header = next((path for name, path in onednn.items() if name.endswith("oneapi/dnnl/dnnl.hpp")),
+                None)
+  library = next((path for name, path in onednn.items() if name.endswith("/libdnnl.so")), None)
+  if (sys.platform != "linux" or platform.machine() != "x86_64" or jaxlib is None
+      or header is None or library is None):
+    return []
+  return [setuptools.Extension(
+      "resnet_jax.models._onednn", ["resnet_jax/models/onednn_convolution.cc"],
+      # jaxlib's include/ holds xla/ffi/api/ffi.h; oneDNN's, oneapi/dnnl/dnnl.hpp.
+      include_dirs=[os.path.join(jaxlib.submodule_search_locations[0], "include"),
+                    str(header.parents[2])],
+      library_dirs=[str(library.parent)], libraries=["dnnl"],
+      extra_compile_args=["-std=c++17", "-O2"], language="c++", optional=True)]
+
+
 setuptools.setup(
     name="resnet_jax",
     version="0.5.0",  # CHANGELOG.md
@@ -58,6 +95,7 @@ setuptools.setup(
     package_dir={"resnet_jax.configs": "configs"},
     package_data={"resnet_jax": ["py.typed"]},
     python_requires=">=3.11",
+    ext_modules=onednn_extension(),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
 )

@@ -72,6 +72,18 @@ def runs_in(share: str, node_id: str) -> bool:
           or any(names(entry, test) for entry in EVERY_ENVIRONMENT))
 
 
+@pytest.fixture(params=["xla", "onednn"])
+def convolution_kernel(request, monkeypatch):
+  """Which kernels `cpu_kernels.Conv` differentiates float32 convolutions with: XLA's (the
+  module's forms), or oneDNN's, as in a process with one CPU device (this one has 8; the
+  tests' arrays are on one of them)."""
+  from resnet_jax.models import cpu_kernels  # pylint: disable=g-import-not-at-top
+  if request.param == "onednn" and not cpu_kernels.has_onednn():
+    pytest.skip("no oneDNN weight gradient here (resnet_jax.models._onednn, onednn-cpu-gomp)")
+  monkeypatch.setattr(cpu_kernels, "_one_cpu_device", lambda: request.param == "onednn")
+  return request.param
+
+
 def pytest_addoption(parser):
   parser.addoption("--share", choices=sorted(SHARES), help="Run this CI environment's test "
                    "files and the tests of EVERY_ENVIRONMENT (tests/conftest.py).")

@@ -7,12 +7,14 @@ data pipelines and the report; `[test]` and `[benchmark]` add theirs.
 import ast
 import os
 import pathlib
+import platform
 import re
 import runpy
 import shutil
 import site
 import subprocess
 import sys
+import sysconfig
 import types
 import zipfile
 
@@ -43,9 +45,21 @@ FIRST_PARTY = {"resnet_jax", "configs", "experiments", "processes", "torchvision
                "akamaster_resnet", "torch_twins", "conftest"}
 # Declared and never imported by name: TFDS's dataset builders import importlib_resources
 # without declaring it; pytest loads its plugins.
-UNIMPORTED = {"importlib-resources", "pytest-xdist", "pytest-timeout"}
+UNIMPORTED = {"importlib-resources", "pytest-xdist", "pytest-timeout",
+              # cpu_kernels loads oneDNN's library from this distribution's files.
+              "onednn-cpu-gomp"}
 # The files setup.py builds the wheel from.
-WHEEL_SOURCES = ("setup.py", "README.md", "LICENSE", "resnet_jax", "configs")
+WHEEL_SOURCES = ("setup.py", "pyproject.toml", "README.md", "LICENSE", "resnet_jax", "configs")
+
+
+def copy_sources(destination: pathlib.Path) -> pathlib.Path:
+  """The package's sources, copied to `destination`: a build in the checkout would leave build/
+  there, whose stale files a later build ships, and an install there would rewrite the
+  extension that other tests' processes have loaded."""
+  destination.mkdir()
+  for name in WHEEL_SOURCES:
+    (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, destination / name)
+  return destination
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +68,8 @@ def setup_arguments() -> dict:
   arguments = {}
   fake = types.ModuleType("setuptools")
   fake.setup, fake.find_packages = arguments.update, lambda **kwargs: []
+  fake.Extension = lambda name, sources, **kwargs: types.SimpleNamespace(name=name, sources=sources,
+                                                                         **kwargs)
   with pytest.MonkeyPatch.context() as patch:
     patch.setitem(sys.modules, "setuptools", fake)
     patch.chdir(REPO)
@@ -169,8 +185,9 @@ def test_a_models_only_install_brings_no_tensorflow(tmp_path):
                          capture_output=True, text=True, timeout=600)
   if probe.returncode:
     pytest.skip(f"pip cannot reach a package index: {probe.stderr.strip()[-500:]}")
-  install = subprocess.run([*pip, "install", "--no-compile", "-e", REPO], capture_output=True,
-                           text=True, timeout=1800, env=dict(os.environ, PIP_NO_INPUT="1"))
+  install = subprocess.run([*pip, "install", "--no-compile", copy_sources(tmp_path / "source")],
+                           capture_output=True, text=True, timeout=1800,
+                           env=dict(os.environ, PIP_NO_INPUT="1"))
   assert install.returncode == 0, install.stderr[-3000:]
   check = subprocess.run(
       [python, "-c", "import importlib.util, sys\n"
@@ -194,12 +211,7 @@ def test_the_changelog_opens_with_the_version(setup_arguments):
 
 @pytest.mark.slow
 def test_the_wheel_holds_the_configs_and_trains_by_a_config_name_outside_the_checkout(tmp_path):
-  # Built from a copy: a build in the checkout would leave build/ there, whose stale files a
-  # later build ships.
-  source = tmp_path / "source"
-  source.mkdir()
-  for name in WHEEL_SOURCES:
-    (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, source / name)
+  source = copy_sources(tmp_path / "source")
   pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
   build = subprocess.run([*pip, "wheel", "--no-deps", "-w", tmp_path / "dist", source],
                          capture_output=True, text=True, timeout=600)
@@ -210,6 +222,11 @@ def test_the_wheel_holds_the_configs_and_trains_by_a_config_name_outside_the_che
   assert "resnet_jax/py.typed" in names
   assert any(re.fullmatch(r"resnet_jax-[^/]+\.dist-info/(licenses/)?LICENSE", n) for n in names)
   assert not [n for n in names if not n.startswith("resnet_jax")], names
+  # The oneDNN extension, built for this Python alone, where pyproject.toml's build has its
+  # headers (x86-64 Linux).
+  extensions = [n for n in names if n.endswith(".so")]
+  if sys.platform == "linux" and platform.machine() == "x86_64":
+    assert extensions == [f"resnet_jax/models/_onednn{sysconfig.get_config_var('EXT_SUFFIX')}"]
 
   # A fresh venv holding the wheel, installed as a user installs it; its dependencies are this
   # environment's, through a .pth line, which adds their folders to sys.path without running

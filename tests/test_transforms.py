@@ -118,7 +118,8 @@ def test_every_transformation(name, train):
     assert_close(got, want, 1e-5)
 
 
-def test_cpu_training_kernels_support_reverse_mode_and_say_forward_mode_is_unsupported():
+def test_cpu_training_kernels_support_reverse_mode_and_say_forward_mode_is_unsupported(
+    convolution_kernel):
   model = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0),
                         **cpu_kernels.training_layers("cpu"))
   reference = models.create("cifar_resnet8", num_classes=10, rngs=nnx.Rngs(0))

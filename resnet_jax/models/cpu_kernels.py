@@ -62,7 +62,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
 import itertools
+import os
 import platform
 from typing import Sequence
 
@@ -123,6 +125,39 @@ def _cpu_compiler() -> str | None:
   return "onednn" if "__onednn$convolution" in compiled.as_text() else "eigen"
 
 
+# oneDNN's passes of a convolution, as this package's extension names them, and the names under
+# which they are registered with XLA.
+_ONEDNN_PASSES = ("forward", "input_gradient", "weight_gradient")
+_ONEDNN_TARGET = "resnet_jax_onednn_{}".format
+
+
+@functools.cache
+def has_onednn() -> bool:
+  """Whether oneDNN's weight gradient kernel is here, registered with jax: this package's
+  extension `resnet_jax.models._onednn` (built by setup.py on x86-64 Linux) and the oneDNN
+  library it calls (onednn-cpu-gomp, which `resnet_jax[train]` installs there)."""
+  try:
+    library = next(file for file in importlib.metadata.files("onednn-cpu-gomp") or ()
+                   if file.name == "libdnnl.so.3")
+  except (importlib.metadata.PackageNotFoundError, StopIteration):
+    return False
+  # oneDNN runs on OpenMP threads (GNU's), which by default spin while they wait for work,
+  # taking the cores from XLA's own threads (a step on 8 CPU devices, 2 cores: minutes instead
+  # of a second). So they sleep instead, unless the user says otherwise (read when libgomp
+  # loads, with oneDNN, just below).
+  os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+  # The extension links to libdnnl.so.3, which is in no folder the dynamic linker searches:
+  # loaded first, by its path, it is the one the extension's import finds.
+  ctypes.CDLL(str(library.locate()))
+  try:
+    from resnet_jax.models import _onednn  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  for name, handler in _onednn.handlers().items():
+    jax.ffi.register_ffi_target(_ONEDNN_TARGET(name), handler, platform="cpu")
+  return True
+
+
 # <malloc.h>'s mallopt parameters.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
@@ -174,7 +209,7 @@ def conv_general_dilated(lhs, rhs, window_strides: Sequence[int], padding,
                          dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None, out_sharding=None) -> jax.Array:
-  """`jax.lax.conv_general_dilated`, with the CPU weight gradient of the module doc."""
+  """`jax.lax.conv_general_dilated`, with the CPU backward pass of the module doc."""
   plain = (lhs.ndim == 4 and rhs.ndim == 4
            and feature_group_count == 1 and batch_group_count == 1 and out_sharding is None
            and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
@@ -227,7 +262,14 @@ def _conv(x, w, strides, pads, precision, preferred_element_type):
   return _forward(x, w, strides, pads, precision, preferred_element_type)
 
 
+def _on_onednn(*arrays: jax.Array) -> bool:
+  """Whether a training step's pass over these arrays runs on oneDNN (the module doc)."""
+  return (all(a.dtype == jnp.float32 for a in arrays) and _one_cpu_device() and has_onednn())
+
+
 def _conv_fwd(x, w, strides, pads, precision, preferred_element_type):
+  if _on_onednn(x, w) and preferred_element_type is None:
+    return onednn_forward(x, w, strides, pads), (x, w)
   return _forward(x, w, strides, pads, precision, preferred_element_type), (x, w)
 
 
@@ -238,10 +280,16 @@ def _conv_bwd(strides, pads, precision, preferred_element_type, residuals, dy):
   # makes of dy, and recomputes it there element by element in transposed order.
   dy, x = lax.optimization_barrier((dy, x))
   x_type = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_explicit_sharding(x))
-  dx = input_gradient(dy, w, x_type, strides, pads, precision, preferred_element_type)
-  # Under explicit sharding the weight gradient sums over a sharded batch: it is laid out as w.
-  dw = weight_gradient(x, dy, w.shape, strides, pads, precision,
-                       out_sharding=_explicit_sharding(w))
+  if _on_onednn(x, w, dy):
+    dx = onednn_input_gradient(dy, w, x.shape, strides, pads)
+  else:
+    dx = input_gradient(dy, w, x_type, strides, pads, precision, preferred_element_type)
+  if _on_onednn(x, dy):
+    dw = onednn_weight_gradient(x, dy, w.shape[:2], strides, pads)
+  else:
+    # Under explicit sharding the weight gradient sums over a sharded batch: laid out as w.
+    dw = weight_gradient(x, dy, w.shape, strides, pads, precision,
+                         out_sharding=_explicit_sharding(w))
   return dx, dw.astype(w.dtype)
 
 
@@ -336,6 +384,64 @@ def weight_gradient(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
                                      x_as_input)
     dw = dw.at[r::sh, c::sw].set(piece)
   return dw
+
+
+def _one_cpu_device() -> bool:
+  """Whether this process's jax has one CPU device in all (of all its processes): then no step
+  can split a batch over CPU devices, which an XLA FFI call cannot follow (the module doc)."""
+  return len(jax.devices("cpu")) == 1
+
+
+def _onednn_call(name: str, result: tuple[int, ...], a: jax.Array, b: jax.Array,
+                 strides: tuple[int, int], pads: Pads) -> jax.Array:
+  """oneDNN's pass `name` of an NHWC/HWIO float32 convolution, on its two inputs (the extension's
+  order: x, w; dy, w; x, dy), giving the third, of shape `result`."""
+  call = jax.ffi.ffi_call(_ONEDNN_TARGET(name), jax.ShapeDtypeStruct(result, jnp.float32),
+                          vmap_method="sequential")
+  (top, bottom), (left, right) = pads
+  return call(a, b, stride_h=strides[0], stride_w=strides[1], pad_top=top, pad_bottom=bottom,
+              pad_left=left, pad_right=right)
+
+
+def _read_window(x_shape, y_shape, kernel_hw, strides, pads) -> tuple[tuple[slice, slice], Pads]:
+  """The rows and columns of x that the convolution's windows read, and their pads: oneDNN
+  takes no negative pad, and wants each pad exactly what the windows reach."""
+  window, exact = [], []
+  for size, out_size, k, s, (low, _) in zip(x_shape[1:3], y_shape[1:3], kernel_hw, strides, pads):
+    start = max(-low, 0)
+    high = (out_size - 1) * s + k - size - low
+    window.append(slice(start, size + min(high, 0)))
+    exact.append((max(low, 0), max(high, 0)))
+  return tuple(window), tuple(exact)
+
+
+def onednn_forward(x: jax.Array, w: jax.Array, strides: tuple[int, int], pads: Pads) -> jax.Array:
+  """The NHWC float32 convolution of `x` with `w` (HWIO), on oneDNN's forward kernel."""
+  y_type = jax.eval_shape(lambda x, w: _forward(x, w, strides, pads, None, None), x, w)
+  (rows, cols), exact = _read_window(x.shape, y_type.shape, w.shape[:2], strides, pads)
+  return _onednn_call("forward", y_type.shape, x[:, rows, cols], w, strides, exact)
+
+
+def onednn_input_gradient(dy: jax.Array, w: jax.Array, x_shape: Sequence[int],
+                          strides: tuple[int, int], pads: Pads) -> jax.Array:
+  """dx (NHWC, `x_shape`) of the float32 convolution with kernel `w` that gave gradient `dy`, on
+  oneDNN's backward-data kernel."""
+  (rows, cols), exact = _read_window(x_shape, dy.shape, w.shape[:2], strides, pads)
+  read = (x_shape[0], *(len(range(x_shape[1 + i])[axis]) for i, axis in enumerate((rows, cols))),
+          x_shape[3])
+  dx = _onednn_call("input_gradient", read, dy, w, strides, exact)
+  # Rows no window reads have no gradient.
+  return jnp.pad(dx, ((0, 0), (rows.start, x_shape[1] - rows.stop),
+                      (cols.start, x_shape[2] - cols.stop), (0, 0)))
+
+
+def onednn_weight_gradient(x: jax.Array, dy: jax.Array, kernel_hw: tuple[int, int],
+                           strides: tuple[int, int], pads: Pads) -> jax.Array:
+  """dW (HWIO, float32) of the NHWC float32 convolution of `x` that gave gradient `dy`, on
+  oneDNN's backward-weights kernel."""
+  (rows, cols), exact = _read_window(x.shape, dy.shape, kernel_hw, strides, pads)
+  return _onednn_call("weight_gradient", (*kernel_hw, x.shape[3], dy.shape[3]),
+                      x[:, rows, cols], dy, strides, exact)
 
 
 def _stride1_weight_gradient(x, dy, kernel_hw: tuple[int, int], pads: Pads, precision,
