@@ -84,7 +84,7 @@ def onednn_extension() -> list[setuptools.Extension]:
 
 setuptools.setup(
     name="resnet_jax",
-    version="0.5.0",  # CHANGELOG.md
+    version="0.6.0",  # CHANGELOG.md
     description="Deep Residual Learning for Image Recognition, reproduced in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -1,4 +1,4 @@
-"""What each of resnet_jax's CPU changes buys: one training step, eight ways, in one process.
+"""What each of resnet_jax's CPU changes buys: one training step, nine ways, in one process.
 
     python benchmarks/cpu_ladder.py --model=cifar_resnet20 --repeats=8 --steps=3
     python benchmarks/cpu_ladder.py --layers   # each kind of CIFAR 3x3 convolution, in isolation
@@ -12,11 +12,15 @@ Variants, each adding one change to the one before:
   5. strided input gradients by phase (`cpu_kernels.input_gradient`);
   6. oneDNN's convolution (XLA's oneDNN rewriter, which then takes every convolution);
   7. lax's form of the weight gradient where x has fewer channels than dy
-     (`cpu_kernels.weight_gradient`'s default): `cpu_kernels.Conv`;
+     (`cpu_kernels.weight_gradient`'s default): `cpu_kernels.Conv`'s XLA forms;
   8. the YNNPACK fusions back on, oneDNN's rewriter taking the convolutions they leave
-     (`cpu_kernels.compiler_options("cpu")` on jaxlib 0.12): the trainer's step on CPU
-     (`cpu_kernels.training_layers("cpu")`, `cpu_kernels.compiler_options("cpu")`).
-Rows 2 to 6 use this script's `LadderConv`, `cpu_kernels.Conv` without the later changes.
+     (`cpu_kernels.compiler_options("cpu")` on jaxlib 0.12);
+  9. oneDNN's own kernels for the three passes of each convolution, through this package's
+     extension (`cpu_kernels.has_onednn()`): the trainer's step on CPU
+     (`cpu_kernels.training_layers("cpu")`, `cpu_kernels.compiler_options("cpu")`), in a
+     process of one CPU device. Where the extension is not here, row 9 is left out.
+Rows 2 to 8 use this script's `LadderConv`, `cpu_kernels.Conv`'s XLA forms without the later
+changes.
 Every row's batch norm is flax's `nnx.BatchNorm` over the whole batch (the trainer's
 `models.BatchNorm` without groups, `config.batch_norm_group`); 0.4.0's `cpu_kernels.BatchNorm`,
 rows 4 and 5 of its ladder, is gone (BENCHMARKS.md, "flax's batch norm again"). Each row is the
@@ -27,7 +31,8 @@ leaves malloc as it is), and all are timed in alternating repeats
 it times instead the forward pass, input gradient and weight gradient
 (`cpu_kernels.input_gradient`, `cpu_kernels.weight_gradient`) of each kind of CIFAR 3x3
 convolution at batch 128, with XLA's default options, without YNNPACK fusions, and without
-them but with oneDNN's rewriter. Figures in BENCHMARKS.md.
+them but with oneDNN's rewriter; then oneDNN's own kernels (`cpu_kernels.onednn_forward`,
+`onednn_input_gradient`, `onednn_weight_gradient`). Figures in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -57,12 +62,13 @@ NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 class LadderConv(nnx.Conv):
-  """`cpu_kernels.Conv` without its later changes: dy and x as XLA fuses them unless
+  """`cpu_kernels.Conv`'s XLA forms without its later changes: dy and x as XLA fuses them unless
   `materialise`; lax's input gradient for every stride unless `by_phase`
   (`cpu_kernels.input_gradient`); `cpu_kernels.weight_gradient` with dy as its convolution's
-  input throughout (`x_as_input=False`)."""
+  input throughout (`x_as_input=False`) unless `lax_form_fewer_channels_in` (its default)."""
 
-  def __init__(self, *args, materialise: bool, by_phase: bool = False, **kwargs):
+  def __init__(self, *args, materialise: bool, by_phase: bool = False,
+               lax_form_fewer_channels_in: bool = False, **kwargs):
     def forward(x, w, strides, pads):
       return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=NHWC)
 
@@ -75,7 +81,8 @@ class LadderConv(nnx.Conv):
                                         pads)
       else:
         (dx,) = jax.vjp(lambda x: forward(x, w, strides, pads), x)[1](dy)
-      dw = cpu_kernels.weight_gradient(x, dy, w.shape, strides, pads, x_as_input=False)
+      dw = cpu_kernels.weight_gradient(x, dy, w.shape, strides, pads,
+                                       x_as_input=None if lax_form_fewer_channels_in else False)
       return dx, dw.astype(w.dtype)
 
     conv = jax.custom_vjp(forward, nondiff_argnums=(2, 3))
@@ -101,10 +108,9 @@ CIFAR_LAYERS = ((32, 16, 16, 1), (16, 32, 32, 1), (8, 64, 64, 1), (32, 16, 32, 2
 
 
 def time_layers(batch: int, repeats: int) -> None:
-  """Median ms of the three passes of each CIFAR 3x3 convolution, under three option sets."""
+  """Median ms of the three passes of each CIFAR 3x3 convolution: XLA's, under three option sets,
+  and oneDNN's own kernels (`cpu_kernels.has_onednn()`) where they are here."""
   padding = ((1, 1), (1, 1))
-  option_sets = (("XLA defaults", None), ("YNNPACK fusions off", NO_YNNPACK),
-                 ("+ oneDNN convolutions", ONEDNN_ALONE))
   rng = np.random.default_rng(0)
   for size, c_in, c_out, stride in CIFAR_LAYERS:
     strides = (stride, stride)
@@ -112,13 +118,23 @@ def time_layers(batch: int, repeats: int) -> None:
     w = jnp.asarray(rng.standard_normal((3, 3, c_in, c_out)), jnp.float32)
     dy = jnp.asarray(rng.standard_normal((batch, size // stride, size // stride, c_out)), jnp.float32)
     x_type = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    passes = {
+    xla = {
         "forward": lambda x, w, dy: lax.conv_general_dilated(x, w, strides, padding,
                                                              dimension_numbers=NHWC),
         "input gradient": lambda x, w, dy: cpu_kernels.input_gradient(dy, w, x_type, strides, padding),
         "weight gradient": lambda x, w, dy: cpu_kernels.weight_gradient(x, dy, w.shape, strides, padding),
     }
-    for label, option_set in option_sets:
+    rows = [("XLA defaults", None, xla), ("YNNPACK fusions off", NO_YNNPACK, xla),
+            ("+ oneDNN convolutions", ONEDNN_ALONE, xla)]
+    if cpu_kernels.has_onednn():
+      rows.append(("oneDNN's own kernels", None, {
+          "forward": lambda x, w, dy: cpu_kernels.onednn_forward(x, w, strides, padding),
+          "input gradient": lambda x, w, dy: cpu_kernels.onednn_input_gradient(
+              dy, w, x.shape, strides, padding),
+          "weight gradient": lambda x, w, dy: cpu_kernels.onednn_weight_gradient(
+              x, dy, w.shape[:2], strides, padding),
+      }))
+    for label, option_set, passes in rows:
       cells = []
       for name, fn in passes.items():
         compiled = jax.jit(fn, compiler_options=option_set).lower(x, w, dy).compile()
@@ -159,6 +175,8 @@ def main() -> None:
   fused = functools.partial(LadderConv, materialise=False)
   materialised = functools.partial(LadderConv, materialise=True)
   by_phase = functools.partial(LadderConv, materialise=True, by_phase=True)
+  xla_forms = functools.partial(LadderConv, materialise=True, by_phase=True,
+                                lax_form_fewer_channels_in=True)
   variants = (  # (name, compiler options, convolution, batch norm)
       ("XLA's defaults", None, nnx.Conv, nnx.BatchNorm),
       ("+ cpu_kernels weight gradient", None, fused, nnx.BatchNorm),
@@ -166,11 +184,16 @@ def main() -> None:
       ("+ dy and x materialised", NO_YNNPACK, materialised, nnx.BatchNorm),
       ("+ strided input gradient by phase", NO_YNNPACK, by_phase, nnx.BatchNorm),
       ("+ oneDNN convolutions", ONEDNN_ALONE, by_phase, nnx.BatchNorm),
-      ("+ lax's weight gradient, fewer channels in", ONEDNN_ALONE, cpu_kernels.Conv,
+      ("+ lax's weight gradient, fewer channels in", ONEDNN_ALONE, xla_forms, nnx.BatchNorm),
+      ("+ YNNPACK fusions back, beside oneDNN", cpu_kernels.compiler_options("cpu"), xla_forms,
        nnx.BatchNorm),
-      ("+ YNNPACK fusions back, beside oneDNN", cpu_kernels.compiler_options("cpu"),
-       cpu_kernels.Conv, nnx.BatchNorm),
   )
+  if cpu_kernels.has_onednn() and len(jax.devices("cpu")) == 1:
+    variants += (("+ oneDNN's kernels for training", cpu_kernels.compiler_options("cpu"),
+                  cpu_kernels.Conv, nnx.BatchNorm),)
+  else:
+    print("no row 9: oneDNN's kernels need resnet_jax.models._onednn and one CPU device",
+          file=sys.stderr)
   runners = {}
   for name, options, conv, norm in variants:
     model = models.create(config.model, num_classes=classes, rngs=nnx.Rngs(config.seed),

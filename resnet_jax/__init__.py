@@ -4,4 +4,4 @@
 Datasets) live in `resnet_jax.data` and load only when imported.
 """
 
-__version__ = "0.5.0"  # setup.py, CHANGELOG.md
+__version__ = "0.6.0"  # setup.py, CHANGELOG.md

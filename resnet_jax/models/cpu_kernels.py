@@ -9,15 +9,30 @@ with `compiler_options(platform)` (`training=False` for evaluation), `platform` 
 of the devices the step runs on (`data.core.platform(mesh)`), never the host's default
 backend: a step compiled on a CPU host for a TPU slice takes the TPU's layers.
 
-Each kernel is an exact reformulation, proven equal in value and gradient by
-tests/test_ops.py. Only steps on CPU devices use them and the compiler options below:
-BENCHMARKS.md ("What each CPU change buys") measures what each buys there, and none was
-measured on another platform.
+Each kernel computes what lax's convolution and its gradients do, to float32 rounding,
+proven by tests/test_ops.py. Only steps on CPU devices use them and the compiler options
+below: BENCHMARKS.md ("What each CPU change buys") measures what each buys there, and none
+was measured on another platform.
 
 `Conv`'s kernel is a `jax.custom_vjp` function: it supports reverse-mode
 transformations (`jax.grad`, `jax.vjp`, `jax.vmap`, `jax.checkpoint`), not
 forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`). A model from `create`
 without `training_layers()` uses flax's layers and supports every transformation.
+
+oneDNN's convolutions (`has_onednn()`). XLA's own oneDNN rewriter (below) takes only forward
+convolutions, and only as inference: the two backward convolutions of a training step, written
+as forward ones, read transposed copies of their operands and ran at half PyTorch's speed.
+This package's extension, `resnet_jax.models._onednn` (onednn_convolution.cc, which setup.py
+builds on x86-64 Linux against oneDNN's library from onednn-cpu-gomp, an installed
+requirement of `resnet_jax[train]` there), hands all three passes of a training step's
+convolution to oneDNN's own kernels, as PyTorch does: forward (`onednn_forward`), backward
+data (`onednn_input_gradient`) and backward weights (`onednn_weight_gradient`), on the
+arrays' own NHWC and HWIO layouts, through XLA FFI calls. A differentiated float32
+convolution takes them where both are here and the process has one CPU device in all (no
+`--xla_force_host_platform_device_count`, no multi-process CPU cluster): an FFI call is
+opaque to XLA's partitioner, which cannot split it over devices' shares of a batch, so with
+several CPU devices a step keeps XLA's forms below, whatever its sharding. The primal
+(undifferentiated) convolution, which inference runs, stays XLA's.
 
 Compiler options. On CPU, XLA hands convolutions and elementwise work to YNNPACK's fusions
 by default. Where its XLA has the oneDNN rewriter (jaxlib 0.12), `compiler_options()` turns
@@ -31,12 +46,12 @@ buys"). Where jaxlib has no rewriter (0.10.2 accepts the option and rewrites not
 `compiler_options()` turns YNNPACK's fusions off for every step, as their convolutions were
 slower there than XLA's own.
 
-The convolution. Plain NHWC/HWIO convolutions without dilation or groups take a
-`jax.custom_vjp` with its own backward pass; all other cases are lax's own
-convolution. The forward pass is lax's in every case.
+XLA's forms of the convolution. Plain NHWC/HWIO convolutions without dilation or groups
+take a `jax.custom_vjp` with its own backward pass; all other cases are lax's own
+convolution. The forward pass is lax's where it is not oneDNN's.
 
 Its backward pass first materialises dy and x (`lax.optimization_barrier`). Both
-backward convolutions read them, and the weight gradient reads them transposed:
+backward convolutions read them, and XLA's weight gradient reads them transposed:
 without the barrier XLA fuses dy's producer, the batch norm backward, into that
 transposing copy and recomputes it element by element in transposed order, several
 times slower than computing dy once and transposing it.
@@ -125,33 +140,30 @@ def _cpu_compiler() -> str | None:
   return "onednn" if "__onednn$convolution" in compiled.as_text() else "eigen"
 
 
-# oneDNN's passes of a convolution, as this package's extension names them, and the names under
-# which they are registered with XLA.
-_ONEDNN_PASSES = ("forward", "input_gradient", "weight_gradient")
+# The XLA FFI target of each of oneDNN's passes, by the name the extension gives it.
 _ONEDNN_TARGET = "resnet_jax_onednn_{}".format
 
 
 @functools.cache
 def has_onednn() -> bool:
-  """Whether oneDNN's weight gradient kernel is here, registered with jax: this package's
-  extension `resnet_jax.models._onednn` (built by setup.py on x86-64 Linux) and the oneDNN
-  library it calls (onednn-cpu-gomp, which `resnet_jax[train]` installs there)."""
+  """Whether oneDNN's convolutions are here, registered with jax (the module doc): this
+  package's extension `resnet_jax.models._onednn` and the oneDNN library it calls."""
   try:
     library = next(file for file in importlib.metadata.files("onednn-cpu-gomp") or ()
                    if file.name == "libdnnl.so.3")
   except (importlib.metadata.PackageNotFoundError, StopIteration):
     return False
   # oneDNN runs on OpenMP threads (GNU's), which by default spin while they wait for work,
-  # taking the cores from XLA's own threads (a step on 8 CPU devices, 2 cores: minutes instead
-  # of a second). So they sleep instead, unless the user says otherwise (read when libgomp
-  # loads, with oneDNN, just below).
+  # taking the cores from XLA's threads, which run a step's independent operations beside them
+  # (8 such calls at once on 2 cores took minutes instead of a second). So they sleep instead,
+  # unless the user says otherwise (read when libgomp loads, with oneDNN, just below).
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-  # The extension links to libdnnl.so.3, which is in no folder the dynamic linker searches:
-  # loaded first, by its path, it is the one the extension's import finds.
-  ctypes.CDLL(str(library.locate()))
   try:
+    # The extension links to libdnnl.so.3, which is in no folder the dynamic linker searches:
+    # loaded first, by its path, it is the one the extension's import finds.
+    ctypes.CDLL(str(library.locate()))
     from resnet_jax.models import _onednn  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  except (OSError, ImportError):
     return False
   for name, handler in _onednn.handlers().items():
     jax.ffi.register_ffi_target(_ONEDNN_TARGET(name), handler, platform="cpu")
@@ -427,8 +439,7 @@ def onednn_input_gradient(dy: jax.Array, w: jax.Array, x_shape: Sequence[int],
   """dx (NHWC, `x_shape`) of the float32 convolution with kernel `w` that gave gradient `dy`, on
   oneDNN's backward-data kernel."""
   (rows, cols), exact = _read_window(x_shape, dy.shape, w.shape[:2], strides, pads)
-  read = (x_shape[0], *(len(range(x_shape[1 + i])[axis]) for i, axis in enumerate((rows, cols))),
-          x_shape[3])
+  read = (x_shape[0], rows.stop - rows.start, cols.stop - cols.start, x_shape[3])
   dx = _onednn_call("input_gradient", read, dy, w, strides, exact)
   # Rows no window reads have no gradient.
   return jnp.pad(dx, ((0, 0), (rows.start, x_shape[1] - rows.stop),
