@@ -1,16 +1,19 @@
-// The weight gradient of an NHWC convolution on oneDNN's backward-weights kernel, as an XLA FFI
-// handler: what PyTorch runs on CPU for the same gradient. XLA's own oneDNN rewriter takes only
-// forward convolutions (cpu_kernels' module doc); this is how resnet_jax.models.cpu_kernels
-// gives oneDNN the third convolution of a training step (`jax.ffi.ffi_call`).
+// The three passes of an NHWC convolution on oneDNN's own kernels, as XLA FFI handlers: forward,
+// backward data (the input gradient) and backward weights (the weight gradient), what PyTorch
+// runs on CPU. XLA's own oneDNN rewriter takes only forward convolutions, as inference
+// (cpu_kernels' module doc); through these, resnet_jax.models.cpu_kernels gives oneDNN every
+// convolution of a training step (`jax.ffi.ffi_call`).
 //
-// Built by setup.py as the module resnet_jax.models._onednn, against the headers of
-// onednn-devel-cpu-gomp and jaxlib's XLA FFI headers; cpu_kernels loads oneDNN's library
-// (onednn-cpu-gomp) before importing it, registers `weight_gradient()` with
-// jax.ffi.register_ffi_target and calls it as "resnet_jax_onednn_weight_gradient".
+// Built by setup.py as the module resnet_jax.models._onednn, against jaxlib's XLA FFI headers
+// and onednn-devel-cpu-gomp's; cpu_kernels loads oneDNN's library (onednn-cpu-gomp) before
+// importing it, and registers each of `handlers()` with jax.ffi.register_ffi_target as
+// "resnet_jax_onednn_<pass>".
 //
-// Arguments: x (N, H, W, Ci) and dy (N, Ho, Wo, Co), float32, dense row-major; attributes: the
-// strides and the four paddings, each of those given so that Ho = (H + top + bottom - Kh) / sh + 1
-// exactly (cpu_kernels drops unread rows first). Result: dW (Kh, Kw, Ci, Co), float32.
+// Arrays: x (N, H, W, Ci), y or dy (N, Ho, Wo, Co), both NHWC, and w or dW (Kh, Kw, Ci, Co),
+// HWIO; float32, dense, row-major. forward takes x and w and gives y; input_gradient takes dy
+// and w and gives dx; weight_gradient takes x and dy and gives dW. Attributes: the strides and
+// the four paddings, given so that Ho = (H + top + bottom - Kh) / sh + 1 exactly, none negative
+// (cpu_kernels drops the rows no window reads first).
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -154,43 +157,25 @@ ffi::Error WeightGradientImpl(Array4 x, Array4 dy, ffi::Result<Array4> dw, int64
              const_cast<float*>(dy.typed_data()), dw->typed_data());
 }
 
+// Each pass's signature: its two arrays in, the third out, and the convolution's geometry.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<Array4>()
+      .Arg<Array4>()
+      .Ret<Array4>()
+      .Attr<int64_t>("stride_h")
+      .Attr<int64_t>("stride_w")
+      .Attr<int64_t>("pad_top")
+      .Attr<int64_t>("pad_bottom")
+      .Attr<int64_t>("pad_left")
+      .Attr<int64_t>("pad_right");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Forward, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(InputGradient, InputGradientImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WeightGradient, WeightGradientImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<Array4>()
-                                  .Arg<Array4>()
-                                  .Ret<Array4>()
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_bottom")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("pad_right"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Forward, ForwardImpl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(InputGradient, InputGradientImpl, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WeightGradient, WeightGradientImpl, Binding());
 
 namespace {
 
